@@ -1,0 +1,1 @@
+"""Fused Triton kernels, shipped as prodsample.kernels."""

@@ -1,0 +1,13 @@
+"""prodsample: answer-guided product-distribution sampling for RL rollouts.
+
+Each token is drawn from q_t(v) ∝ π(v | prompt, o<t)^λ · π(v | prompt ⊕ hint, o<t)^(1−λ), and every
+rollout carries the exact per-token log q and log π(o | prompt) a trainer needs for off-policy correction.
+The core (`mixing`, `sampling`, `noise`, `importance`, `schedules`) imports neither transformers nor vllm;
+`prodsample.hf`, `prodsample.vllm` and `prodsample.trl` adapt it to one framework each.
+"""
+
+from .mixing import mix_logprobs
+from .sampling import ProductSample, product_sample
+
+__version__ = "0.1.0"
+__all__ = ["mix_logprobs", "product_sample", "ProductSample", "__version__"]
