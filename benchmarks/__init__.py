@@ -1,0 +1,1 @@
+"""Benchmark harness behind the `prodsample` CLI, shipped as prodsample.benchmarks."""

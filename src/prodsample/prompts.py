@@ -1,0 +1,58 @@
+"""The two contexts of a guided rollout: the plain prompt, and the prompt with the answer as a hint.
+
+Prompts are plain strings (tokenised as they are, as TRL does for standard datasets) or chat message lists
+(rendered with the tokenizer's chat template and a generation prompt). The default hint follows the
+question inside the same user turn, so both contexts share the longest possible token prefix; any
+template with `{prompt}` and `{answer}` fields can replace it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["DEFAULT_HINT_TEMPLATE", "add_hint", "render_prompt", "check_prompts_and_answers"]
+
+DEFAULT_HINT_TEMPLATE = "{prompt}\n\n(Hint: the correct final answer is {answer}.)"
+
+Prompt = str | list[dict]
+
+
+def add_hint(prompt: Prompt, answer: str, template: str = DEFAULT_HINT_TEMPLATE) -> Prompt:
+    """The answer-augmented prompt: `template` applied to a string, or to the last user message of a chat.
+
+    Example:
+        >>> add_hint("What is 2+3?", "5")
+        'What is 2+3?\\n\\n(Hint: the correct final answer is 5.)'
+    """
+    if "{prompt}" not in template or "{answer}" not in template:
+        raise ValueError(f"hint_template must contain '{{prompt}}' and '{{answer}}' fields, got {template!r}")
+    if isinstance(prompt, str):
+        return template.format(prompt=prompt, answer=answer)
+    messages = [dict(message) for message in prompt]
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            message["content"] = template.format(prompt=message["content"], answer=answer)
+            return messages
+    raise ValueError("a chat prompt needs a user message to attach the hint to")
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat lists through the chat template (with generation prompt), strings as-is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def check_prompts_and_answers(prompts: Sequence[Prompt], answers: Sequence[str] | None) -> None:
+    """One non-empty prompt per answer, no answer missing."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or chat message lists")
+    if answers is None or isinstance(answers, str) or len(answers) != len(prompts):
+        got = "None" if answers is None else f"{1 if isinstance(answers, str) else len(answers)}"
+        raise ValueError(f"answers must be a list with one answer per prompt ({len(prompts)}), got {got}")
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError(f"prompts[{i}] is empty")
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise ValueError(f"answers[{i}] is missing: every guided prompt needs its answer as the hint")
