@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 import torch
 
 __all__ = [
+    "OFF_POLICY_MODES",
     "ImportanceConfig",
     "OffPolicyWeights",
     "importance_weights",
@@ -59,6 +60,17 @@ class ImportanceConfig:
             raise ValueError(f"cap must be >= 1, got {self.cap}")
         if self.floor is not None and (self.mode != "mask" or not 0.0 <= self.floor <= 1.0):
             raise ValueError(f"floor applies to mode='mask' only and must lie in [0, 1], got {self.floor}")
+
+
+# The named off-policy modes a trainer chooses between, as guidance-weight configs. "none" is the original
+# recipe (train on guided rollouts as if on-policy; the bias vanishes as λ → 1). Loss-level shapings that
+# are not weights (LUFFY's π/(π+γ)) live with the loss that applies them.
+OFF_POLICY_MODES: dict[str, ImportanceConfig | None] = {
+    "none": None,
+    "token_truncate": ImportanceConfig("token", "truncate", cap=2.0),
+    "sequence_mask": ImportanceConfig("sequence", "mask", cap=2.0),
+    "geometric": ImportanceConfig("geometric", "truncate", cap=2.0),
+}
 
 
 class OffPolicyWeights(NamedTuple):
