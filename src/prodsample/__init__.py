@@ -7,7 +7,15 @@ The core (`mixing`, `sampling`, `noise`, `importance`, `schedules`) imports neit
 """
 
 from .mixing import mix_logprobs
-from .sampling import ProductSample, product_sample
+from .rollout import GuidedRollout
+from .sampling import ProductSample, product_logprobs, product_sample
 
 __version__ = "0.1.0"
-__all__ = ["mix_logprobs", "product_sample", "ProductSample", "__version__"]
+__all__ = [
+    "mix_logprobs",
+    "product_sample",
+    "product_logprobs",
+    "ProductSample",
+    "GuidedRollout",
+    "__version__",
+]

@@ -20,8 +20,8 @@ Filters, in this order, each on the distribution the previous one left (renormal
 warpers do: temperature → top-k → top-p → min-p. Each keeps the tokens whose z is at least a per-row
 threshold, so they compose into one threshold; tokens tied with the boundary are kept.
 
-The pipeline, in small named steps:  `_sampling_rows` (validate and broadcast the per-row settings, key the
-noise) → `filter_threshold` (only when a filter is on) → a backend's fused pass (`reference_fused_sample`,
+The pipeline, in small named steps:  `_settings_rows` (validate and broadcast the per-row settings) →
+`_noise_keys` → `filter_threshold` (only when a filter is on) → a backend's fused pass (`reference_fused_sample`,
 or the compiled / Triton paths chosen by `select_backend`) → `_check_result` (no NaN leaves this module).
 """
 
@@ -36,7 +36,14 @@ import torch
 from .mixing import as_row_tensor, check_logits_pair, check_no_nan, fully_masked_message, weighted_logprob_sum
 from .noise import log_exponential_noise, row_keys
 
-__all__ = ["ProductSample", "product_sample", "filter_threshold", "reference_fused_sample", "select_backend"]
+__all__ = [
+    "ProductSample",
+    "product_sample",
+    "product_logprobs",
+    "filter_threshold",
+    "reference_fused_sample",
+    "select_backend",
+]
 
 # Backends compute z with their own float rounding (an FMA here, a reciprocal there); a filter threshold is
 # lowered by this relative amount so the token that sets it is kept by every backend.
@@ -61,7 +68,6 @@ class SamplingRows(NamedTuple):
     top_k: torch.Tensor | None  # int64, 0 = off
     top_p: torch.Tensor | None  # float32, 1 = off
     min_p: torch.Tensor | None  # float32, 0 = off
-    keys: torch.Tensor  # int64 noise keys (see prodsample.noise)
 
 
 FusedSampler = Callable[
@@ -85,9 +91,8 @@ def _optional_rows(value, name, rows, device, dtype, off_value, low, high, low_o
     return None if bool((tensor == off_value).all()) else tensor
 
 
-def _sampling_rows(
-    rows: int, vocab: int, device, lam, temperature, top_k, top_p, min_p, generator, seed, rollout_ids, positions
-) -> SamplingRows:
+def _settings_rows(rows: int, vocab: int, device, lam, temperature, top_k, top_p, min_p) -> SamplingRows:
+    """Validate λ, temperature and the filters, and broadcast each to `[B]` (filters that are off → None)."""
     _check_range(lam, "lam", 0.0, 1.0)
     _check_range(temperature, "temperature", 0.0, math.inf)
     if top_k is not None and (torch.as_tensor(top_k) < 0).any():
@@ -95,6 +100,17 @@ def _sampling_rows(
     top_k_rows = None if top_k is None else as_row_tensor(top_k, "top_k", rows, device, torch.int64)
     if top_k_rows is not None and bool(((top_k_rows == 0) | (top_k_rows >= vocab)).all()):
         top_k_rows = None
+    return SamplingRows(
+        lam=as_row_tensor(lam, "lam", rows, device),
+        temperature=as_row_tensor(temperature, "temperature", rows, device),
+        top_k=top_k_rows,
+        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0, 0.0, 1.0, low_open=True),
+        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0, 0.0, 1.0),
+    )
+
+
+def _noise_keys(rows: int, device, generator, seed, rollout_ids, positions) -> torch.Tensor:
+    """Per-row noise keys: from (seed, rollout id, position) when seeded, else from a fresh random seed."""
     if seed is None:
         if positions is not None or rollout_ids is not None:
             raise ValueError("rollout_ids and positions key the noise and need seed; pass seed as well")
@@ -110,19 +126,17 @@ def _sampling_rows(
         )
     if rollout_ids is None:
         rollout_ids = torch.arange(rows)
-    keys = row_keys(
+    return row_keys(
         as_row_tensor(seed, "seed", rows, device, torch.int64),
         as_row_tensor(rollout_ids, "rollout_ids", rows, device, torch.int64),
         as_row_tensor(positions, "positions", rows, device, torch.int64),
     )
-    return SamplingRows(
-        lam=as_row_tensor(lam, "lam", rows, device),
-        temperature=as_row_tensor(temperature, "temperature", rows, device),
-        top_k=top_k_rows,
-        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0, 0.0, 1.0, low_open=True),
-        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0, 0.0, 1.0),
-        keys=keys,
-    )
+
+
+def _filter_threshold_if_any(plain_logits, guide_logits, settings: SamplingRows) -> torch.Tensor | None:
+    if settings.top_k is None and settings.top_p is None and settings.min_p is None:
+        return None
+    return filter_threshold(mixed_logits(plain_logits, guide_logits, settings.lam, settings.temperature), settings)
 
 
 def mixed_logits(
@@ -168,26 +182,35 @@ def reference_fused_sample(
     Shapes: logits `[B, V]` (any float dtype), `lam`, `temperature`, `threshold` (z units, None = no filter)
     float32 `[B]`, `keys` int64 `[B]`.
     """
-    plain = plain_logits.float()
-    guide = guide_logits.float()
+    z = _kept_mixed_logits(plain_logits, guide_logits, lam, temperature, threshold)
+    raced = z - log_exponential_noise(keys, z.shape[1])
+    token_ids = torch.where(temperature == 0, z.argmax(dim=-1), raced.argmax(dim=-1))
+    return _outputs_at(plain_logits, guide_logits, lam, temperature, z, token_ids)
+
+
+def _kept_mixed_logits(plain_logits, guide_logits, lam, temperature, threshold) -> torch.Tensor:
+    """z with the tokens the filters drop set to −inf."""
+    z = mixed_logits(plain_logits, guide_logits, lam, temperature)
+    return z if threshold is None else torch.where(z >= threshold.unsqueeze(1), z, -math.inf)
+
+
+def _outputs_at(plain_logits, guide_logits, lam, temperature, z, token_ids) -> ProductSample:
+    """Every output for given tokens, from the kept mixed logits z. Greedy rows give log q = 0 to the argmax
+    (and −inf to any other token)."""
     greedy = temperature == 0
     inverse_temperature = torch.where(greedy, 1.0, 1.0 / temperature.clamp_min(1e-30))
-    z = mixed_logits(plain, guide, lam, temperature)
-    if threshold is not None:
-        z = torch.where(z >= threshold.unsqueeze(1), z, -math.inf)
-    log_mass = torch.logsumexp(z, dim=-1)
-    raced = z - log_exponential_noise(keys, z.shape[1])
-    token_ids = torch.where(greedy, z.argmax(dim=-1), raced.argmax(dim=-1))
+    plain = plain_logits.float()
+    guide = guide_logits.float()
     chosen = token_ids.unsqueeze(1)
     z_chosen = z.gather(1, chosen).squeeze(1)
-
-    plain_lse = torch.logsumexp(plain, dim=-1)
-    guide_lse = torch.logsumexp(guide, dim=-1)
+    log_mass = torch.logsumexp(z, dim=-1)
     expert_lse = weighted_logprob_sum(
-        [plain_lse.unsqueeze(1), guide_lse.unsqueeze(1)], torch.stack([lam, 1.0 - lam], dim=1)
+        [torch.logsumexp(plain, dim=-1, keepdim=True), torch.logsumexp(guide, dim=-1, keepdim=True)],
+        torch.stack([lam, 1.0 - lam], dim=1),
     ).squeeze(1)
+    is_argmax = z_chosen >= z.max(dim=-1).values
     log_normalizer = torch.where(greedy, z_chosen, log_mass) - expert_lse * inverse_temperature
-    logprobs = torch.where(greedy, 0.0, z_chosen - log_mass)
+    logprobs = torch.where(greedy, torch.where(is_argmax, 0.0, -math.inf), z_chosen - log_mass)
 
     def tempered_logprob(logits: torch.Tensor) -> torch.Tensor:
         scaled = logits * inverse_temperature.unsqueeze(1)
@@ -261,14 +284,49 @@ def product_sample(
     check_logits_pair(plain_logits, guide_logits, "plain_logits", "guide_logits")
     rows, vocab = plain_logits.shape
     device = plain_logits.device
-    settings = _sampling_rows(
-        rows, vocab, device, lam, temperature, top_k, top_p, min_p, generator, seed, rollout_ids, positions
-    )
-    threshold = None
-    if settings.top_k is not None or settings.top_p is not None or settings.min_p is not None:
-        z = mixed_logits(plain_logits, guide_logits, settings.lam, settings.temperature)
-        threshold = filter_threshold(z, settings)
+    settings = _settings_rows(rows, vocab, device, lam, temperature, top_k, top_p, min_p)
+    keys = _noise_keys(rows, device, generator, seed, rollout_ids, positions)
+    threshold = _filter_threshold_if_any(plain_logits, guide_logits, settings)
     fused = select_backend(device, backend)
-    result = fused(plain_logits, guide_logits, settings.lam, settings.temperature, threshold, settings.keys)
+    result = fused(plain_logits, guide_logits, settings.lam, settings.temperature, threshold, keys)
+    _check_result(result, plain_logits, guide_logits)
+    return result
+
+
+def product_logprobs(
+    plain_logits: torch.Tensor,
+    guide_logits: torch.Tensor,
+    lam,
+    token_ids: torch.Tensor,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+) -> ProductSample:
+    """Teacher-forced counterpart of `product_sample`: every output for the given `token_ids` `[B]`.
+
+    Same definitions and filters as `product_sample`, so scoring a sampled token reproduces what the sampler
+    recorded. Under greedy decoding (temperature 0) log q is 0 for the argmax token and −inf otherwise.
+
+    Example:
+        >>> import torch, prodsample
+        >>> plain, guide = torch.randn(3, 8), torch.randn(3, 8)
+        >>> drawn = prodsample.product_sample(plain, guide, 0.5, seed=1, positions=torch.zeros(3, dtype=torch.long))
+        >>> scored = prodsample.product_logprobs(plain, guide, 0.5, drawn.token_ids)
+        >>> bool(torch.allclose(scored.logprobs, drawn.logprobs))
+        True
+    """
+    check_logits_pair(plain_logits, guide_logits, "plain_logits", "guide_logits")
+    rows, vocab = plain_logits.shape
+    token_ids = torch.as_tensor(token_ids, device=plain_logits.device)
+    if token_ids.shape != (rows,) or token_ids.is_floating_point():
+        raise ValueError(f"token_ids must be an integer tensor of shape [{rows}], got {token_ids.dtype} {tuple(token_ids.shape)}")
+    if ((token_ids < 0) | (token_ids >= vocab)).any():
+        raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocabulary of the logits)")
+    settings = _settings_rows(rows, vocab, plain_logits.device, lam, temperature, top_k, top_p, min_p)
+    threshold = _filter_threshold_if_any(plain_logits, guide_logits, settings)
+    z = _kept_mixed_logits(plain_logits, guide_logits, settings.lam, settings.temperature, threshold)
+    result = _outputs_at(plain_logits, guide_logits, settings.lam, settings.temperature, z, token_ids.long())
     _check_result(result, plain_logits, guide_logits)
     return result
