@@ -7,7 +7,6 @@ import torch
 from transformers import LlamaForCausalLM
 
 from prodsample.benchmarks.claim import analyze, make_policy, run
-from prodsample.benchmarks.claim.generation import guided_generate
 from prodsample.benchmarks.claim.task import (
     EASY_DIFFICULTY,
     HINT_TEMPLATE,
@@ -18,6 +17,7 @@ from prodsample.benchmarks.claim.task import (
     rl_and_held_out,
 )
 from prodsample.benchmarks.claim.train import ARMS, concat_rollouts
+from prodsample.hf import guided_generate
 
 
 def test_sets_are_disjoint_by_string_and_warmup_excludes_both():
@@ -51,18 +51,6 @@ def tiny_policy():
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     return LlamaForCausalLM(policy_config(tokenizer, hidden_size=16, layers=1, heads=2)).eval(), tokenizer
-
-
-def test_plain_rows_greedy_match_hf_generate(tiny_policy):
-    model, tokenizer = tiny_policy
-    prompts = ["3 + 4=", "58 - 91="]
-    rollout = guided_generate(model, tokenizer, prompts, ["7", "-33"], lam=1.0, max_new_tokens=5, temperature=0.0)
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    reference = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    for row, completion in enumerate(rollout.completion_lists()):
-        expected = reference[row, batch["input_ids"].shape[1] :].tolist()
-        assert completion == expected[: len(completion)]
-    assert not rollout.guided.any()
 
 
 def test_concat_rollouts_pads_and_keeps_groups_apart(tiny_policy):

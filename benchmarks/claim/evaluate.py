@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import guided_generate
+from prodsample.hf import guided_generate
 from .task import HINT_TEMPLATE, MAX_NEW_TOKENS, Problem, reward
 
 

@@ -23,7 +23,6 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import analyze
-from .generation import GENERATOR
 from .make_policy import DEFAULT_OUT as DEFAULT_POLICY
 from .task import rl_and_held_out
 from .train import ARMS, RunConfig, config_dict, run
@@ -54,7 +53,6 @@ def write_meta(out: Path, args, config: RunConfig, num_rl: int, num_held_out: in
         "git_revision": git_revision(),
         "packages": {name: metadata.version(name) for name in PACKAGES},
         "python": platform.python_version(),
-        "generator": GENERATOR,
         "policy": str(args.policy),
         "arms": args.arms,
         "seeds": args.seeds,

@@ -27,7 +27,7 @@ from prodsample.rollout import GuidedRollout
 from prodsample.schedules import Adaptive, Constant, Linear, Schedule
 
 from .evaluate import completions_rewards, evaluate
-from .generation import guided_generate
+from prodsample.hf import guided_generate
 from .task import HINT_TEMPLATE, MAX_NEW_TOKENS, Problem
 
 
