@@ -130,7 +130,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], out: Path) -> None:
 
 def write_summary(out: Path) -> dict:
     runs = load_runs(out)
-    summary = summarise(runs)
+    summary = {"meta": json.loads((out / "meta.json").read_text()), **summarise(runs)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(runs, out)
     return summary

@@ -4,8 +4,11 @@
 
 Every run starts from the committed checkpoint (`--policy`). Each evaluation point is appended to
 `<out>/shards/<arm>-s<seed>.jsonl` as it happens; a finished run's records are then appended to
-`<out>/runs.jsonl`, and a rerun of the same command skips finished runs (an unfinished one restarts). After
-the runs, `analyze` writes `<out>/summary.json` and the plots from `runs.jsonl` alone.
+`<out>/runs.jsonl`, and a rerun of the same command skips finished runs (an unfinished one restarts). Two
+runners may share one `--out` (say one per core, with different `--arms`); `meta.json` holds what they
+share (git revision, package versions, configuration) and a runner with other settings is refused. After
+the runs, `analyze` writes `<out>/summary.json` (with `meta.json` and the seeds of every arm) and the plots
+from `runs.jsonl` alone.
 """
 
 from __future__ import annotations
@@ -48,21 +51,40 @@ def finished_runs(runs_path: Path) -> set[tuple[str, int]]:
     return {(r["arm"], r["seed"]) for r in records if r.get("final")}
 
 
-def write_meta(out: Path, args, config: RunConfig, num_rl: int, num_held_out: int) -> None:
-    meta = {
+def shared_meta(args, config: RunConfig) -> dict:
+    """What every run of one comparison shares; a resumed or parallel invocation must match it."""
+    return {
         "git_revision": git_revision(),
         "packages": {name: metadata.version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "policy": str(args.policy),
-        "arms": args.arms,
-        "seeds": args.seeds,
-        "num_rl": num_rl,
-        "num_held_out": num_held_out,
+        "num_rl": args.num_rl,
+        "num_held_out": args.num_held_out,
         "config": config_dict(config),
         "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def check_or_write_meta(out: Path, meta: dict) -> None:
+    """Write meta.json for a new comparison; refuse to add runs to one made with other settings."""
+    path = out / "meta.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        differing = [key for key in ("num_rl", "num_held_out", "config", "policy") if recorded[key] != meta[key]]
+        if differing:
+            raise SystemExit(f"{out} holds a comparison with other {differing}; use another --out")
+        return
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append in one write call, so runners sharing `--out` (one per core) never interleave lines."""
+    payload = "".join(json.dumps(r) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
 
 
 def run_all(args) -> None:
@@ -70,7 +92,7 @@ def run_all(args) -> None:
     config = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)})
     sets = rl_and_held_out(args.num_rl, args.num_held_out)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_meta(args.out, args, config, args.num_rl, args.num_held_out)
+    check_or_write_meta(args.out, shared_meta(args, config))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.policy)
     runs_path, done = args.out / "runs.jsonl", finished_runs(args.out / "runs.jsonl")
     for seed in args.seeds:  # seed-major, so an interrupted comparison has every arm at the early seeds
@@ -84,16 +106,14 @@ def run_all(args) -> None:
 
             def on_eval(record, shard=shard, records=records):
                 records.append(record | {"load_average": os.getloadavg()[0]})
-                with shard.open("a") as f:
-                    f.write(json.dumps(records[-1]) + "\n")
+                append_lines(shard, records[-1:])
                 print(f"{arm} s{seed} step {record['step']} rollouts {record['rollouts']} "
                       f"pass1 {record['greedy_pass1']:.3f} mean@k {record['mean_at_k']:.3f} {record['seconds']}s", flush=True)
 
             model = LlamaForCausalLM.from_pretrained(args.policy)
             run(arm, seed, config, model, tokenizer, sets.rl, sets.held_out, on_eval)
             records[-1]["final"] = True
-            with runs_path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            append_lines(runs_path, records)
     analyze.write_summary(args.out)
 
 
