@@ -123,7 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--num-easy", type=int, default=1000)
     parser.add_argument("--num-hard", type=int, default=4000)
-    parser.add_argument("--hard-plain-share", type=float, default=0.25)
+    parser.add_argument("--hard-plain-share", type=float, default=0.35)
     parser.add_argument("--num-rl", type=int, default=2000)
     parser.add_argument("--num-held-out", type=int, default=500)
     parser.add_argument("--k", type=int, default=8)
