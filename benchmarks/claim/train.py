@@ -68,6 +68,7 @@ class RunConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     lr: float = 3e-4
+    warmup_steps: int = 50  # linear lr warm-up: Adam's first, sign-like steps on a noisy gradient do harm
     temperature: float = 1.0
     clip_eps: float = 0.2
     lam_start: float = 0.5
@@ -169,6 +170,9 @@ class GRPORun:
         self.group_size = config.group_size * arm.group_multiplier
         self.controller = GuidanceController(make_schedule(arm, config))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
+        )
         self.guidance = OFF_POLICY_MODES[arm.off_policy]
         self.order: list[int] = []
         self.shuffle = random.Random(seed)
@@ -227,6 +231,7 @@ class GRPORun:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+        self.lr_schedule.step()
 
 
 def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, held_out, on_eval) -> None:
