@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
 from prodsample.controller import GuidanceController
 from prodsample.importance import ImportanceConfig
-from prodsample.importance import off_policy_weights as core_off_policy_weights
+from prodsample.importance import off_policy_weights
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.trl import (
     DEFAULT_OFF_POLICY_MODE,
@@ -32,7 +32,7 @@ from prodsample.trl import (
     guidance_metrics,
     guided_rollout_func,
     hint_leakage,
-    off_policy_weights,
+    off_policy_mode_weights,
 )
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -302,13 +302,16 @@ def test_tokenizer_that_does_not_match_the_model(tokenizer, tmp_path):
 
 
 def test_schedules_that_never_reach_one_warn(tokenizer, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the schedule itself warns when built; the trainer must warn too
+        endless = guided_rollout_func(Constant(0.5))
     with pytest.warns(UserWarning, match="never reaches lam = 1"):
-        guided_rollout_func(Constant(0.5))
+        build(tokenizer, tmp_path, rollout_func=endless)
     with pytest.warns(UserWarning, match="reaches lam = 1 at step 40 but training stops at max_steps=4"):
         build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=40)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        guided_rollout_func(Linear(0.5, end_step=4))
+        build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=4)))
 
 
 def test_a_plain_grpo_trainer_is_refused_at_the_first_rollout(tokenizer, tmp_path):
@@ -383,9 +386,9 @@ def test_the_engine_weight_multiplies_every_mode(mode):
     mask = torch.ones(3, 5, dtype=torch.bool)
     guided = torch.tensor([True, True, False])
     engine = ImportanceConfig("token", "truncate", cap=3.0)
-    alone = off_policy_weights(mode, logprobs, plain, mask, guided)
-    with_engine = off_policy_weights(mode, logprobs, plain, mask, guided, trainer_logprobs, engine=engine)
-    engine_weight = core_off_policy_weights(plain, plain, mask, trainer_logprobs, engine=engine).engine
+    alone = off_policy_mode_weights(mode, logprobs, plain, mask, guided)
+    with_engine = off_policy_mode_weights(mode, logprobs, plain, mask, guided, trainer_logprobs, engine=engine)
+    engine_weight = off_policy_weights(plain, plain, mask, trainer_logprobs, engine=engine).engine
     torch.testing.assert_close(with_engine.weights, alone.weights * engine_weight)
     assert not torch.allclose(engine_weight, torch.ones_like(engine_weight))
 

@@ -34,6 +34,7 @@ import os
 import re
 import string
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,8 +48,14 @@ from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
 from .hf import _check_tokenizer_matches, guided_generate
-from .importance import OFF_POLICY_MODES, ImportanceConfig, OffPolicyWeights, effective_sample_size, kl_q_pi
-from .importance import off_policy_weights as importance_off_policy_weights
+from .importance import (
+    OFF_POLICY_MODES,
+    ImportanceConfig,
+    OffPolicyWeights,
+    effective_sample_size,
+    kl_q_pi,
+    off_policy_weights,
+)
 from .prompts import DEFAULT_HINT_TEMPLATE
 from .rollout import GuidedRollout
 from .schedules import Schedule
@@ -61,8 +68,9 @@ __all__ = [
     "guided_rollout_func",
     "GuidedGRPOTrainer",
     "HeldOutEvalCallback",
-    "off_policy_weights",
+    "off_policy_mode_weights",
     "engine_importance_config",
+    "prompt_key",
     "hint_leakage",
     "guidance_metrics",
 ]
@@ -72,7 +80,7 @@ __all__ = [
 # "token_truncate"; switch this constant to the mode it records as best, and say so in docs/trl.md.
 DEFAULT_OFF_POLICY_MODE = "none"
 
-# The core's weight modes plus LUFFY's policy shaping, which TRL can only apply as a weight (see `off_policy_weights`).
+# The core's weight modes plus LUFFY's policy shaping, which TRL can only apply as a weight (see `off_policy_mode_weights`).
 TRL_OFF_POLICY_MODES = (*OFF_POLICY_MODES, "luffy_shaping")
 
 CHECKPOINT_FILE = "prodsample_guidance.json"
@@ -98,6 +106,10 @@ def _hf_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
         return guided_generate(model, trainer.processing_class, prompts, answers, **sampling)
 
 
+# One GuidedLLM per vLLM engine, built on first use and dropped with the engine.
+_GUIDED_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
     """The vLLM engine TRL runs in colocate mode (and syncs the weights into before each rollout_func call)."""
     try:
@@ -108,9 +120,9 @@ def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
             "prodsample[vllm] with a prodsample version that ships it), or use backend='hf'"
         ) from error
     llm = trainer.vllm_generation.llm
-    if getattr(trainer, "_guided_llm_engine", None) is not llm:
-        trainer._guided_llm, trainer._guided_llm_engine = GuidedLLM(llm), llm
-    return trainer._guided_llm.generate(prompts, answers, **sampling)
+    if llm not in _GUIDED_ENGINES:
+        _GUIDED_ENGINES[llm] = GuidedLLM(llm)
+    return _GUIDED_ENGINES[llm].generate(prompts, answers, **sampling)
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend}
@@ -135,7 +147,7 @@ def engine_importance_config(args) -> ImportanceConfig:
     return ImportanceConfig(level, constraint, cap=math.inf if cap is None else cap, floor=floor)
 
 
-def off_policy_weights(
+def off_policy_mode_weights(
     mode: str,
     logprobs: torch.Tensor,
     plain_logprobs: torch.Tensor,
@@ -159,7 +171,7 @@ def off_policy_weights(
     guidance = OFF_POLICY_MODES.get(mode)
     # Modes without a guidance ratio pass log π_engine as the sampling log-prob: their guidance weight is 1 and
     # only the engine weight (and its clipping statistics) remains.
-    weights = importance_off_policy_weights(
+    weights = off_policy_weights(
         logprobs if guidance is not None else plain_logprobs,
         plain_logprobs,
         mask,
@@ -334,11 +346,8 @@ class GuidedRolloutFunc:
         self.guided_per_group = guided_per_group
         self.luffy_gamma = luffy_gamma
         self.last_batch: GuidedBatch | None = None
-        self._call_counter: tuple[tuple, int] = ((), 0)
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend if isinstance(self.backend, str) else getattr(self.backend, "__name__", "custom")
+        self._calls_key: tuple[str, int] | None = None  # (mode, step) of the latest call
+        self._calls = 0  # calls before the latest one at that (mode, step): eval runs several per step
 
     def _generate(self, trainer, prompts, answers, lam, num_generations, seed) -> GuidedRollout:
         backend = ROLLOUT_BACKENDS[self.backend] if isinstance(self.backend, str) else self.backend
@@ -387,12 +396,13 @@ class GuidedRolloutFunc:
             raise RuntimeError("the rollout function was called outside GuidedGRPOTrainer's generation step")
         answers = []
         for i, row in enumerate(rows):
-            if self.answer_column not in row:
+            answer = row.get(self.answer_column)
+            if answer is None or not str(answer).strip():
                 raise ValueError(
-                    f"row {i} of the batch has no {self.answer_column!r} column (answer_column); its columns are "
-                    f"{sorted(row)}"
+                    f"row {i} of the batch has no answer in column {self.answer_column!r} (answer_column); its columns "
+                    f"are {sorted(row)}"
                 )
-            answers.append(None if row[self.answer_column] is None else str(row[self.answer_column]))
+            answers.append(str(answer))
         training = trainer.model.training
         lams = self.rollout_lambdas(trainer, prompts, training)
 
@@ -407,10 +417,9 @@ class GuidedRolloutFunc:
         firsts = range(0, len(prompts), num_generations)
 
         mode, step = ("train" if training else "eval"), trainer.state.global_step
-        counter_key = (mode, step)
-        calls = self._call_counter[1] + 1 if self._call_counter[0] == counter_key else 0
-        self._call_counter = (counter_key, calls)
-        seed = _rollout_seed(trainer.args.seed, mode, step, trainer.accelerator.process_index, calls)
+        self._calls = self._calls + 1 if self._calls_key == (mode, step) else 0
+        self._calls_key = (mode, step)
+        seed = _rollout_seed(trainer.args.seed, mode, step, trainer.accelerator.process_index, self._calls)
 
         rollout = self._generate(
             trainer, [prompts[i] for i in firsts], [answers[i] for i in firsts], lams, num_generations, seed
@@ -456,13 +465,6 @@ def guided_rollout_func(
         raise ValueError(
             "Adaptive(mode='probe') resamples groups after scoring them, which TRL's rollout_func contract (one "
             "completion per prompt entry, scored afterwards) cannot express; use Adaptive(mode='history')"
-        )
-    if controller.schedule.end_step is None:
-        warnings.warn(
-            "the schedule never reaches lam = 1: the policy keeps training on guided rollouts and never learns "
-            "without the answer's help",
-            UserWarning,
-            stacklevel=2,
         )
     if isinstance(backend, str) and backend not in ROLLOUT_BACKENDS:
         raise ValueError(f"backend must be one of {sorted(ROLLOUT_BACKENDS)} or a callable, got {backend!r}")
@@ -551,8 +553,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "a vLLM engine samples the rollouts, so the engine-mismatch correction must stay on: set "
                 "vllm_importance_sampling_correction=True"
             )
-        if self.use_vllm:
-            self.engine_config = engine_importance_config(args)
+        # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
+        self.engine_config = engine_importance_config(args) if self.use_vllm else None
         generate_every = args.steps_per_generation * args.num_iterations
         if rollout_func.off_policy == "luffy_shaping" and args.gradient_accumulation_steps % generate_every:
             raise ValueError(
@@ -566,8 +568,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
         _check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
         self._check_answers(self.train_dataset, "train_dataset")
+        self._check_answers(self.eval_dataset, "eval_dataset")
         end_step = rollout_func.controller.schedule.end_step
-        if end_step is not None and args.max_steps > 0 and end_step > args.max_steps:
+        if end_step is None:
+            warnings.warn(
+                "the schedule never reaches lam = 1: the policy keeps training on guided rollouts and never learns "
+                "without the answer's help",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif args.max_steps > 0 and end_step > args.max_steps:
             warnings.warn(
                 f"the schedule reaches lam = 1 at step {end_step} but training stops at max_steps={args.max_steps}: "
                 "the policy never trains without the answer's help",
@@ -610,14 +620,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
         plain_logprobs = _pad_columns(rollout.plain_logprobs, width).to(device)
         # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
         trainer_logprobs = output["old_per_token_logps"] if self.use_vllm else None
-        weights = off_policy_weights(
+        weights = off_policy_mode_weights(
             self.rollout_func.off_policy,
             logprobs,
             plain_logprobs,
             mask,
             rollout.guided.to(device),
             trainer_logprobs,
-            engine=getattr(self, "engine_config", ImportanceConfig()),
+            engine=self.engine_config or ImportanceConfig(),
             luffy_gamma=self.rollout_func.luffy_gamma,
         )
         output["advantages"] = output["advantages"].unsqueeze(1) * weights.weights
