@@ -80,7 +80,7 @@ __all__ = [
 # "token_truncate"; switch this constant to the mode it records as best, and say so in docs/trl.md.
 DEFAULT_OFF_POLICY_MODE = "none"
 
-# The core's weight modes plus LUFFY's policy shaping, which TRL can only apply as a weight (see `off_policy_mode_weights`).
+# The core's weight modes, plus LUFFY's policy shaping applied as a weight (see `off_policy_mode_weights`).
 TRL_OFF_POLICY_MODES = (*OFF_POLICY_MODES, "luffy_shaping")
 
 CHECKPOINT_FILE = "prodsample_guidance.json"
@@ -181,7 +181,8 @@ def off_policy_mode_weights(
     )
     if mode != "luffy_shaping":
         return weights
-    probability = plain_logprobs.exp()
+    # LUFFY shapes the trained policy's probability: π_trainer when an engine sampled, else the engine's (the same model).
+    probability = (plain_logprobs if trainer_logprobs is None else trainer_logprobs).exp()
     shaping = torch.where(
         guided.bool().unsqueeze(1), luffy_gamma * probability / (probability + luffy_gamma) ** 2, 1.0
     ) * mask
@@ -198,14 +199,9 @@ def off_policy_mode_weights(
 _LEAK_NGRAM = 4
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def _template_phrases(template: str) -> set[tuple[str, ...]]:
-    """Every run of `_LEAK_NGRAM` consecutive words in the template's own wording (outside its fields)."""
-    literal = " ".join(text for text, _, _, _ in string.Formatter().parse(template))
-    words = _words(literal)
+def _word_ngrams(text: str) -> set[tuple[str, ...]]:
+    """Every run of `_LEAK_NGRAM` consecutive words of `text`, lower-cased."""
+    words = re.findall(r"\w+", text.lower())
     return {tuple(words[i : i + _LEAK_NGRAM]) for i in range(len(words) - _LEAK_NGRAM + 1)}
 
 
@@ -221,14 +217,12 @@ def hint_leakage(completions: Sequence[str], answers: Sequence[str], template: s
         >>> hint_leakage(["19", "As the hint says, the correct final answer is 19"], ["19", "19"])
         [False, True]
     """
-    phrases = _template_phrases(template)
+    wording = _word_ngrams(" ".join(literal for literal, _, _, _ in string.Formatter().parse(template)))
     leaked = []
     for completion, answer in zip(completions, answers, strict=True):
         hint = " ".join(template.format(prompt="", answer=answer).lower().split())
         text = " ".join(completion.lower().split())
-        words = _words(completion)
-        ngrams = {tuple(words[i : i + _LEAK_NGRAM]) for i in range(len(words) - _LEAK_NGRAM + 1)}
-        leaked.append(bool(hint and hint in text) or bool(ngrams & phrases))
+        leaked.append(bool(hint and hint in text) or bool(_word_ngrams(completion) & wording))
     return leaked
 
 
