@@ -38,13 +38,13 @@ def with_eos(model, eos_id):
     return model
 
 
-def brute_force(model, tokenizer, prompts, answers, lam, generations, max_new_tokens, temperature, seed, eos_ids, forced=None):
+def brute_force(model, tokenizer, prompts, answers, lam, generations, max_new_tokens, temperature, seed, eos_ids, forced=None, template=DEFAULT_HINT_TEMPLATE):
     """Per rollout and step: two fresh unbatched forwards, the product in float64, the exponential race (or,
     with `forced`, the given tokens of each rollout)."""
     records = []
     for prompt_index, (prompt, answer) in enumerate(zip(prompts, answers)):
         plain_ids = tokenizer(prompt)["input_ids"]
-        guide_ids = tokenizer(DEFAULT_HINT_TEMPLATE.format(prompt=prompt, answer=answer))["input_ids"]
+        guide_ids = tokenizer(template.format(prompt=prompt, answer=answer))["input_ids"]
         for g in range(generations):
             rollout = prompt_index * generations + g
             tokens, logq, plain_lp, guide_lp = [], [], [], []
@@ -103,6 +103,12 @@ def test_guided_generate_matches_brute_force(model, tokenizer, temperature):
     lengths = rollout.completion_mask.sum(1)
     assert lengths.min() < 10 and lengths.max() == 10, "the test must cover rows that end at EOS and rows that don't"
     assert_matches_brute_force(rollout, reference)
+
+
+def test_a_hint_placed_first_shares_no_prefix_and_still_matches(llama, tokenizer):
+    template = "Answer {answer}. {prompt}"
+    rollout = guided_generate(llama, tokenizer, PROMPTS, ANSWERS, lam=0.5, num_generations=2, max_new_tokens=6, temperature=0.9, seed=2, hint_template=template)
+    assert_matches_brute_force(rollout, brute_force(llama, tokenizer, PROMPTS, ANSWERS, 0.5, 2, 6, 0.9, 2, {tokenizer.eos_token_id}, template=template))
 
 
 def test_processor_matches_brute_force_under_greedy(model, tokenizer):
@@ -205,9 +211,10 @@ def test_lam_one_rows_never_reach_the_guide_forward(llama, tokenizer):
         plain_calls = list(rows_per_call)
     finally:
         handle.remove()
-    # Prefill: 2 plain contexts + 1 guide context; decode: 4 plain rows + 2 guide rows (prompt 0 is λ = 1).
-    assert mixed_calls == [3, 6, 6]
-    assert plain_calls == [2, 4, 4]
+    # Prefill: the 2 prompts' shared prefixes, then 2 plain + 1 guide context; decode: 4 plain rows + 2 guide
+    # rows (prompt 0 is λ = 1).
+    assert mixed_calls == [2, 3, 6, 6]
+    assert plain_calls == [2, 2, 4, 4]
 
 
 def test_chat_prompts_share_their_prefix(llama, tokenizer):
