@@ -182,22 +182,15 @@ def test_processor_and_guided_generate_draw_from_the_same_distribution(llama, to
     torch.testing.assert_close(scored.logprobs, drop_in.logprobs, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_lam_one_reproduces_plain_generate(model, tokenizer):
-    plain_contexts, _ = build_contexts(tokenizer, PROMPTS, ANSWERS)
-    plain = tokenizer.pad({"input_ids": plain_contexts}, return_tensors="pt")
-    expected = model.generate(**plain, do_sample=False, max_new_tokens=10)[:, plain["input_ids"].shape[1] :]
-    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=1.0, max_new_tokens=10, temperature=0)
+@pytest.mark.parametrize("lam, context", [(1.0, "plain"), (0.0, "guide")])
+def test_lam_one_and_zero_reproduce_generate_on_that_context(model, tokenizer, lam, context):
+    """λ = 1 is plain `generate` on the prompts, λ = 0 is `generate` on the hinted prompts (greedy)."""
+    plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS, ANSWERS)
+    inputs = tokenizer.pad({"input_ids": plain_contexts if context == "plain" else guide_contexts}, return_tensors="pt")
+    expected = model.generate(**inputs, do_sample=False, max_new_tokens=10)[:, inputs["input_ids"].shape[1] :]
+    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=lam, max_new_tokens=10, temperature=0)
     assert rollout.completion_ids.tolist() == expected.tolist()
-    assert not rollout.guided.any()
-
-
-def test_lam_zero_reproduces_generating_from_the_augmented_prompt(model, tokenizer):
-    _, guide_contexts = build_contexts(tokenizer, PROMPTS, ANSWERS)
-    guide = tokenizer.pad({"input_ids": guide_contexts}, return_tensors="pt")
-    expected = model.generate(**guide, do_sample=False, max_new_tokens=10)[:, guide["input_ids"].shape[1] :]
-    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=0.0, max_new_tokens=10, temperature=0)
-    assert rollout.completion_ids.tolist() == expected.tolist()
-    assert torch.equal(rollout.logprobs, torch.zeros_like(rollout.logprobs))
+    assert rollout.guided.tolist() == [lam < 1] * len(PROMPTS)
 
 
 def test_lam_one_rows_never_reach_the_guide_forward(llama, tokenizer):
