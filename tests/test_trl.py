@@ -386,7 +386,8 @@ def test_the_engine_weight_multiplies_every_mode(mode):
     mask = torch.ones(3, 5, dtype=torch.bool)
     guided = torch.tensor([True, True, False])
     engine = ImportanceConfig("token", "truncate", cap=3.0)
-    alone = off_policy_mode_weights(mode, logprobs, plain, mask, guided)
+    # LUFFY shapes the trained policy's probability, π_trainer when an engine sampled.
+    alone = off_policy_mode_weights(mode, logprobs, trainer_logprobs if mode == "luffy_shaping" else plain, mask, guided)
     with_engine = off_policy_mode_weights(mode, logprobs, plain, mask, guided, trainer_logprobs, engine=engine)
     engine_weight = off_policy_weights(plain, plain, mask, trainer_logprobs, engine=engine).engine
     torch.testing.assert_close(with_engine.weights, alone.weights * engine_weight)
