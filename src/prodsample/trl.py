@@ -488,6 +488,48 @@ def guided_rollout_func(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
+    """Refuse settings under which the recorded log q is not what TRL's ratios assume."""
+    if not args.temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0 for guided rollouts, got {args.temperature}: TRL recomputes π_old at the "
+            "training temperature, and greedy (T = 0) rollouts have no valid importance ratio"
+        )
+    if args.repetition_penalty != 1.0 or args.generation_kwargs:
+        raise ValueError(
+            "repetition_penalty and generation_kwargs are not supported by guided rollouts: q is sampled with "
+            "temperature, top_k, top_p and min_p only, and any other change would not be in the recorded log q"
+        )
+    if args.chat_template_kwargs:
+        raise ValueError("chat_template_kwargs are not supported by guided rollouts (prompts render with the plain chat template)")
+    if args.max_completion_length is None:
+        raise ValueError("max_completion_length must be set: it bounds every guided rollout")
+    if rollout_func.backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
+        raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
+    if rollout_func.backend == "vllm" and args.vllm_enable_sleep_mode:
+        raise ValueError("backend='vllm' does not wake a sleeping engine: set vllm_enable_sleep_mode=False")
+    if rollout_func.backend == "hf" and args.use_vllm:
+        raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
+    if args.use_vllm and not args.vllm_importance_sampling_correction:
+        raise ValueError(
+            "a vLLM engine samples the rollouts, so the engine-mismatch correction must stay on: set "
+            "vllm_importance_sampling_correction=True"
+        )
+    if args.use_vllm:
+        engine_importance_config(args)  # raises on settings it cannot express
+    generate_every = args.steps_per_generation * args.num_iterations
+    if rollout_func.off_policy == "luffy_shaping" and args.gradient_accumulation_steps % generate_every:
+        raise ValueError(
+            "off_policy='luffy_shaping' equals LUFFY's gradient only at θ = θ_old: it needs every generation "
+            "batch used within one optimizer step (num_iterations=1, steps_per_generation dividing "
+            "gradient_accumulation_steps)"
+        )
+    if rollout_func.guided_per_group is not None and rollout_func.guided_per_group > args.num_generations:
+        raise ValueError(
+            f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations ({args.num_generations})"
+        )
+
+
 def _pad_columns(tensor: torch.Tensor, width: int, value=0) -> torch.Tensor:
     """Right-pad `[R, L]` to `[R, width]` (TRL may pad completions wider than the rollout's longest)."""
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
@@ -506,7 +548,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         generation_rows: the dataset rows of the batch being generated (the rollout function reads answers here).
     """
 
-    def __init__(self, *args, rollout_func: GuidedRolloutFunc | None = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, *positional, rollout_func: GuidedRolloutFunc | None = None, **kwargs):
         if not isinstance(rollout_func, GuidedRolloutFunc):
             raise TypeError(
                 "GuidedGRPOTrainer needs rollout_func=prodsample.trl.guided_rollout_func(...), got "
@@ -514,56 +556,22 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
         if kwargs.get("tools") or kwargs.get("environment_factory"):
             raise ValueError("guided rollouts are single-turn: tools and environment_factory are not supported")
-        super().__init__(*args, rollout_func=rollout_func, **kwargs)
+        if args is not None:  # before GRPOTrainer loads a model or starts a vLLM engine
+            _check_guided_args(args, rollout_func)
+        super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+        if args is None:  # GRPOTrainer built its default config
+            _check_guided_args(self.args, rollout_func)
+        # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
+        self.engine_config = engine_importance_config(self.args) if self.use_vllm else None
         self.generation_rows: list[dict] | None = None
         self._batch_rewards: torch.Tensor | None = None
-        self._check_guided_setup()
-
-    def _check_guided_setup(self) -> None:
-        """Refuse settings under which the recorded log q is not what TRL's ratios assume."""
-        args, rollout_func = self.args, self.rollout_func
-        if not args.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 for guided rollouts, got {args.temperature}: TRL recomputes π_old at the "
-                "training temperature, and greedy (T = 0) rollouts have no valid importance ratio"
-            )
-        if args.repetition_penalty != 1.0 or args.generation_kwargs:
-            raise ValueError(
-                "repetition_penalty and generation_kwargs are not supported by guided rollouts: q is sampled with "
-                "temperature, top_k, top_p and min_p only, and any other change would not be in the recorded log q"
-            )
-        if args.chat_template_kwargs:
-            raise ValueError("chat_template_kwargs are not supported by guided rollouts (prompts render with the plain chat template)")
-        if args.max_completion_length is None:
-            raise ValueError("max_completion_length must be set: it bounds every guided rollout")
-        if rollout_func.backend == "vllm" and not (self.use_vllm and args.vllm_mode == "colocate"):
-            raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
-        if rollout_func.backend == "vllm" and args.vllm_enable_sleep_mode:
-            raise ValueError("backend='vllm' does not wake a sleeping engine: set vllm_enable_sleep_mode=False")
-        if rollout_func.backend == "hf" and self.use_vllm:
-            raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
-        if self.use_vllm and not args.vllm_importance_sampling_correction:
-            raise ValueError(
-                "a vLLM engine samples the rollouts, so the engine-mismatch correction must stay on: set "
-                "vllm_importance_sampling_correction=True"
-            )
-        # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
-        self.engine_config = engine_importance_config(args) if self.use_vllm else None
-        generate_every = args.steps_per_generation * args.num_iterations
-        if rollout_func.off_policy == "luffy_shaping" and args.gradient_accumulation_steps % generate_every:
-            raise ValueError(
-                "off_policy='luffy_shaping' equals LUFFY's gradient only at θ = θ_old: it needs every generation "
-                "batch used within one optimizer step (num_iterations=1, steps_per_generation dividing "
-                "gradient_accumulation_steps)"
-            )
-        if rollout_func.guided_per_group is not None and rollout_func.guided_per_group > self.num_generations:
-            raise ValueError(
-                f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations ({self.num_generations})"
-            )
         _check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
         self._check_answers(self.train_dataset, "train_dataset")
         self._check_answers(self.eval_dataset, "eval_dataset")
-        end_step = rollout_func.controller.schedule.end_step
+        self._warn_if_never_plain()
+
+    def _warn_if_never_plain(self) -> None:
+        end_step, max_steps = self.rollout_func.controller.schedule.end_step, self.args.max_steps
         if end_step is None:
             warnings.warn(
                 "the schedule never reaches lam = 1: the policy keeps training on guided rollouts and never learns "
@@ -571,9 +579,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 UserWarning,
                 stacklevel=3,
             )
-        elif args.max_steps > 0 and end_step > args.max_steps:
+        elif max_steps > 0 and end_step > max_steps:
             warnings.warn(
-                f"the schedule reaches lam = 1 at step {end_step} but training stops at max_steps={args.max_steps}: "
+                f"the schedule reaches lam = 1 at step {end_step} but training stops at max_steps={max_steps}: "
                 "the policy never trains without the answer's help",
                 UserWarning,
                 stacklevel=3,
