@@ -1,8 +1,11 @@
 """GRPO with answer-guided rollouts in TRL, on a tiny offline model (CPU, about a minute).
 
     bash scripts/with-env.sh python examples/trl_grpo.py
-    bash scripts/with-env.sh accelerate launch --cpu --num_processes 2 examples/trl_grpo.py
     bash scripts/with-env.sh python examples/trl_grpo.py --max-steps 40 --resume   # continue from the last checkpoint
+
+and with 2 processes (on a CPU-only machine accelerate's --multi_gpu starts them with the gloo backend):
+
+    bash scripts/with-env.sh python -m accelerate.commands.launch --multi_gpu --num_processes 2 examples/trl_grpo.py
 
 The task is single-digit addition ("3+4=" → "7"), rewarded when the completion contains the answer. λ rises
 linearly from 0.5 to 1 over the first 60% of the steps, one λ per group; the plain policy (λ = 1, no hint)
@@ -85,7 +88,9 @@ def main() -> None:
         processing_class=tokenizer,
         rollout_func=rollout_func,
     )
-    heldout = HeldOutEvalCallback(trainer, addition_problems(16, seed=2), contains_answer, eval_steps=args.eval_steps, num_samples=4)
+    heldout = HeldOutEvalCallback(
+        trainer, addition_problems(16, seed=2), contains_answer, eval_steps=args.eval_steps, num_samples=4
+    )
     trainer.add_callback(heldout)
     trainer.train(resume_from_checkpoint=get_last_checkpoint(args.output_dir) if args.resume else None)
 
@@ -99,7 +104,8 @@ def main() -> None:
         }
         Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
         last = next(entry for entry in reversed(trainer.state.log_history) if "guidance/lambda_mean" in entry)
-        print(json.dumps({key: value for key, value in last.items() if key.startswith(("guidance/", "reward", "step"))}, indent=1))
+        shown = {key: value for key, value in last.items() if key.startswith(("guidance/", "reward", "step"))}
+        print(json.dumps(shown, indent=1))
     # Every process writes its controller, so a multi-process run can be checked for agreement.
     controller_path = Path(args.output_dir, f"controller-{trainer.accelerator.process_index}.json")
     controller_path.write_text(json.dumps(trainer.rollout_func.controller.state_dict()))

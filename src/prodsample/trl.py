@@ -181,7 +181,8 @@ def off_policy_mode_weights(
     )
     if mode != "luffy_shaping":
         return weights
-    # LUFFY shapes the trained policy's probability: π_trainer when an engine sampled, else the engine's (the same model).
+    # LUFFY shapes the trained policy's probability: π_trainer when an engine sampled, else the engine's
+    # (which is then the trained model).
     probability = (plain_logprobs if trainer_logprobs is None else trainer_logprobs).exp()
     shaping = torch.where(
         guided.bool().unsqueeze(1), luffy_gamma * probability / (probability + luffy_gamma) ** 2, 1.0
@@ -205,7 +206,9 @@ def _word_ngrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + _LEAK_NGRAM]) for i in range(len(words) - _LEAK_NGRAM + 1)}
 
 
-def hint_leakage(completions: Sequence[str], answers: Sequence[str], template: str = DEFAULT_HINT_TEMPLATE) -> list[bool]:
+def hint_leakage(
+    completions: Sequence[str], answers: Sequence[str], template: str = DEFAULT_HINT_TEMPLATE
+) -> list[bool]:
     """Whether each completion restates the hint, beyond stating the answer (which the format requires).
 
     A completion leaks when, case- and whitespace-insensitively, it contains the hint as the guide context
@@ -501,7 +504,9 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
             "temperature, top_k, top_p and min_p only, and any other change would not be in the recorded log q"
         )
     if args.chat_template_kwargs:
-        raise ValueError("chat_template_kwargs are not supported by guided rollouts (prompts render with the plain chat template)")
+        raise ValueError(
+            "chat_template_kwargs are not supported by guided rollouts (prompts render with the plain chat template)"
+        )
     if args.max_completion_length is None:
         raise ValueError("max_completion_length must be set: it bounds every guided rollout")
     if rollout_func.backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
@@ -526,7 +531,8 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         )
     if rollout_func.guided_per_group is not None and rollout_func.guided_per_group > args.num_generations:
         raise ValueError(
-            f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations ({args.num_generations})"
+            f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations "
+            f"({args.num_generations})"
         )
 
 
@@ -548,7 +554,15 @@ class GuidedGRPOTrainer(GRPOTrainer):
         generation_rows: the dataset rows of the batch being generated (the rollout function reads answers here).
     """
 
-    def __init__(self, model, reward_funcs=None, args=None, *positional, rollout_func: GuidedRolloutFunc | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args=None,
+        *positional,
+        rollout_func: GuidedRolloutFunc | None = None,
+        **kwargs,
+    ):
         if not isinstance(rollout_func, GuidedRolloutFunc):
             raise TypeError(
                 "GuidedGRPOTrainer needs rollout_func=prodsample.trl.guided_rollout_func(...), got "
@@ -658,16 +672,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
         lam = self._gather_rows(rollout.lam)
         rewards = self._batch_rewards
         token_count = mask.sum().double()
-        clipped, tokens = self._gather_rows(torch.stack([weights.clipped_fraction.double() * token_count, token_count]).unsqueeze(0)).sum(0)
+        clipped_tokens = weights.clipped_fraction.double() * token_count
+        clipped, tokens = self._gather_rows(torch.stack([clipped_tokens, token_count]).unsqueeze(0)).sum(0)
 
         if mode == "train":
             keys = gather_object(batch.prompt_keys)
-            group_keys = keys[::group_size]
-            if any(keys[g * group_size : (g + 1) * group_size] != [key] * group_size for g, key in enumerate(group_keys)):
+            groups = [keys[start : start + group_size] for start in range(0, len(keys), group_size)]
+            if any(group != [group[0]] * group_size for group in groups):
                 raise RuntimeError("TRL's generation batch is not made of contiguous groups of num_generations")
             self.rollout_func.controller.record(
                 self.state.global_step,
-                group_keys,
+                [group[0] for group in groups],
                 lam.view(-1, group_size).amin(dim=1).tolist(),
                 rewards.view(-1, group_size).tolist(),
             )
@@ -693,7 +708,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             with open(os.path.join(folder, CHECKPOINT_FILE), "w") as file:
                 json.dump({"controller": self.rollout_func.controller.state_dict()}, file)
 
