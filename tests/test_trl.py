@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from prodsample.importance import off_policy_weights
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.trl import (
     DEFAULT_OFF_POLICY_MODE,
+    ROLLOUT_BACKENDS,
     TRL_OFF_POLICY_MODES,
     GuidedGRPOTrainer,
     HeldOutEvalCallback,
@@ -173,6 +174,40 @@ def test_guided_per_group_counts_positions_in_the_global_batch():
     prompts = ["a", "a", "b", "b", "b", "b"]  # process 1 holds global entries 6..11: positions 2, 3, 0, 1, 2, 3
     assert rollout_func.rollout_lambdas(trainer, prompts, training=True) == [1.0, 1.0, 0.4, 0.4, 1.0, 1.0]
     assert rollout_func.rollout_lambdas(trainer, prompts, training=False) == [1.0] * 6
+
+
+def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatch):
+    """The seam for prodsample.vllm: one GuidedLLM per engine TRL syncs weights into, given the sampling
+    settings. (A stand-in GuidedLLM, since this test must not need the vLLM integration.)"""
+    calls = []
+
+    class StandInGuidedLLM:
+        def __init__(self, llm):
+            calls.append(("wrap", llm))
+
+        def generate(self, prompts, answers, **sampling):
+            calls.append(("generate", prompts, answers, sampling))
+            return "rollout"
+
+    class Engine:  # stands for vllm.LLM
+        pass
+
+    module = ModuleType("prodsample.vllm")
+    module.GuidedLLM = StandInGuidedLLM
+    monkeypatch.setitem(sys.modules, "prodsample.vllm", module)
+    engine = Engine()
+    trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine))
+    sampling = dict(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7, top_k=0,
+                    top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
+    for _ in range(2):
+        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], **sampling) == "rollout"
+    assert calls == [("wrap", engine)] + [("generate", ["1+1="], ["2"], sampling)] * 2
+
+
+def test_the_vllm_backend_explains_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodsample.vllm", None)  # as if the vLLM integration were not installed
+    with pytest.raises(ImportError, match="backend='vllm' needs prodsample.vllm.GuidedLLM"):
+        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"])
 
 
 # ---------------------------------------------------------------------------------------------------------
