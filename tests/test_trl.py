@@ -177,13 +177,14 @@ def test_guided_per_group_counts_positions_in_the_global_batch():
 
 
 def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatch):
-    """The seam for prodsample.vllm: one GuidedLLM per engine TRL syncs weights into, given the sampling
-    settings. (A stand-in GuidedLLM, since this test must not need the vLLM integration.)"""
+    """The seam for prodsample.vllm: one GuidedLLM per engine TRL syncs weights into, rendering with the
+    trainer's tokenizer, given the sampling settings (GuidedLLM.generate's keywords on the vllm branch).
+    A stand-in GuidedLLM, so this test needs neither vLLM nor the integration."""
     calls = []
 
     class StandInGuidedLLM:
-        def __init__(self, llm):
-            calls.append(("wrap", llm))
+        def __init__(self, llm, tokenizer=None):
+            calls.append(("wrap", llm, tokenizer))
 
         def generate(self, prompts, answers, **sampling):
             calls.append(("generate", prompts, answers, sampling))
@@ -196,12 +197,12 @@ def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatc
     module.GuidedLLM = StandInGuidedLLM
     monkeypatch.setitem(sys.modules, "prodsample.vllm", module)
     engine = Engine()
-    trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine))
+    trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine), processing_class="the trainer's tokenizer")
     sampling = dict(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7, top_k=0,
                     top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
     for _ in range(2):
         assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], **sampling) == "rollout"
-    assert calls == [("wrap", engine)] + [("generate", ["1+1="], ["2"], sampling)] * 2
+    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], sampling)] * 2
 
 
 def test_the_vllm_backend_explains_what_is_missing(monkeypatch):

@@ -121,7 +121,8 @@ def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
         ) from error
     llm = trainer.vllm_generation.llm
     if llm not in _GUIDED_ENGINES:
-        _GUIDED_ENGINES[llm] = GuidedLLM(llm)
+        # The trainer's tokenizer renders the prompts, as on the HF backend, so both give TRL the same prompt ids.
+        _GUIDED_ENGINES[llm] = GuidedLLM(llm, tokenizer=trainer.processing_class)
     return _GUIDED_ENGINES[llm].generate(prompts, answers, **sampling)
 
 
@@ -513,6 +514,10 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
     if rollout_func.backend == "vllm" and args.vllm_enable_sleep_mode:
         raise ValueError("backend='vllm' does not wake a sleeping engine: set vllm_enable_sleep_mode=False")
+    if rollout_func.backend == "vllm" and args.vllm_tensor_parallel_size != 1:
+        raise ValueError(
+            "backend='vllm' drives each process's engine with that process's prompts: set vllm_tensor_parallel_size=1"
+        )
     if rollout_func.backend == "hf" and args.use_vllm:
         raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
     if args.use_vllm and not args.vllm_importance_sampling_correction:
