@@ -7,6 +7,8 @@ call, so compile cost is paid once per process (and mostly served from Inductor'
 
 - batch and vocabulary are dynamic (`dynamic=True`);
 - a batch of one is padded to two rows, since a size-1 dimension would be specialised and recompiled;
+- a vocabulary of at most 4096 tokens is padded with −inf logits to MIN_COMPILED_VOCAB, since Inductor
+  guards its long-reduction code on V > 4096 (a padded token is never drawn and adds exp(−inf) = 0);
 - the threshold is always a tensor (−inf = no filter, which keeps every token, −inf included), so
   filtered and unfiltered calls share the graph;
 - logits are cast to float32 and the per-row settings made contiguous first, so the input dtype and
@@ -24,6 +26,8 @@ from prodsample.sampling import ProductSample, reference_fused_sample
 
 __all__ = ["compiled_fused_sample"]
 
+MIN_COMPILED_VOCAB = 4097
+
 
 @functools.cache
 def _compiled_reference():
@@ -39,13 +43,15 @@ def compiled_fused_sample(
     keys: torch.Tensor,
 ) -> ProductSample:
     """`reference_fused_sample` compiled once for all shapes; same arguments and `[B]` outputs (no autograd)."""
-    rows = plain_logits.shape[0]
-    if rows == 0:
+    rows, vocab = plain_logits.shape
+    if rows == 0:  # an empty batch would need a graph of its own; eager answers it at once
         return reference_fused_sample(plain_logits, guide_logits, lam, temperature, threshold, keys)
     if threshold is None:
         threshold = torch.full((rows,), -math.inf, device=plain_logits.device)
     row_settings = [x.float().contiguous() for x in (lam, temperature, threshold)] + [keys.contiguous()]
     logits = [plain_logits.float(), guide_logits.float()]
+    if vocab < MIN_COMPILED_VOCAB:
+        logits = [torch.nn.functional.pad(x, (0, MIN_COMPILED_VOCAB - vocab), value=-math.inf) for x in logits]
     if rows == 1:
         logits = [x.expand(2, -1).contiguous() for x in logits]
         row_settings = [x.expand(2).contiguous() for x in row_settings]

@@ -24,6 +24,7 @@ from prodsample.kernels import product_sample as kernel  # noqa: E402
 from prodsample.sampling import mixed_logits, reference_fused_sample  # noqa: E402
 
 from .reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .test_kernel_compiled import CHI_SQUARE_FILTERS, chi_square_logits  # noqa: E402  (the compiled path's test)
 
 # |kernel − float64| ≤ VALUE_RTOL·(1 + s), s = the row's largest finite |logit|·τ: float32 sums of ~V terms
 # each rounded at ~6e-8 relative, with margin.
@@ -296,14 +297,7 @@ def test_integer_logits_are_refused():
 # --- the distribution ----------------------------------------------------------------------------------
 
 
-def chi_square_logits():
-    """Plain and guide disagree (the product differs from either); one token masked in the plain context."""
-    plain = torch.tensor([2.0, 1.5, 0.0, -1.0, 0.5, -0.5, 1.0, -math.inf])
-    guide = torch.tensor([-1.0, 0.5, 2.0, 1.5, 0.0, 1.0, -0.5, 0.3])
-    return plain, guide
-
-
-@pytest.mark.parametrize("filters", [dict(temperature=0.8), dict(temperature=1.2, top_k=5)], ids=["tempered", "top_k"])
+@pytest.mark.parametrize("filters", CHI_SQUARE_FILTERS, ids=["tempered", "top_k"])
 def test_kernel_samples_follow_q(filters):
     plain, guide = chi_square_logits()
     q = product_distribution(plain, guide, 0.5, filters["temperature"], filters.get("top_k"))
