@@ -45,7 +45,7 @@ import triton.language as tl
 from prodsample import noise
 from prodsample.sampling import ProductSample
 
-__all__ = ["triton_fused_sample", "default_num_splits", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["triton_fused_sample", "launch_config", "default_num_splits", "DEFAULT_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 4096
 NUM_STATS = 6  # per split: LSE(z), LSE(a), LSE(b), LSE(a·τ), LSE(b·τ), best race value
@@ -257,6 +257,21 @@ def default_num_splits(rows: int, vocab: int, block_size: int, device: torch.dev
     return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * processors, rows)))
 
 
+def launch_config(
+    rows: int, vocab: int, device: torch.device, block_size: int | None = None, num_splits: int | None = None
+) -> tuple[int, int, int]:
+    """(BLOCK, number of splits, tokens per split) for a `[rows, vocab]` batch; validates the overrides."""
+    block = block_size or min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(vocab))
+    if block & (block - 1):
+        raise ValueError(f"block_size must be a power of two, got {block}")
+    blocks = triton.cdiv(vocab, block)
+    splits = num_splits or default_num_splits(rows, vocab, block, device)
+    if not 1 <= splits <= blocks:
+        raise ValueError(f"num_splits must lie in [1, {blocks}] for V={vocab}, got {splits}")
+    split_size = triton.cdiv(blocks, splits) * block
+    return block, triton.cdiv(vocab, split_size), split_size  # rounding up the split size may empty the last splits
+
+
 def _launchable(device: torch.device) -> bool:
     return device.type == "cuda" or triton.knobs.runtime.interpret
 
@@ -277,7 +292,7 @@ def triton_fused_sample(
 
     Shapes: logits `[B, V]` (fp32, fp16 or bf16, any row stride), `lam`, `temperature`, `threshold` (z units,
     None = no filter) float32 `[B]`, `keys` int64 `[B]`. `block_size` (a power of two) and `num_splits`
-    default to DEFAULT_BLOCK_SIZE (capped at V's next power of two) and `default_num_splits`.
+    default to DEFAULT_BLOCK_SIZE (capped at V's next power of two) and `default_num_splits` (`launch_config`).
     Returns a ProductSample of `[B]` tensors.
     """
     device = plain_logits.device
@@ -288,14 +303,7 @@ def triton_fused_sample(
     if guide_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"guide_logits must be fp32, fp16 or bf16 for the Triton kernel, got {guide_logits.dtype}")
     rows, vocab = plain_logits.shape
-    block = block_size or min(DEFAULT_BLOCK_SIZE, triton.next_power_of_2(vocab))
-    if block & (block - 1):
-        raise ValueError(f"block_size must be a power of two, got {block}")
-    splits = num_splits or default_num_splits(rows, vocab, block, device)
-    if not 1 <= splits <= triton.cdiv(vocab, block):
-        raise ValueError(f"num_splits must lie in [1, {triton.cdiv(vocab, block)}] for V={vocab}, got {splits}")
-    split_size = triton.cdiv(triton.cdiv(vocab, block), splits) * block
-    splits = triton.cdiv(vocab, split_size)  # rounding the split size up can leave trailing splits empty
+    block, splits, split_size = launch_config(rows, vocab, device, block_size, num_splits)
 
     plain = plain_logits if plain_logits.stride(1) == 1 else plain_logits.contiguous()
     guide = guide_logits if guide_logits.stride(1) == 1 else guide_logits.contiguous()
