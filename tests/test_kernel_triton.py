@@ -32,7 +32,7 @@ VALUE_RTOL = 1e-5
 # log E may differ from torch's by a few float32 ulps: the interpreter's log is numpy's, torch's is its own.
 NOISE_ULPS = 4
 ALPHA = 1e-3  # chi-square significance
-KERNEL_DRAWS = 600  # interpreter time bounds the draws; the negative control below shows the test's power at it
+KERNEL_DRAWS = 400  # interpreter time bounds the draws; the negative control below shows the test's power at it
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="needs TRITON_INTERPRET=1 (no GPU here)")
 
@@ -309,11 +309,12 @@ def test_kernel_samples_follow_q(filters):
 
 
 def test_the_chi_square_test_has_power_at_the_kernel_draw_count():
-    """Negative control: λ = 1 (plain only) drawn KERNEL_DRAWS times is rejected as a sample of q at λ = 0.5."""
+    """Negative control: KERNEL_DRAWS draws at λ = 0.65 are rejected as a sample of q at λ = 0.5 (the reference
+    backend draws the kernel's tokens, faster)."""
     plain, guide = chi_square_logits()
     q = product_distribution(plain, guide, 0.5, 0.8)
     wrong = product_sample(
-        plain.expand(KERNEL_DRAWS, -1), guide.expand(KERNEL_DRAWS, -1), 0.8, temperature=0.8, seed=11, positions=0,
+        plain.expand(KERNEL_DRAWS, -1), guide.expand(KERNEL_DRAWS, -1), 0.65, temperature=0.8, seed=11, positions=0,
         backend="reference",
     )
     assert chi_square_pvalue(torch.bincount(wrong.token_ids, minlength=8), q) < ALPHA
