@@ -303,6 +303,9 @@ def triton_fused_sample(
     if guide_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"guide_logits must be fp32, fp16 or bf16 for the Triton kernel, got {guide_logits.dtype}")
     rows, vocab = plain_logits.shape
+    if rows == 0:  # an empty grid is no launch
+        empty = torch.empty(0, device=device)
+        return ProductSample(empty.long(), empty, empty, empty, empty)
     block, splits, split_size = launch_config(rows, vocab, device, block_size, num_splits)
 
     plain = plain_logits if plain_logits.stride(1) == 1 else plain_logits.contiguous()

@@ -233,6 +233,13 @@ def test_race_ties_go_to_the_lowest_index(splits):
     assert int(out.token_ids) == 100
 
 
+def test_an_empty_batch():
+    out = kernel.triton_fused_sample(
+        torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.ones(0), None, torch.zeros(0, dtype=torch.long)
+    )
+    assert all(x.shape == (0,) for x in out) and out.token_ids.dtype == torch.int64
+
+
 def test_single_token_vocabulary():
     out = kernel.triton_fused_sample(
         torch.zeros(2, 1), torch.full((2, 1), 3.0), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.0]), None,
