@@ -147,6 +147,8 @@ def _scan_kernel(
     HAS_THRESHOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One program per (row, split): stream the split once, folding each block into the five online LSEs
+    (of z, a, b, a·τ, b·τ) and the race argmax(z − log E); write them to `stats` and `best_index`."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     plain_weight, guide_weight, inverse_temperature, greedy = _row_settings(lam_ptr, temperature_ptr, row)
@@ -218,6 +220,8 @@ def _finish_kernel(
     SPLITS_BLOCK: tl.constexpr,  # next power of two ≥ num_splits
     HAS_THRESHOLD: tl.constexpr,
 ):
+    """One program per row: merge the splits' LSEs and race winners, read a_o and b_o back, and write
+    token, log q = z_o − LSE(z), the tempered log-probs and log_normalizer = LSE(z) − c (module docstring)."""
     row = tl.program_id(0).to(tl.int64)
     plain_weight, guide_weight, inverse_temperature, greedy = _row_settings(lam_ptr, temperature_ptr, row)
     splits = tl.arange(0, SPLITS_BLOCK)
