@@ -9,6 +9,9 @@ from prodsample import dispatch, product_sample
 from prodsample.kernels.compiled import compiled_fused_sample
 from prodsample.sampling import ProductSample, reference_fused_sample
 
+# Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture
 def fresh_checks(monkeypatch):
