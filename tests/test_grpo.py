@@ -86,16 +86,3 @@ def test_clipped_ratio_stops_the_gradient_outside_the_trust_region():
     unclipped = advantages < 0
     analytic = (unclipped.unsqueeze(1) * ratio * advantages.unsqueeze(1) * _score(TOKENS)).mean(0)
     assert torch.allclose(change, LR * analytic, atol=1e-12)
-
-
-def test_luffy_shaping_weights_the_score_by_gamma_pi_over_pi_plus_gamma_squared():
-    theta, logprobs, old = _bandit(TOKENS)
-    advantages = group_advantages(REWARDS, 4)
-    shaped = torch.tensor([True, False, True, False])
-    gamma = 0.1
-    loss = grpo_loss(logprobs, old, advantages, torch.ones(4, 1), shaped=shaped, shaping_gamma=gamma)
-    change = _sgd_step(theta, loss)
-    pi = torch.exp(old.squeeze(1))
-    factor = torch.where(shaped, gamma * pi / (pi + gamma) ** 2, torch.ones_like(pi))
-    analytic = (factor.unsqueeze(1) * advantages.unsqueeze(1) * _score(TOKENS)).mean(0)
-    assert torch.allclose(change, LR * analytic, atol=1e-12)

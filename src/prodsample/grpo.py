@@ -9,9 +9,9 @@ log-probs of the policy under the plain prompt:
     loss           −Σ_t w_t·s_t·m_t / Σ_t m_t                                (token mean over the batch)
 
 w_t is a stop-gradient importance weight for training on rollouts not drawn from π (from
-`prodsample.importance.off_policy_weights`; 1 when None: the "none" recipe). With `shaped` rows (LUFFY's
-policy shaping for off-policy tokens), those rows use s_t = A_i·π_θ(o_t)/(π_θ(o_t) + γ) instead, unclipped:
-its gradient γ·π/(π+γ)²·∇log π gives more weight to tokens the policy finds unlikely than ρ would.
+`prodsample.importance.off_policy_weights`; 1 when None: the "none" recipe). LUFFY's policy shaping
+π_θ/(π_θ+γ) enters the same way, as the weight γ·π/(π+γ)² on guided tokens that
+`prodsample.trl.off_policy_mode_weights("luffy_shaping", ...)` computes (its gradient at π_θ = π_old).
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ def grpo_loss(
     *,
     weights: torch.Tensor | None = None,
     clip_eps: float = 0.2,
-    shaped: torch.Tensor | None = None,
-    shaping_gamma: float = 0.1,
 ) -> torch.Tensor:
     """The clipped GRPO surrogate, negated (to minimise), as a token mean over the batch.
 
@@ -57,17 +55,11 @@ def grpo_loss(
         mask: `[R, L]`, 1 for completion tokens.
         weights: `[R, L]` stop-gradient importance weights, or None for 1.
         clip_eps: ε of the PPO clip.
-        shaped: `[R]` bool, rows that use LUFFY's shaping π/(π+γ) instead of the clipped ratio.
-        shaping_gamma: γ of that shaping.
     """
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs.detach())
     advantage = advantages.to(logprobs.dtype).unsqueeze(1)
     surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage)
-    if shaped is not None:
-        probability = torch.exp(logprobs)
-        shaped_surrogate = advantage * probability / (probability + shaping_gamma)
-        surrogate = torch.where(shaped.bool().unsqueeze(1), shaped_surrogate, surrogate)
     if weights is not None:
         surrogate = surrogate * weights.detach().to(logprobs.dtype)
     return -(surrogate * mask).sum() / mask.sum().clamp_min(1.0)
