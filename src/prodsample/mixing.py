@@ -129,4 +129,6 @@ def mix_logprobs(logits: Sequence[torch.Tensor], weights) -> torch.Tensor:
     masked_rows = ~torch.isfinite(normaliser.squeeze(1))
     if masked_rows.any():
         raise ValueError(fully_masked_message(int(masked_rows.nonzero()[0])))
-    return combined - normaliser
+    # A row with one expert at weight 1 is that expert's log-softmax already: keep it bit-exact.
+    single_expert = (weight_rows == 1).any(dim=1, keepdim=True)
+    return combined - torch.where(single_expert, 0.0, normaliser)

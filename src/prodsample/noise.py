@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mix64", "row_keys", "exponential_noise", "log_exponential_noise"]
+__all__ = ["mix64", "row_keys", "exponential_noise", "exponential_from_mantissa", "log_exponential_noise"]
 
 
 def _signed(x: int) -> int:
@@ -64,7 +64,11 @@ def row_keys(seed: torch.Tensor, rollout_ids: torch.Tensor, positions: torch.Ten
 def exponential_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """E ~ Exp(1) for each (row key, token): `keys` int64 `[B, 1]`, `token_ids` int64 `[1, V]` → float32 `[B, V]`."""
     bits = mix64(keys + (token_ids + 1) * GOLDEN_GAMMA)
-    mantissa = _shift_right_logical(bits, 11)  # 53 uniform bits, as an int64 in [0, 2^53)
+    return exponential_from_mantissa(_shift_right_logical(bits, 11))
+
+
+def exponential_from_mantissa(mantissa: torch.Tensor) -> torch.Tensor:
+    """E = −log(u), u = (m + ½)·2⁻⁵³, from 53 uniform bits m (int64 in [0, 2⁵³)), in float32 (see above)."""
     u = (mantissa.to(torch.float32) + 0.5) * 2.0**-53
     b = ((2**53 - mantissa).to(torch.float32) - 0.5) * 2.0**-53  # 1 − u, exact to float32 rounding
     series = b * (1.0 + b * (0.5 + b * (1.0 / 3.0 + b * 0.25)))
