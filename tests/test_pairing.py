@@ -112,7 +112,7 @@ def test_lambda_one_rollout_runs_alone_on_policy_and_is_never_lost():
         runner.step([plain])
     record = runner.sampler.take(["solo"])["solo"]
     assert record.lost_at is None and record.cause is None
-    assert all(math.isnan(g) for g in record.guide_logprobs)
+    assert record.guide_logprobs == record.plain_logprobs, "no guide context: as in prodsample.hf"
     for t, seen in enumerate(runner.logits_seen):
         expected = product_sample(
             seen[plain][None], seen[plain][None], 1.0, seed=SEED, rollout_ids=0, positions=torch.tensor([t]),

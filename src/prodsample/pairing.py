@@ -188,7 +188,7 @@ class _Token(NamedTuple):
     token: int
     logprob: float
     plain_logprob: float
-    guide_logprob: float  # NaN for a solo draw
+    guide_logprob: float  # NaN for a solo draw of a pair
 
 
 @dataclass
@@ -331,8 +331,11 @@ class PairedSampler:
         tokens = []
         for draw, (token, logprob, plain_logprob, guide_logprob) in zip(draws, zip(*(c.tolist() for c in columns))):
             joint = draw.guide is not None
-            record = _Token(token, logprob, plain_logprob, guide_logprob if joint else math.nan)
-            self._rollouts[draw.plain.request.rollout].tokens[draw.plain.position] = record
+            rollout = self._rollouts[draw.plain.request.rollout]
+            # λ = 1 has no guide context: its guide log-prob repeats the plain one, as in prodsample.hf; a pair
+            # drawing alone has lost its guide context, whose log-prob is then unknown.
+            record = _Token(token, logprob, plain_logprob, guide_logprob if joint or not rollout.paired else math.nan)
+            rollout.tokens[draw.plain.position] = record
             self._pending[draw.plain.request] = _Pending(draw.plain.position, token, joint, draw.cause)
             if joint:
                 self._pending[draw.guide.request] = _Pending(draw.guide.position, token, True, None)
