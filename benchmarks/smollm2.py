@@ -38,7 +38,8 @@ def smollm2_dir(dtype: str = "bfloat16") -> Path:
 
     source = gguf_directory()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=getattr(torch, dtype))
+    # dequantizing runs in float32 (transformers' fast path); the saved copy is cast to `dtype`
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config  # the weights are dequantized on load; a GGUF-tagged model cannot be saved
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

@@ -12,9 +12,10 @@ G rollouts each. Rounds alternate, so both sides see the same machine load:
 - guided λ = 1: `GuidedLLM.generate` at λ = 1 (one request per rollout: the sampler's cost alone).
 
 tokens/s counts completion tokens of the rollouts (a guided rollout's guide request is not counted), and
-each round reports guided/plain time per token; the summary is the median over rounds. Every guided run
-also counts its desynced rollouts (the desync rate of the default settings). Writes results.json (every
-run, the command, git revision, versions, machine) and runs.csv into --out.
+each round reports guided/plain time per token; the summary is the median over rounds. The desync rate is
+measured on a separate, larger guided run (--desync-prompts × --desync-generations pairs) with the same
+defaults; the throughput rounds count their desyncs too. Writes results.json (every run, the command, git
+revision, versions, machine) and runs.csv into --out.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def workload(prompts: int, seed: int) -> tuple[list[list[dict]], list[str]]:
     datasets = [reasoning_gym.create_dataset(task, size=per_task, seed=seed) for task in TASKS]
     items = [datasets[i % len(TASKS)][i // len(TASKS)] for i in range(prompts)]
     return [[{"role": "user", "content": item["question"]}] for item in items], [str(item["answer"]) for item in items]
+
+
+def token_range(ids: list[list[int]]) -> dict:
+    lengths = [len(i) for i in ids]
+    return {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
 
 
 def model_directory(name: str) -> Path:
@@ -110,11 +116,13 @@ def run_guided(guided, prompts, answers, generations, max_new_tokens, temperatur
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    parser.add_argument("--prompts", type=int, default=100)
-    parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt (pairs = prompts × this)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts of each throughput run")
+    parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--desync-prompts", type=int, default=100, help="prompts of the desync-rate run")
+    parser.add_argument("--desync-generations", type=int, default=4, help="pairs = desync prompts × this")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -123,7 +131,8 @@ def main(argv=None) -> dict:
     from prodsample.prompts import render_prompt
     from prodsample.vllm import DEFAULT_ENGINE_KWARGS, EngineLimits, GuidedLLM
 
-    prompts, answers = workload(args.prompts, args.seed)
+    desync_prompts, desync_answers = workload(max(args.prompts, args.desync_prompts), args.seed)
+    prompts, answers = desync_prompts[: args.prompts], desync_answers[: args.prompts]
     engine_kwargs = {"dtype": args.dtype, "max_model_len": 1024, "enforce_eager": True, "seed": args.seed}
     started = time.perf_counter()
     guided = GuidedLLM(model_directory(args.model), **engine_kwargs)
@@ -136,6 +145,12 @@ def main(argv=None) -> dict:
     run_guided(guided, prompts[:4], answers[:4], 1, 8, args.temperature, 0.5, args.seed)
 
     runs = []
+    desync_run = {"round": None, "kind": "desync", **run_guided(
+        guided, desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
+        args.desync_generations, args.max_new_tokens, args.temperature, 0.5, args.seed)}
+    desync_run["tokens_per_s"] = desync_run["tokens"] / desync_run["seconds"]
+    runs.append(desync_run)
+    print(json.dumps(desync_run), flush=True)
     for round_index in range(args.rounds):
         for kind, run in (
             ("plain", lambda: run_plain(guided, plain_ids, *common)),
@@ -158,22 +173,25 @@ def main(argv=None) -> dict:
         (g["seconds"] / g["tokens"]) / (p["seconds"] / p["tokens"])
         for p, g in zip([r for r in runs if r["kind"] == "plain"], [r for r in runs if r["kind"] == "guided_lam1"])
     ]
-    pairs = sum(by_kind("guided", "pairs"))
-    desynced = sum(by_kind("guided", "desynced"))
+    pairs, desynced = desync_run["pairs"], desync_run["desynced"]
+    desync_prompt_ids = [render_prompt(guided.tokenizer, p) for p in desync_prompts[: args.desync_prompts]]
     limits = EngineLimits.of(guided.llm)
     summary = {
         "model": args.model,
         "workload": {"prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
-                     "temperature": args.temperature, "tasks": TASKS,
-                     "prompt_tokens": {"min": min(map(len, plain_ids)), "median": statistics.median(map(len, plain_ids)),
-                                       "max": max(map(len, plain_ids))}},
+                     "temperature": args.temperature, "tasks": TASKS, "prompt_tokens": token_range(plain_ids),
+                     "desync_prompts": args.desync_prompts, "desync_generations": args.desync_generations,
+                     "desync_prompt_tokens": token_range(desync_prompt_ids)},
         "engine": {**engine_kwargs, **DEFAULT_ENGINE_KWARGS, "max_num_seqs": limits.max_num_seqs,
                    "max_num_batched_tokens": limits.max_num_batched_tokens, "kv_blocks": limits.kv_blocks,
                    "block_size": limits.block_size, "startup_s": startup},
         "tokens_per_s": {kind: statistics.median(by_kind(kind, "tokens_per_s")) for kind in ("plain", "guided", "guided_lam1")},
         "time_per_token_ratio_guided_over_plain": {"median": statistics.median(ratios), "per_round": ratios},
         "time_per_token_ratio_lam1_over_plain": {"median": statistics.median(lam1_ratios), "per_round": lam1_ratios},
-        "desync": {"pairs": pairs, "desynced": desynced, "rate": desynced / pairs if pairs else 0.0},
+        "desync": {"pairs": pairs, "desynced": desynced, "rate": desynced / pairs if pairs else 0.0,
+                   "causes": desync_run["causes"],
+                   "throughput_rounds": {"pairs": sum(by_kind("guided", "pairs")),
+                                         "desynced": sum(by_kind("guided", "desynced"))}},
         "runs": runs,
         **provenance(),
     }

@@ -255,8 +255,15 @@ def test_a_token_the_engine_replaced_loses_the_pair():
     assert (record.lost_at, record.cause) == (0, DesyncCause.TOKEN_OVERRIDDEN.value)
 
 
-def test_take_leaves_out_unknown_rollouts():
+def test_take_leaves_out_unknown_rollouts_and_rows_of_taken_ones_are_left_alone():
     assert PairedSampler().take(["never-seen"]) == {}
+    runner = FakeRunner()
+    runner.add(tag("a", Role.GUIDE), tag("a", Role.PLAIN))
+    plain, guide = keys("a")
+    runner.step([guide, plain])
+    runner.sampler.take(["a"])  # read out while its requests are still in the batch (an abort)
+    processed = runner.step([guide, plain])
+    assert torch.isfinite(processed).all()
 
 
 def test_tag_round_trips_through_extra_args():

@@ -265,7 +265,9 @@ class PairedSampler:
         return key
 
     def step(self, logits: torch.Tensor, rows: Sequence[RowView]) -> torch.Tensor:
-        """Draw and force the tokens of the tagged `rows` in `logits` `[num_rows, V]` (in place)."""
+        """Draw and force the tokens of the tagged `rows` in `logits` `[num_rows, V]` (in place). Rows of a
+        rollout already read out (`take`; e.g. requests being aborted) are left alone."""
+        rows = [view for view in rows if view.request.rollout in self._rollouts]
         for view in rows:
             self._observe(view)
         draws, releases = self._plan(rows)
