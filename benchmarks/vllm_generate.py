@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
 
     desync_prompts, desync_answers = workload(max(args.prompts, args.desync_prompts), args.seed)
     prompts, answers = desync_prompts[: args.prompts], desync_answers[: args.prompts]
+    origin = provenance()  # before the runs: the revision and tree they measure
     engine_kwargs = {"dtype": args.dtype, "max_model_len": 1024, "enforce_eager": True, "seed": args.seed}
     started = time.perf_counter()
     guided = GuidedLLM(model_directory(args.model), **engine_kwargs)
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
                    "throughput_rounds": {"pairs": sum(by_kind("guided", "pairs")),
                                          "desynced": sum(by_kind("guided", "desynced"))}},
         "runs": runs,
-        **provenance(),
+        **origin,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
