@@ -4,7 +4,7 @@ An engine with no multi-context decoding runs a guided rollout as two requests, 
 and one on the prompt with the hint, each tagged with a `GuidanceTag`. At every step a batch-level logits
 processor hands this module the tagged rows (`RowView`s) and the logits; `PairedSampler.step`
 
-1. settles what the previous step's forced tokens became (`_settle`): kept, or discarded because the row
+1. settles what the previous step's forced tokens became (`_observe`): kept, or discarded because the row
    was still mid-prefill (an engine samples such a row and throws the token away);
 2. plans each row (`_plan`): a *joint* draw when both rows of a pair sit at the pair's next position, from
    q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ); otherwise the plain row draws *solo* from π(·|prompt)

@@ -150,8 +150,10 @@ class ProductLogitsProcessorV1(V1LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        # Under async scheduling (GPU) the runner may leave -1 placeholders for tokens it has not copied
+        # back yet: those count for the position but say nothing about which token was kept.
         views = [
-            RowView(index, key, len(output), None, output[-1] if output else None)
+            RowView(index, key, len(output), None, output[-1] if output and output[-1] >= 0 else None)
             for index, (key, output) in self.rows.items()
         ]
         return self.sampler.step(logits, views)
