@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     parser.add_argument("--prompts", type=int, default=16, help="prompts of each throughput run")
     parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--desync-prompts", type=int, default=100, help="prompts of the desync-rate run")
