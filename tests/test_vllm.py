@@ -8,8 +8,6 @@
   out of step is flagged, no other, and every recorded log-prob is what was drawn.
 """
 
-import math
-
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
-from prodsample.pairing import EXTRA_ARGS_KEY, GuidanceTag, Role  # noqa: E402
+from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
 from . import vllm_observer  # noqa: E402

@@ -86,16 +86,22 @@ _NEUTRAL_PARAMS = {
 }
 
 
-def validate_tagged_params(params: SamplingParams) -> None:
-    """Reject a tagged request whose other settings would interfere with the guided draw."""
-    if GuidanceTag.from_extra_args(params.extra_args) is None:
-        return
-    for name, neutral in _NEUTRAL_PARAMS.items():
-        value = getattr(params, name, neutral)
-        if value not in (neutral, [], {}):
-            raise ValueError(f"a prodsample-tagged request must leave SamplingParams.{name} at {neutral!r}, got {value!r}")
-    if getattr(params, "watermarking", None):
-        raise ValueError("a prodsample-tagged request cannot use watermarking (it changes the logits)")
+class _ChecksTaggedParams:
+    """`validate_params`, which both runners call at admission (in the frontend, before the engine)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject a malformed tag, or a tagged request whose other settings would interfere with the draw."""
+        if GuidanceTag.from_extra_args(sampling_params.extra_args) is None:
+            return
+        for name, neutral in _NEUTRAL_PARAMS.items():
+            value = getattr(sampling_params, name, neutral)
+            if value not in (neutral, [], {}):
+                raise ValueError(
+                    f"a prodsample-tagged request must leave SamplingParams.{name} at {neutral!r}, got {value!r}"
+                )
+        if getattr(sampling_params, "watermarking", None):
+            raise ValueError("a prodsample-tagged request cannot use watermarking (it changes the logits)")
 
 
 # -- adapters -------------------------------------------------------------------------------------------
@@ -111,7 +117,7 @@ def _register(vllm_config) -> PairedSampler:
     return sampler
 
 
-class ProductLogitsProcessorV1(V1LogitsProcessor):
+class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
     """V1 runner adapter: rows are persistent-batch indices kept up to date from `BatchUpdate`s; a row's
     position is the length of its request's output list (a live reference the runner appends to). V1
     does not say which rows are mid-prefill: the pairing finds out from the next step (see pairing)."""
@@ -119,10 +125,6 @@ class ProductLogitsProcessorV1(V1LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self.sampler = _register(vllm_config)
         self.rows: dict[int, tuple[RequestKey, list[int]]] = {}
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_tagged_params(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the token, greedy or not
@@ -159,7 +161,7 @@ class ProductLogitsProcessorV1(V1LogitsProcessor):
         return self.sampler.step(logits, views)
 
 
-class ProductLogitsProcessorV2(V2LogitsProcessor):
+class ProductLogitsProcessorV2(_ChecksTaggedParams, V2LogitsProcessor):
     """Model Runner V2 adapter: requests live in slots (`add_request`), rows are reordered every step
     (`ctx.idx_mapping_np`: row → slot). A row samples completion position seq_len − prompt_len and is
     mid-prefill while seq_len < prefill_len, which V2 tells in advance. Reads only the host mirrors
@@ -170,10 +172,6 @@ class ProductLogitsProcessorV2(V2LogitsProcessor):
         self.sampler = _register(vllm_config)
         self.req_states = req_states
         self.slots: dict[int, RequestKey] = {}
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_tagged_params(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
@@ -201,7 +199,7 @@ class ProductLogitsProcessorV2(V2LogitsProcessor):
         return self.sampler.step(logits, views)
 
 
-class ProductLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+class ProductLogitsProcessor(_ChecksTaggedParams, V1LogitsProcessor, V2LogitsProcessor):
     """The `vllm.logits_processors` entry point. vLLM's V1 runner and Model Runner V2 load every plugin of
     that group, and V2 refuses a class that is not a V2 processor, so this one is both: constructing it
     yields the adapter for the runner that calls it, `(vllm_config, device, is_pin_memory)` → V1,
@@ -211,10 +209,6 @@ class ProductLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if len(args) == 1 and isinstance(args[0], LogitsProcRequestState):
             return ProductLogitsProcessorV2(vllm_config, *args)
         return ProductLogitsProcessorV1(vllm_config, *args)
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_tagged_params(sampling_params)
 
 
 # -- reading records back (these run in the worker, through LLM.collective_rpc) ------------------------
