@@ -116,12 +116,12 @@ def run_guided(guided, prompts, answers, generations, max_new_tokens, temperatur
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    parser.add_argument("--prompts", type=int, default=16, help="prompts of each throughput run")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts of each throughput run")
     parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--desync-prompts", type=int, default=100, help="prompts of the desync-rate run")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--desync-prompts", type=int, default=100, help="prompts of the desync-rate run (0: none)")
     parser.add_argument("--desync-generations", type=int, default=4, help="pairs = desync prompts × this")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,12 +146,14 @@ def main(argv=None) -> dict:
     run_guided(guided, prompts[:4], answers[:4], 1, 8, args.temperature, 0.5, args.seed)
 
     runs = []
-    desync_run = {"round": None, "kind": "desync", **run_guided(
-        guided, desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
-        args.desync_generations, args.max_new_tokens, args.temperature, 0.5, args.seed)}
-    desync_run["tokens_per_s"] = desync_run["tokens"] / desync_run["seconds"]
-    runs.append(desync_run)
-    print(json.dumps(desync_run), flush=True)
+    desync_run = None
+    if args.desync_prompts:
+        desync_run = {"round": None, "kind": "desync", **run_guided(
+            guided, desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
+            args.desync_generations, args.max_new_tokens, args.temperature, 0.5, args.seed)}
+        desync_run["tokens_per_s"] = desync_run["tokens"] / desync_run["seconds"]
+        runs.append(desync_run)
+        print(json.dumps(desync_run), flush=True)
     for round_index in range(args.rounds):
         for kind, run in (
             ("plain", lambda: run_plain(guided, plain_ids, *common)),
@@ -160,21 +162,19 @@ def main(argv=None) -> dict:
         ):
             result = {"round": round_index, "kind": kind, **run()}
             result["tokens_per_s"] = result["tokens"] / result["seconds"]
+            result["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine, at the end of the run
             runs.append(result)
             print(json.dumps(result), flush=True)
 
     def by_kind(kind, key):
         return [r[key] for r in runs if r["kind"] == kind]
 
-    ratios = [
-        (g["seconds"] / g["tokens"]) / (p["seconds"] / p["tokens"])
-        for p, g in zip([r for r in runs if r["kind"] == "plain"], [r for r in runs if r["kind"] == "guided"])
-    ]
-    lam1_ratios = [
-        (g["seconds"] / g["tokens"]) / (p["seconds"] / p["tokens"])
-        for p, g in zip([r for r in runs if r["kind"] == "plain"], [r for r in runs if r["kind"] == "guided_lam1"])
-    ]
-    pairs, desynced = desync_run["pairs"], desync_run["desynced"]
+    def time_per_token_over_plain(kind):
+        """Per round: a run's time per token over the same round's plain run's."""
+        plain = {r["round"]: r["seconds"] / r["tokens"] for r in runs if r["kind"] == "plain"}
+        per_round = [r["seconds"] / r["tokens"] / plain[r["round"]] for r in runs if r["kind"] == kind]
+        return {"median": statistics.median(per_round), "per_round": per_round}
+
     desync_prompt_ids = [render_prompt(guided.tokenizer, p) for p in desync_prompts[: args.desync_prompts]]
     limits = EngineLimits.of(guided.llm)
     summary = {
@@ -182,24 +182,25 @@ def main(argv=None) -> dict:
         "workload": {"prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
                      "temperature": args.temperature, "tasks": TASKS, "prompt_tokens": token_range(plain_ids),
                      "desync_prompts": args.desync_prompts, "desync_generations": args.desync_generations,
-                     "desync_prompt_tokens": token_range(desync_prompt_ids)},
+                     "desync_prompt_tokens": token_range(desync_prompt_ids) if desync_prompt_ids else None},
         "engine": {**engine_kwargs, **DEFAULT_ENGINE_KWARGS, "max_num_seqs": limits.max_num_seqs,
                    "max_num_batched_tokens": limits.max_num_batched_tokens, "kv_blocks": limits.kv_blocks,
                    "block_size": limits.block_size, "startup_s": startup},
         "tokens_per_s": {kind: statistics.median(by_kind(kind, "tokens_per_s")) for kind in ("plain", "guided", "guided_lam1")},
-        "time_per_token_ratio_guided_over_plain": {"median": statistics.median(ratios), "per_round": ratios},
-        "time_per_token_ratio_lam1_over_plain": {"median": statistics.median(lam1_ratios), "per_round": lam1_ratios},
-        "desync": {"pairs": pairs, "desynced": desynced, "rate": desynced / pairs if pairs else 0.0,
-                   "causes": desync_run["causes"],
-                   "throughput_rounds": {"pairs": sum(by_kind("guided", "pairs")),
-                                         "desynced": sum(by_kind("guided", "desynced"))}},
+        "time_per_token_ratio_guided_over_plain": time_per_token_over_plain("guided"),
+        "time_per_token_ratio_lam1_over_plain": time_per_token_over_plain("guided_lam1"),
+        "desync": None if desync_run is None else {
+            "pairs": desync_run["pairs"], "desynced": desync_run["desynced"],
+            "rate": desync_run["desynced"] / desync_run["pairs"], "causes": desync_run["causes"]},
+        "desync_throughput_rounds": {"pairs": sum(by_kind("guided", "pairs")), "desynced": sum(by_kind("guided", "desynced"))},
         "runs": runs,
         **origin,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(args.out / "runs.csv", "w", newline="") as handle:
-        fields = ["round", "kind", "seconds", "tokens", "tokens_per_s", "requests", "pairs", "desynced", "engine_steps"]
+        fields = ["round", "kind", "seconds", "tokens", "tokens_per_s", "requests", "pairs", "desynced", "engine_steps",
+                  "load_average_1min"]
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
