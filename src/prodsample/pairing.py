@@ -1,0 +1,400 @@
+"""Pairing: the two requests of one guided rollout, found among an engine's logits rows and kept in step.
+
+An engine with no multi-context decoding runs a guided rollout as two requests, one on the plain prompt
+and one on the prompt with the hint, each tagged with a `GuidanceTag`. At every step a batch-level logits
+processor hands this module the tagged rows (`RowView`s) and the logits; `PairedSampler.step`
+
+1. settles what the previous step's forced tokens became (`_observe`): kept, or discarded because the row
+   was still mid-prefill (an engine samples such a row and throws the token away);
+2. plans each row (`_plan`): a *joint* draw when both rows of a pair sit at the pair's next position, from
+   q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ); otherwise the plain row draws *solo* from π(·|prompt)
+   (λ = 1, on-policy) and a guide row is *released* (forced to its stop token, ending it);
+3. draws every planned token with the core sampler (`prodsample.product_sample`, keyed noise, so a
+   rollout draws the tokens that `prodsample.hf.guided_generate` draws under the same key);
+4. records per position the token, log q, log π(o|prompt) and log π(o|prompt ⊕ hint), and forces the drawn
+   token in every row that drew it (all other logits −inf), so the engine's own sampler can only pick it.
+
+A pair is *lost* at the first position whose kept plain token was not a joint draw that both rows kept;
+from there the rollout is on-policy, its records say what was actually drawn (log q = log π at λ = 1, guide
+log-prob NaN), and `take` reports the position and the cause. Nothing here imports an engine: adapters
+(`prodsample.vllm`) translate a runner's batch state into `RowView`s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from enum import Enum
+from typing import Any, NamedTuple
+
+import torch
+
+from .sampling import ProductSample, product_sample
+
+__all__ = [
+    "EXTRA_ARGS_KEY",
+    "Role",
+    "GuidanceTag",
+    "RequestKey",
+    "RowView",
+    "RolloutRecord",
+    "PairedSampler",
+    "DesyncCause",
+]
+
+EXTRA_ARGS_KEY = "prodsample"
+
+
+class Role(str, Enum):
+    PLAIN = "plain"  # the rollout itself: its tokens are the completion
+    GUIDE = "guide"  # the same completion under the prompt with the hint
+
+
+class DesyncCause(str, Enum):
+    """Why a pair lost guidance (the first cause found, at the earliest lost position)."""
+
+    PARTNER_ABSENT = "partner_absent"  # a row drew while its partner was not in the batch (admission, preemption)
+    PARTNER_MID_PREFILL = "partner_mid_prefill"  # the partner was in the batch, still prefilling (known in advance)
+    OUT_OF_STEP = "out_of_step"  # both in the batch, at different positions
+    GUIDE_MID_PREFILL = "guide_mid_prefill"  # found after the fact: the guide row discarded a joint draw the plain row kept
+    PLAIN_MID_PREFILL = "plain_mid_prefill"  # found after the fact: the plain row discarded a joint draw the guide row kept
+    TOKEN_OVERRIDDEN = "token_overridden"  # the engine kept another token than the forced one
+    OUTPUTS_DIFFER = "outputs_differ"  # found at read-out: the two requests returned different tokens
+
+
+@dataclass(frozen=True)
+class GuidanceTag:
+    """What one request of a guided rollout carries in `SamplingParams.extra_args[EXTRA_ARGS_KEY]`.
+
+    `rollout` names the rollout uniquely among everything the engine runs; `rollout_index` is its noise
+    key r = i·G + g. A rollout with λ = 1 has no guide request. The filters follow `product_sample`
+    (top_k 0, top_p 1 and min_p 0 are off).
+    """
+
+    rollout: str
+    role: Role
+    rollout_index: int
+    seed: int
+    lam: float
+    temperature: float
+    release_token: int
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    @property
+    def paired(self) -> bool:
+        return self.lam < 1.0
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {EXTRA_ARGS_KEY: {f: getattr(self, f) for f in self.__dataclass_fields__} | {"role": self.role.value}}
+
+    @classmethod
+    def checked(
+        cls, *, rollout: str, role: Role | str, rollout_index: int, seed: int, lam: float, temperature: float,
+        release_token: int, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    ) -> GuidanceTag:
+        """A tag from raw values, each checked: a bad one raises ValueError naming it."""
+        try:
+            role = Role(role)
+        except ValueError:
+            raise ValueError(f"prodsample role must be 'plain' or 'guide', got {role!r}") from None
+        tag = cls(
+            rollout=str(rollout),
+            role=role,
+            rollout_index=_integer(rollout_index, "rollout_index", 0),
+            seed=_integer(seed, "seed", -(2**63)),
+            lam=_real(lam, "lam", 0.0, 1.0),
+            temperature=_real(temperature, "temperature", 0.0, math.inf),
+            release_token=_integer(release_token, "release_token", 0),
+            top_k=_integer(top_k, "top_k", 0),
+            top_p=_real(top_p, "top_p", 0.0, 1.0, low_open=True),
+            min_p=_real(min_p, "min_p", 0.0, 1.0),
+        )
+        if tag.role is Role.GUIDE and not tag.paired:
+            raise ValueError("a guide request needs lam < 1 (a rollout with lam = 1 has no guide request)")
+        return tag
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> GuidanceTag | None:
+        """The tag in `extra_args`, None for an untagged request; a malformed tag raises ValueError."""
+        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+            return None
+        raw = extra_args[EXTRA_ARGS_KEY]
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping, got {type(raw).__name__}")
+        fields = cls.__dataclass_fields__
+        missing = {name for name, f in fields.items() if f.default is MISSING} - raw.keys()
+        if missing:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] lacks {sorted(missing)}")
+        unknown = raw.keys() - fields.keys()
+        if unknown:
+            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown fields {sorted(unknown)}")
+        return cls.checked(**raw)
+
+
+def _integer(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
+        raise ValueError(f"prodsample {name} must be an integer in [{low}, 2**63), got {value!r}")
+    return value
+
+
+def _real(value, name: str, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"prodsample {name} must be a number, got {value!r}")
+    below = value <= low if low_open else value < low
+    if math.isnan(value) or below or value > high:
+        raise ValueError(f"prodsample {name} must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+class RequestKey(NamedTuple):
+    rollout: str
+    role: Role
+
+
+class RowView(NamedTuple):
+    """One tagged logits row of the current step, as the adapter sees it."""
+
+    row: int  # index into this step's logits
+    request: RequestKey
+    position: int  # completion index of the token this row samples (= tokens the request has kept)
+    produces: bool | None  # whether the engine keeps this row's token: False mid-prefill, None if unknown
+    last_token: int | None  # the request's last kept completion token (None at position 0 or if unknown)
+
+
+class _Pending(NamedTuple):
+    """A token forced into a row, until the row is seen again (or the rollout is read out)."""
+
+    position: int
+    token: int
+    joint: bool
+    cause: DesyncCause | None  # for a row that drew alone while its pair was still in step: why
+
+
+class _Draw(NamedTuple):
+    plain: RowView
+    guide: RowView | None  # the partner of a joint draw; None for a solo (on-policy) draw
+    cause: DesyncCause | None  # why a solo draw of a pair still in step is not joint
+
+
+class _Release(NamedTuple):
+    guide: RowView
+    cause: DesyncCause | None
+
+
+class _Token(NamedTuple):
+    token: int
+    logprob: float
+    plain_logprob: float
+    guide_logprob: float  # NaN for a solo draw of a pair
+
+
+@dataclass
+class _Rollout:
+    paired: bool
+    tokens: dict[int, _Token] = field(default_factory=dict)  # by position; a re-draw overwrites
+    joint_kept: dict[int, dict[Role, bool]] = field(default_factory=dict)  # per joint position, per role
+    in_step_through: int = 0  # positions below this were drawn jointly and kept by both rows
+    lost_at: int | None = None
+    cause: DesyncCause | None = None
+
+    def lose(self, position: int, cause: DesyncCause) -> None:
+        if self.paired and (self.lost_at is None or position < self.lost_at):
+            self.lost_at, self.cause = position, cause
+
+    def settle(self, role: Role, pending: _Pending, *, kept: bool) -> None:
+        """Account for what became of a forced token: kept, or discarded by a row still mid-prefill."""
+        if not pending.joint:
+            if kept and pending.cause is not None:
+                self.lose(pending.position, pending.cause)
+            return
+        kept_by = self.joint_kept.setdefault(pending.position, {})
+        kept_by[role] = kept
+        if len(kept_by) < 2:
+            return
+        del self.joint_kept[pending.position]
+        if kept_by[Role.PLAIN] and kept_by[Role.GUIDE]:
+            self.in_step_through = pending.position + 1
+        elif kept_by[Role.PLAIN]:
+            self.lose(pending.position, DesyncCause.GUIDE_MID_PREFILL)
+        elif kept_by[Role.GUIDE]:
+            self.lose(pending.position, DesyncCause.PLAIN_MID_PREFILL)
+
+    def out_of_step_cause(self, plain: RowView | None, guide: RowView | None) -> DesyncCause | None:
+        """Why this pair, still in step, cannot draw jointly now (None: it can). Needs the pair in step."""
+        if plain is None or guide is None:
+            return DesyncCause.PARTNER_ABSENT
+        if plain.produces is False or guide.produces is False:
+            return DesyncCause.PARTNER_MID_PREFILL
+        if not plain.position == guide.position == self.in_step_through:
+            return DesyncCause.OUT_OF_STEP
+        return None
+
+    @property
+    def in_step(self) -> bool:
+        return self.paired and self.lost_at is None
+
+
+class RolloutRecord(NamedTuple):
+    """What one rollout drew, per completion position, as plain lists (they cross process boundaries)."""
+
+    tokens: list[int]
+    logprobs: list[float]  # log q of the distribution each token was drawn from
+    plain_logprobs: list[float]
+    guide_logprobs: list[float]  # NaN from `lost_at` on
+    lost_at: int | None  # first position not drawn jointly by both contexts; None if in step throughout
+    cause: str | None  # a DesyncCause value
+
+
+class PairedSampler:
+    """Per-engine pairing state and the per-step draw. Adapters call `admit`, `step` and `take`."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+        self._tags: dict[RequestKey, GuidanceTag] = {}
+        self._pending: dict[RequestKey, _Pending] = {}
+        self._rollouts: dict[str, _Rollout] = {}
+
+    def admit(self, tag: GuidanceTag) -> RequestKey:
+        """Register a request entering the batch (again, after a preemption: its state is kept)."""
+        key = RequestKey(tag.rollout, tag.role)
+        self._tags[key] = tag
+        self._rollouts.setdefault(tag.rollout, _Rollout(paired=tag.paired))
+        return key
+
+    def step(self, logits: torch.Tensor, rows: Sequence[RowView]) -> torch.Tensor:
+        """Draw and force the tokens of the tagged `rows` in `logits` `[num_rows, V]` (in place). Rows of a
+        rollout already read out (`take`; e.g. requests being aborted) are left alone."""
+        rows = [view for view in rows if view.request.rollout in self._rollouts]
+        for view in rows:
+            self._observe(view)
+        draws, releases = self._plan(rows)
+        tokens = self._draw(logits, draws) if draws else []
+        self._force(logits, draws, tokens, releases)
+        return logits
+
+    def _observe(self, view: RowView) -> None:
+        """Settle the request's previous forced token from where the request now stands."""
+        pending = self._pending.pop(view.request, None)
+        if pending is None:
+            return
+        rollout = self._rollouts[view.request.rollout]
+        if view.position == pending.position:
+            rollout.settle(view.request.role, pending, kept=False)
+            return
+        rollout.settle(view.request.role, pending, kept=True)
+        if view.position != pending.position + 1 or view.last_token not in (None, pending.token):
+            rollout.lose(pending.position, DesyncCause.TOKEN_OVERRIDDEN)
+
+    def _plan(self, rows: Sequence[RowView]) -> tuple[list[_Draw], list[_Release]]:
+        """A joint draw for each pair in step, a solo draw for every other plain row, a release for every
+        other guide row. Rows mid-prefill (produces False) are left alone: their token is thrown away."""
+        seen = {view.request: view for view in rows}
+        draws, releases = [], []
+        for view in rows:
+            if view.produces is False:
+                continue
+            rollout = self._rollouts[view.request.rollout]
+            plain = seen.get(RequestKey(view.request.rollout, Role.PLAIN))
+            guide = seen.get(RequestKey(view.request.rollout, Role.GUIDE))
+            cause = rollout.out_of_step_cause(plain, guide) if rollout.in_step else None
+            joint = rollout.in_step and cause is None
+            if view.request.role is Role.PLAIN:
+                draws.append(_Draw(view, guide if joint else None, cause))
+            elif not joint:
+                releases.append(_Release(view, cause))
+        return draws, releases
+
+    def _draw(self, logits: torch.Tensor, draws: list[_Draw]) -> list[_Token]:
+        device = logits.device
+        tags = [self._tags[d.plain.request] for d in draws]
+
+        def per_row(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        plain_rows = per_row([d.plain.row for d in draws])
+        guide_rows = per_row([(d.guide or d.plain).row for d in draws])
+        sample: ProductSample = product_sample(
+            logits.index_select(0, plain_rows),
+            logits.index_select(0, guide_rows),
+            per_row([t.lam if d.guide is not None else 1.0 for t, d in zip(tags, draws)], torch.float32),
+            temperature=per_row([t.temperature for t in tags], torch.float32),
+            top_k=per_row([t.top_k for t in tags]),
+            top_p=per_row([t.top_p for t in tags], torch.float32),
+            min_p=per_row([t.min_p for t in tags], torch.float32),
+            seed=per_row([t.seed for t in tags]),
+            rollout_ids=per_row([t.rollout_index for t in tags]),
+            positions=per_row([d.plain.position for d in draws]),
+            backend=self.backend,
+        )
+        columns = (sample.token_ids, sample.logprobs, sample.plain_logprobs, sample.guide_logprobs)
+        tokens = []
+        for draw, (token, logprob, plain_logprob, guide_logprob) in zip(draws, zip(*(c.tolist() for c in columns))):
+            joint = draw.guide is not None
+            rollout = self._rollouts[draw.plain.request.rollout]
+            # λ = 1 has no guide context: its guide log-prob repeats the plain one, as in prodsample.hf; a pair
+            # drawing alone has lost its guide context, whose log-prob is then unknown.
+            record = _Token(token, logprob, plain_logprob, guide_logprob if joint or not rollout.paired else math.nan)
+            rollout.tokens[draw.plain.position] = record
+            self._pending[draw.plain.request] = _Pending(draw.plain.position, token, joint, draw.cause)
+            if joint:
+                self._pending[draw.guide.request] = _Pending(draw.guide.position, token, True, None)
+            tokens.append(record)
+        return tokens
+
+    def _force(self, logits: torch.Tensor, draws: list[_Draw], tokens: list[_Token], releases: list[_Release]) -> None:
+        """Every logit but the forced token's to −inf, so whatever the engine samples next is that token."""
+        rows, forced = [], []
+        for draw, record in zip(draws, tokens):
+            for view in (draw.plain, draw.guide):
+                if view is not None:
+                    rows.append(view.row)
+                    forced.append(record.token)
+        for release in releases:
+            token = self._tags[release.guide.request].release_token
+            rows.append(release.guide.row)
+            forced.append(token)
+            self._pending[release.guide.request] = _Pending(release.guide.position, token, False, release.cause)
+        if rows:
+            row_index = torch.tensor(rows, device=logits.device)
+            logits.index_fill_(0, row_index, -math.inf)
+            logits[row_index, torch.tensor(forced, device=logits.device)] = 0.0
+
+    def take(self, rollouts: Iterable[str]) -> dict[str, RolloutRecord]:
+        """The records of finished rollouts, forgetting them; rollouts this sampler never saw are left out.
+        A request's last forced token counts as kept: a request only finishes on a kept token."""
+        records = {}
+        for name in rollouts:
+            rollout = self._rollouts.pop(name, None)
+            if rollout is None:
+                continue
+            for role in Role:
+                self._tags.pop(RequestKey(name, role), None)
+                pending = self._pending.pop(RequestKey(name, role), None)
+                if pending is not None:
+                    rollout.settle(role, pending, kept=True)
+            records[name] = _record(rollout)
+        return records
+
+    def __len__(self) -> int:
+        """Rollouts with state held (admitted and not yet taken)."""
+        return len(self._rollouts)
+
+
+def _record(rollout: _Rollout) -> RolloutRecord:
+    length = 0
+    while length in rollout.tokens:
+        length += 1
+    tokens = [rollout.tokens[t] for t in range(length)]
+    lost_at = rollout.lost_at
+    guide = [math.nan if lost_at is not None and t >= lost_at else tok.guide_logprob for t, tok in enumerate(tokens)]
+    return RolloutRecord(
+        tokens=[tok.token for tok in tokens],
+        logprobs=[tok.logprob for tok in tokens],
+        plain_logprobs=[tok.plain_logprob for tok in tokens],
+        guide_logprobs=guide,
+        lost_at=lost_at,
+        cause=None if rollout.cause is None else rollout.cause.value,
+    )

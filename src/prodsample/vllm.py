@@ -1,0 +1,564 @@
+"""vLLM integration: guided rollouts on stock vLLM, through its logits-processor plugin point.
+
+vLLM decodes one context per request, so a guided rollout runs as two requests, the plain prompt and the
+prompt with the hint, tagged through `SamplingParams.extra_args` (`prodsample.pairing.GuidanceTag`). The
+logits processor registered under the `vllm.logits_processors` entry point finds both rows of each pair in
+the batch, draws the token from the mixture with the core sampler and forces it into both rows, and keeps
+per-token records (log q, log π(o|prompt), log π(o|prompt ⊕ hint)) in the engine's worker, read back
+through `LLM.collective_rpc`. Requests without the tag pass through untouched.
+
+`GuidedLLM` wraps an engine (one it builds, or an existing `vllm.LLM`, e.g. the one TRL syncs weights
+into) and returns the same `GuidedRollout` as `prodsample.hf.guided_generate`, with identical tokens under
+the same seed (same contexts, same keyed noise r = i·G + g, t). It admits pairs between engine steps only
+as far as the engine can prefill them in one step and hold them to the end without preemption, so both
+rows of a pair enter together and stay in step; a pair that falls out of step anyway is detected,
+continues on-policy and is flagged `desynced` (see `prodsample.pairing`).
+
+Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
+  `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
+                              engine runs: tested on a real engine.
+  `ProductLogitsProcessorV2`  Model Runner V2 (vllm.v1.worker.gpu.sample.logits_processor), the GPU
+                              default: tested against V2's interface classes with fabricated inputs only.
+  `ProductLogitsProcessor`    the entry-point target: both runners load plugins from the same group, so it
+                              is a subclass of both interfaces and builds the adapter of the runner that
+                              constructs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+import weakref
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from .pairing import DesyncCause, GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
+from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from .rollout import GuidedRollout
+
+if TYPE_CHECKING:
+    import vllm
+
+__all__ = [
+    "GuidedLLM",
+    "GenerationStats",
+    "ProductLogitsProcessor",
+    "ProductLogitsProcessorV1",
+    "ProductLogitsProcessorV2",
+    "build_engine",
+    "DEFAULT_ENGINE_KWARGS",
+]
+
+# What GuidedLLM changes from vLLM's defaults when it builds its engine: a prefill budget that takes many
+# pairs in one step (pairs wait rather than split when it runs out). The engine core also runs in-process
+# (see `build_engine`), so requests added between steps all arrive before the next step.
+DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"max_num_batched_tokens": 16384}
+
+
+# -- request validation (frontend) ----------------------------------------------------------------------
+
+# SamplingParams fields that act on a request's logits before the processor sees them, or on its tokens
+# after, and so would make the recorded log q wrong or split the pair: neutral values only.
+_NEUTRAL_PARAMS = {
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "structured_outputs": None,
+    "stop": None,
+    "thinking_token_budget": None,
+    "trace_decode_token_ids": None,
+}
+
+
+class _ChecksTaggedParams:
+    """`validate_params`, which both runners call at admission (in the frontend, before the engine)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject a malformed tag, or a tagged request whose other settings would interfere with the draw."""
+        if GuidanceTag.from_extra_args(sampling_params.extra_args) is None:
+            return
+        for name, neutral in _NEUTRAL_PARAMS.items():
+            value = getattr(sampling_params, name, neutral)
+            if value not in (neutral, [], {}):
+                raise ValueError(
+                    f"a prodsample-tagged request must leave SamplingParams.{name} at {neutral!r}, got {value!r}"
+                )
+        if getattr(sampling_params, "watermarking", None):
+            raise ValueError("a prodsample-tagged request cannot use watermarking (it changes the logits)")
+
+
+# -- adapters -------------------------------------------------------------------------------------------
+
+# Live samplers by engine instance (vllm_config.instance_id), in this process; the RPC functions below read
+# them in the worker process.
+_SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
+
+
+def _register(vllm_config) -> PairedSampler:
+    sampler = PairedSampler()
+    _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
+    return sampler
+
+
+class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
+    """V1 runner adapter: rows are persistent-batch indices kept up to date from `BatchUpdate`s; a row's
+    position is the length of its request's output list (a live reference the runner appends to). V1
+    does not say which rows are mid-prefill: the pairing finds out from the next step (see pairing)."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.sampler = _register(vllm_config)
+        self.rows: dict[int, tuple[RequestKey, list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the token, greedy or not
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, _prompt_ids, output_ids in batch_update.added:
+            tag = GuidanceTag.from_extra_args(params.extra_args)
+            self._put(index, None if tag is None else (self.sampler.admit(tag), output_ids))
+        for source, target, direction in batch_update.moved:
+            moving = self.rows.pop(source, None)
+            if direction is MoveDirectionality.SWAP:
+                self._put(source, self.rows.pop(target, None))
+            self._put(target, moving)
+
+    def _put(self, index: int, entry: tuple[RequestKey, list[int]] | None) -> None:
+        if entry is None:
+            self.rows.pop(index, None)
+        else:
+            self.rows[index] = entry
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        # Under async scheduling (GPU) the runner may leave -1 placeholders for tokens it has not copied
+        # back yet: those count for the position but say nothing about which token was kept.
+        views = [
+            RowView(index, key, len(output), None, output[-1] if output and output[-1] >= 0 else None)
+            for index, (key, output) in self.rows.items()
+        ]
+        return self.sampler.step(logits, views)
+
+
+class ProductLogitsProcessorV2(_ChecksTaggedParams, V2LogitsProcessor):
+    """Model Runner V2 adapter: requests live in slots (`add_request`), rows are reordered every step
+    (`ctx.idx_mapping_np`: row → slot). A row samples completion position seq_len − prompt_len and is
+    mid-prefill while seq_len < prefill_len, which V2 tells in advance. Reads only the host mirrors
+    `prompt_len.np` / `prefill_len.np` and `ctx.seq_lens_upper_bound_np` (exact without speculative
+    decoding, which custom logits processors do not support), plus `ctx.input_ids` for the last token."""
+
+    def __init__(self, vllm_config, req_states: LogitsProcRequestState) -> None:
+        self.sampler = _register(vllm_config)
+        self.req_states = req_states
+        self.slots: dict[int, RequestKey] = {}
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
+        if tag is None:
+            self.slots.pop(req_idx, None)
+            return False
+        self.slots[req_idx] = self.sampler.admit(tag)
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        slots = ctx.idx_mapping_np
+        if logits.shape[0] != len(slots):
+            raise RuntimeError("prodsample: one logits row per request expected (speculative decoding is unsupported)")
+        tagged = [(row, int(slot)) for row, slot in enumerate(slots) if int(slot) in self.slots]
+        if not tagged:
+            return logits
+        row_index = torch.tensor([row for row, _ in tagged], device=ctx.input_ids.device)
+        last_tokens = ctx.input_ids.index_select(0, row_index).tolist()
+        views = []
+        for (row, slot), last_token in zip(tagged, last_tokens):
+            seq_len = int(ctx.seq_lens_upper_bound_np[row])
+            position = seq_len - int(self.req_states.prompt_len.np[slot])
+            produces = seq_len >= int(self.req_states.prefill_len.np[slot])
+            views.append(RowView(row, self.slots[slot], position, produces, int(last_token) if position > 0 else None))
+        return self.sampler.step(logits, views)
+
+
+class ProductLogitsProcessor(_ChecksTaggedParams, V1LogitsProcessor, V2LogitsProcessor):
+    """The `vllm.logits_processors` entry point. vLLM's V1 runner and Model Runner V2 load every plugin of
+    that group, and V2 refuses a class that is not a V2 processor, so this one is both: constructing it
+    yields the adapter for the runner that calls it, `(vllm_config, device, is_pin_memory)` → V1,
+    `(vllm_config, req_states)` → V2."""
+
+    def __new__(cls, vllm_config, *args):
+        if len(args) == 1 and isinstance(args[0], LogitsProcRequestState):
+            return ProductLogitsProcessorV2(vllm_config, *args)
+        return ProductLogitsProcessorV1(vllm_config, *args)
+
+
+# -- reading records back (these run in the worker, through LLM.collective_rpc) ------------------------
+
+
+def _count_samplers(_worker, instance_id: str) -> int:
+    return len(_SAMPLERS.get(instance_id, ()))
+
+
+def _take_records(_worker, instance_id: str, rollouts: list[str]) -> dict[str, tuple]:
+    records: dict[str, tuple] = {}
+    for sampler in list(_SAMPLERS.get(instance_id, ())):
+        records.update({name: tuple(record) for name, record in sampler.take(rollouts).items()})
+    return records
+
+
+# -- the wrapper ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _in_process_engine_core():
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+def build_engine(model: str | os.PathLike, **engine_kwargs) -> vllm.LLM:
+    """A `vllm.LLM` set up for guided rollouts: `DEFAULT_ENGINE_KWARGS` under `engine_kwargs`, and the
+    engine core in this process, so that each `step()` is one scheduler step and a pair added between two
+    steps is scheduled together (a separate engine process may step between the two requests' arrival).
+    A single-GPU/CPU engine also keeps its worker in-process (no worker process to feed every step)."""
+    from vllm import LLM
+
+    kwargs = DEFAULT_ENGINE_KWARGS | engine_kwargs
+    if kwargs.get("tensor_parallel_size", 1) == 1 and kwargs.get("pipeline_parallel_size", 1) == 1:
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    with _in_process_engine_core():
+        return LLM(str(model), **kwargs)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one engine step can take: requests, prefill tokens, and KV-cache blocks."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_blocks: int
+    block_size: int
+
+    @classmethod
+    def of(cls, llm: vllm.LLM) -> EngineLimits:
+        config = llm.llm_engine.vllm_config
+        return cls(
+            max_num_seqs=config.scheduler_config.max_num_seqs,
+            max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+            kv_blocks=config.cache_config.num_gpu_blocks or 0,
+            block_size=config.cache_config.block_size,
+        )
+
+    def blocks(self, prompt_len: int, max_new_tokens: int) -> int:
+        return -(-(prompt_len + max_new_tokens) // self.block_size)
+
+
+@dataclass
+class _Unit:
+    """The requests of one rollout, submitted together: (guide, plain), or plain alone when λ = 1."""
+
+    rollout: int
+    name: str  # the tag's rollout field
+    requests: list[tuple[str, list[int], SamplingParams]]
+    prompt_tokens: int
+    blocks: int
+
+
+@dataclass
+class GenerationStats:
+    """What the last `GuidedLLM.generate` did."""
+
+    rollouts: int = 0
+    paired: int = 0  # rollouts with λ < 1 (two requests)
+    desynced: int = 0
+    causes: Counter = field(default_factory=Counter)  # DesyncCause value → rollouts
+    engine_steps: int = 0
+
+    @property
+    def desync_rate(self) -> float:
+        return self.desynced / self.paired if self.paired else 0.0
+
+
+class GuidedLLM:
+    """Guided rollouts on a vLLM engine.
+
+    Args:
+        llm: an existing `vllm.LLM` to wrap, or a model path/name for `build_engine` (then `engine_kwargs`
+            go to it). A wrapped engine must have prodsample installed in its environment (the entry
+            point loads the processor); one whose engine core runs in another process needs
+            VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send back records, and may let a pair's requests
+            arrive in different steps (flagged, never silent).
+        tokenizer: the tokenizer that renders prompts (default: the engine's).
+
+    Example:
+        >>> guided = GuidedLLM("path/to/model", dtype="float32")  # doctest: +SKIP
+        >>> rollouts = guided.generate(["What is 2+3?"], ["5"], lam=0.5, num_generations=4,
+        ...                            max_new_tokens=64, seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, llm: vllm.LLM | str | os.PathLike, *, tokenizer=None, **engine_kwargs) -> None:
+        if isinstance(llm, (str, os.PathLike)):
+            llm = build_engine(llm, **engine_kwargs)
+        elif engine_kwargs:
+            raise ValueError(f"engine_kwargs ({sorted(engine_kwargs)}) only apply when GuidedLLM builds the engine")
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
+        self.instance_id = llm.llm_engine.vllm_config.instance_id
+        self.last_stats: GenerationStats | None = None
+        self._check_processor_loaded()
+
+    def _rpc(self, function, *args) -> list:
+        try:
+            return self.llm.collective_rpc(function, args=args)
+        except TypeError as error:
+            if "not serializable" not in str(error):
+                raise
+            raise RuntimeError(
+                "prodsample reads its records from the engine's worker through LLM.collective_rpc with a "
+                "function, which an engine core in a separate process only accepts with "
+                "VLLM_ALLOW_INSECURE_SERIALIZATION=1; set it, or build the engine with "
+                "prodsample.vllm.build_engine (in-process)"
+            ) from error
+
+    def _check_processor_loaded(self) -> None:
+        counts = self._rpc(_count_samplers, self.instance_id)
+        if any(count != 1 for count in counts):
+            raise RuntimeError(
+                f"expected one prodsample logits processor per engine worker, found {counts}: install "
+                "prodsample in the engine's environment (it registers the `vllm.logits_processors` entry "
+                "point) and do not also pass it in `logits_processors`"
+            )
+
+    def generate(
+        self,
+        prompts: Sequence,
+        answers: Sequence[str],
+        *,
+        lam,
+        num_generations: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        hint_template: str = DEFAULT_HINT_TEMPLATE,
+    ) -> GuidedRollout:
+        """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.hf.guided_generate` returns
+        them and with its tokens under the same `seed`. `lam`: a float, one per prompt or one per rollout.
+        Sets `last_stats`."""
+        check_prompts_and_answers(prompts, answers)
+        rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
+        lams = _lam_per_rollout(lam, len(prompts), num_generations)
+        settings = _sampling_settings(temperature, top_k, top_p, min_p)
+        _positive_int(max_new_tokens, "max_new_tokens")
+        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+
+        plain_ids = [render_prompt(self.tokenizer, p) for p in prompts]
+        guide_ids = [
+            render_prompt(self.tokenizer, add_hint(p, a, hint_template)) if any(l < 1 for l in lams) else None
+            for p, a in zip(prompts, answers)
+        ]
+        call = uuid.uuid4().hex[:12]
+        limits = EngineLimits.of(self.llm)
+        units = [
+            self._unit(call, r, plain_ids[r // num_generations], guide_ids[r // num_generations], lams[r], seed,
+                       settings, max_new_tokens, limits)
+            for r in range(rollouts)
+        ]
+        stats = GenerationStats(rollouts=rollouts, paired=sum(l < 1 for l in lams))
+        outputs = self._run(units, limits, stats)
+        records = self._take([f"{call}-{r}" for r in range(rollouts)])
+        result = self._assemble(call, units, outputs, records, plain_ids, lams, num_generations, stats)
+        self.last_stats = stats
+        return result
+
+    def _unit(self, call, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, limits) -> _Unit:
+        contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
+        contexts.append((Role.PLAIN, plain_ids))  # guide first: see docs/vllm.md, "keeping pairs in step"
+        requests = []
+        for role, ids in contexts:
+            tag = GuidanceTag.checked(
+                rollout=f"{call}-{r}", role=role, rollout_index=r, seed=seed, lam=lam,
+                release_token=self.tokenizer.eos_token_id, **settings,
+            )
+            params = SamplingParams(
+                max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY, extra_args=tag.to_extra_args(),
+            )
+            requests.append((f"prodsample-{call}-{r}-{role.value}", ids, params))
+        return _Unit(
+            rollout=r,
+            name=f"{call}-{r}",
+            requests=requests,
+            prompt_tokens=sum(len(ids) for _, ids in contexts),
+            blocks=sum(limits.blocks(len(ids), max_new_tokens) for _, ids in contexts),
+        )
+
+    def _run(self, units: list[_Unit], limits: EngineLimits, stats: GenerationStats) -> dict[str, list[int]]:
+        """Step the engine, admitting rollouts between steps only as far as the next step can prefill all
+        their requests at once (no partial prefill) and the KV cache can hold every admitted request at
+        full length (no preemption). Returns completion token ids by request id."""
+        engine = self.llm.llm_engine
+        waiting = deque(units)
+        in_flight: dict[str, _Unit] = {}  # request id → its rollout
+        finished: dict[str, list[int]] = {}
+        try:
+            while waiting or in_flight:
+                self._admit(engine, waiting, in_flight, limits)
+                for output in engine.step():
+                    if output.finished and output.request_id in in_flight:
+                        finished[output.request_id] = list(output.outputs[0].token_ids)
+                        del in_flight[output.request_id]
+                stats.engine_steps += 1
+        except BaseException:
+            engine.abort_request(list(in_flight))
+            self._take([unit.name for unit in units])  # drop whatever the processor holds for them
+            raise
+        return finished
+
+    @staticmethod
+    def _admit(engine, waiting: deque, in_flight: dict[str, _Unit], limits: EngineLimits) -> None:
+        seqs = len(in_flight)
+        step_tokens = seqs  # each running request decodes one token next step
+        blocks = sum(unit.blocks for unit in {unit.rollout: unit for unit in in_flight.values()}.values())
+        while waiting:
+            unit = waiting[0]
+            fits = (
+                seqs + len(unit.requests) <= limits.max_num_seqs
+                and step_tokens + unit.prompt_tokens <= limits.max_num_batched_tokens
+                and blocks + unit.blocks <= limits.kv_blocks
+            )
+            if not fits and seqs > 0:
+                return  # wait for running rollouts to finish (a rollout too big for an empty engine goes alone)
+            waiting.popleft()
+            for request_id, ids, params in unit.requests:
+                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+                in_flight[request_id] = unit
+            seqs += len(unit.requests)
+            step_tokens += unit.prompt_tokens
+            blocks += unit.blocks
+
+    def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
+        records: dict[str, RolloutRecord] = {}
+        for worker_records in self._rpc(_take_records, self.instance_id, rollouts):
+            for name, raw in worker_records.items():
+                records.setdefault(name, RolloutRecord(*raw))
+        return records
+
+    def _assemble(self, call, units, outputs, records, plain_ids, lams, num_generations, stats) -> GuidedRollout:
+        rows = []
+        for unit in units:
+            name = f"{call}-{unit.rollout}"
+            completion = outputs[f"prodsample-{call}-{unit.rollout}-plain"]
+            record = records.get(name)
+            if record is None:
+                raise RuntimeError(f"no prodsample records for rollout {unit.rollout}: the processor did not see it")
+            if record.tokens[: len(completion)] != completion:
+                raise RuntimeError(
+                    f"rollout {unit.rollout}: the engine returned other tokens than prodsample drew; something "
+                    "after the prodsample logits processor changes the logits of tagged requests"
+                )
+            paired = lams[unit.rollout] < 1
+            cause = record.cause
+            if paired and cause is None and outputs[f"prodsample-{call}-{unit.rollout}-guide"] != completion:
+                cause = DesyncCause.OUTPUTS_DIFFER.value
+            if cause is not None:
+                stats.desynced += 1
+                stats.causes[cause] += 1
+            rows.append((completion, record, paired, cause is not None))
+        return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
+
+    def _pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+
+def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
+    count = len(rows)
+    width = max((len(completion) for completion, *_ in rows), default=0)
+    completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((count, width), dtype=torch.bool)
+    logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
+    for r, (completion, record, _paired, _desynced) in enumerate(rows):
+        length = len(completion)
+        completion_ids[r, :length] = torch.tensor(completion, dtype=torch.int64)
+        mask[r, :length] = True
+        logprobs[r, :length] = torch.tensor(record.logprobs[:length])
+        plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
+        guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
+    paired = torch.tensor([p for _, _, p, _ in rows], dtype=torch.bool)
+    desynced = torch.tensor([d for *_, d in rows], dtype=torch.bool)
+    return GuidedRollout(
+        prompt_ids=[list(plain_ids[r // num_generations]) for r in range(count)],
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        logprobs=logprobs,
+        plain_logprobs=plain_logprobs,
+        guide_logprobs=guide_logprobs,
+        lam=torch.tensor(lams, dtype=torch.float32),
+        guided=paired & ~desynced,
+        desynced=desynced,
+        group_ids=torch.arange(count) // num_generations,
+    )
+
+
+# -- argument checks ---------------------------------------------------------------------------------------
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
+    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
+    if torch.as_tensor(lam).dim() == 0:
+        values = values * prompts * num_generations
+    elif len(values) == prompts:
+        values = [v for v in values for _ in range(num_generations)]
+    elif len(values) != prompts * num_generations:
+        raise ValueError(
+            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
+            f"got {len(values)} values"
+        )
+    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+    return values
+
+
+def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
+    """The tag's sampling fields, checked here so that bad values never reach the engine."""
+    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
+                "min_p": min_p or 0.0}
+    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
+                                  **settings)
+    return {name: getattr(checked, name) for name in settings}
