@@ -1,0 +1,50 @@
+"""`prodsample quick`: the README's main job. A small reward sweep and a small decoding-cost comparison on the
+embedded default model, about ten minutes on a 2-core CPU (the first run also converts the GGUF once).
+
+It runs `prodsample reward` and `prodsample generate` with small sizes into `<out>/reward` and `<out>/generate`;
+both are ordinary, resumable result directories, so a rerun continues and `prodsample report` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import generate, harness, reward
+
+KIND = "quick"
+QUICK_REWARD = {
+    "--task": reward.DEFAULT_TASKS[0], "--prompts": "12", "--lams": reward.DEFAULT_LAMS, "--generations": "4",
+    "--max-new-tokens": "64", "--prompts-per-shard": "12",
+}
+QUICK_GENERATE = {"--batch-sizes": "1,8", "--new-tokens": "24", "--repeats": "2", "--methods": "plain,plain_2B,hf_cfg,processor,guided_generate"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--prompts", default=QUICK_REWARD["--prompts"], help="prompts in the reward sweep (default: %(default)s)")
+    parser.add_argument("--skip-generate", action="store_true", help="run the reward sweep only")
+    harness.add_model_arguments(parser)
+    harness.add_output_argument(parser, KIND)
+
+
+def main(args) -> None:
+    out = harness.output_dir(args, KIND)
+    shared = ["--model", args.model, "--dtype", args.dtype, "--threads", args.threads] + (
+        ["--device", args.device] if args.device else []
+    )
+    reward_args = {**QUICK_REWARD, "--prompts": args.prompts}
+    reward.main(_parse(reward, _flags(reward_args) + shared + ["--out", str(out / "reward")]))
+    if not args.skip_generate:
+        generate.main(_parse(generate, _flags(QUICK_GENERATE) + shared + ["--out", str(out / "generate")]))
+    print(f"[prodsample quick] done: results in {out}/reward and {out}/generate; rebuild tables and plots with "
+          f"`prodsample report {out}`")
+
+
+def _flags(options: dict[str, str]) -> list[str]:
+    return [item for flag, value in options.items() for item in (flag, value)]
+
+
+def _parse(module, argv: list[str]) -> argparse.Namespace:
+    """`argv` through the same parser as `prodsample <module>`, so defaults and checks are shared."""
+    parser = argparse.ArgumentParser(prog=f"prodsample {module.KIND}")
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
