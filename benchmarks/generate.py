@@ -231,16 +231,15 @@ def main(args) -> RunDir:
     threads = harness.set_threads(args.threads)
     task = Task(config.task, seed=config.seed)
     loaded = harness.load_model_from_args(args, seed=config.seed)
-    run_dir.start(invocation(KIND, asdict(config), IDENTITY, {"seed": config.seed}, str(loaded.model.device)))
+    run_dir.start(invocation(KIND, getattr(args, "command_line", None), asdict(config), IDENTITY, {"seed": config.seed}, str(loaded.model.device)))
     print(f"[prodsample generate] {loaded.name} ({loaded.source}), {threads} thread(s), results in {run_dir.path}")
     done = {record["batch_size"] for record in run_dir.records()}
     todo = [size for size in config.batch_sizes if size not in done]
-    with harness.progress_bar() as progress:
-        bar = progress.add_task("measurements", total=len(todo) * config.repeats * len(config.methods))
+    with harness.ProgressReport(len(todo) * config.repeats * len(config.methods), "measurements") as progress:
         for batch_size in todo:
-            progress.update(bar, description=f"B={batch_size}")
+            progress.describe(f"B={batch_size}")
             batch = make_batch(loaded.tokenizer, task, batch_size)
-            run_dir.append(measure(loaded, batch, config, lambda: progress.advance(bar)))
+            run_dir.append(measure(loaded, batch, config, progress.advance))
     report(run_dir)
     return run_dir
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -123,11 +125,40 @@ def _format(value, spec: str) -> str:
     return format(value, spec) if spec else str(value)
 
 
-def progress_bar():
-    """A rich progress bar: rollouts or measurements done, elapsed and remaining time."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class ProgressReport:
+    """Work done so far: a rich progress bar on a terminal; elsewhere (logs, CI, background runs, where rich
+    would only draw the final state) one line per advance."""
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        transient=False,
-    )
+    def __init__(self, total: int, unit: str):
+        from rich.console import Console
+
+        self.total, self.unit, self.done, self.description = total, unit, 0, ""
+        self.started = time.monotonic()
+        self.bar = None
+        if Console().is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            self.task = self.bar.add_task(unit, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def describe(self, text: str) -> None:
+        self.description = text
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, amount: int = 1) -> None:
+        self.done += amount
+        if self.bar is not None:
+            self.bar.advance(self.task, amount)
+        else:
+            elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
+            print(f"  {self.description}: {self.done}/{self.total} {self.unit}, {elapsed} elapsed", flush=True)

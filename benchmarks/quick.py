@@ -8,6 +8,8 @@ both are ordinary, resumable result directories, so a rerun continues and `prods
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from . import generate, harness, reward
 
@@ -21,6 +23,8 @@ QUICK_GENERATE = {"--batch-sizes": "1,8", "--new-tokens": "24", "--repeats": "2"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--prompts", default=QUICK_REWARD["--prompts"], help="prompts in the reward sweep (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", default=QUICK_REWARD["--max-new-tokens"], help="completion budget of the reward sweep (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default=QUICK_GENERATE["--batch-sizes"], help="batch sizes of the decoding comparison (default: %(default)s)")
     parser.add_argument("--skip-generate", action="store_true", help="run the reward sweep only")
     harness.add_model_arguments(parser)
     harness.add_output_argument(parser, KIND)
@@ -31,10 +35,11 @@ def main(args) -> None:
     shared = ["--model", args.model, "--dtype", args.dtype, "--threads", args.threads] + (
         ["--device", args.device] if args.device else []
     )
-    reward_args = {**QUICK_REWARD, "--prompts": args.prompts}
-    reward.main(_parse(reward, _flags(reward_args) + shared + ["--out", str(out / "reward")]))
+    reward_args = {**QUICK_REWARD, "--prompts": args.prompts, "--max-new-tokens": args.max_new_tokens}
+    generate_args = {**QUICK_GENERATE, "--batch-sizes": args.batch_sizes}
+    reward.main(_parse(reward, _flags(reward_args) + shared + ["--out", str(out / "reward")], args))
     if not args.skip_generate:
-        generate.main(_parse(generate, _flags(QUICK_GENERATE) + shared + ["--out", str(out / "generate")]))
+        generate.main(_parse(generate, _flags(generate_args) + shared + ["--out", str(out / "generate")], args))
     print(f"[prodsample quick] done: results in {out}/reward and {out}/generate; rebuild tables and plots with "
           f"`prodsample report {out}`")
 
@@ -43,8 +48,12 @@ def _flags(options: dict[str, str]) -> list[str]:
     return [item for flag, value in options.items() for item in (flag, value)]
 
 
-def _parse(module, argv: list[str]) -> argparse.Namespace:
-    """`argv` through the same parser as `prodsample <module>`, so defaults and checks are shared."""
+def _parse(module, argv: list[str], quick_args) -> argparse.Namespace:
+    """`argv` through the same parser as `prodsample <module>`, so defaults and checks are shared. The part
+    records the command a person typed (`prodsample quick ...`) followed by the equivalent direct command."""
     parser = argparse.ArgumentParser(prog=f"prodsample {module.KIND}")
     module.add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    typed = getattr(quick_args, "command_line", None) or shlex.join(sys.argv)
+    args.command_line = f"{typed}  # part: {shlex.join(['prodsample', module.KIND, *argv])}"
+    return args

@@ -141,7 +141,7 @@ def main(args) -> RunDir:
     threads = harness.set_threads(args.threads)
     tasks = {spec: Task(spec, seed=config.seed) for spec in config.tasks}  # bad task names fail before the model loads
     loaded = harness.load_model_from_args(args, seed=config.seed)
-    run_dir.start(invocation(KIND, asdict(config), IDENTITY, {"seed": config.seed}, str(loaded.model.device)))
+    run_dir.start(invocation(KIND, getattr(args, "command_line", None), asdict(config), IDENTITY, {"seed": config.seed}, str(loaded.model.device)))
     print(f"[prodsample reward] {loaded.name} ({loaded.source}), {threads} thread(s), results in {run_dir.path}")
     sweep(config, tasks, loaded, run_dir)
     report(run_dir)
@@ -167,12 +167,11 @@ def sweep(config: RewardConfig, tasks: dict[str, Task], loaded, run_dir: RunDir)
     shards = plan(config, done)
     detector = HintDetector(config.hint_template)
     total = sum(len(shard.prompt_indices) for shard in shards) * config.generations
-    with harness.progress_bar() as progress:
-        bar = progress.add_task("rollouts", total=total)
+    with harness.ProgressReport(total, "rollouts") as progress:
         for shard in shards:
-            progress.update(bar, description=f"{shard.task} λ={shard.lam:g}")
+            progress.describe(f"{shard.task} λ={shard.lam:g}")
             run_dir.append(run_shard(shard, tasks[shard.task], loaded, config, detector))
-            progress.advance(bar, len(shard.prompt_indices) * config.generations)
+            progress.advance(len(shard.prompt_indices) * config.generations)
 
 
 def run_shard(shard: Shard, task: Task, loaded, config: RewardConfig, detector: HintDetector) -> list[dict]:
@@ -198,6 +197,7 @@ def run_shard(shard: Shard, task: Task, loaded, config: RewardConfig, detector: 
             "tokens": len(ids),
             "eos": bool(ids) and ids[-1] in eos_ids,
             "extracted": verdict.extracted,
+            "format_valid": verdict.format_valid,
             "reward": verdict.reward,
             "leaked": detector(text),
             "kl_per_token": float(kl_q_pi(rollout.logprobs[row : row + 1], rollout.plain_logprobs[row : row + 1], mask)),
@@ -275,7 +275,7 @@ def _metrics(groups: list[list[dict]]) -> dict:
         # Token-weighted: the per-rollout means of kl_q_pi pooled into the mean over all sampled tokens.
         "kl_per_token": sum(r["kl_per_token"] * r["tokens"] for r in rollouts) / tokens if tokens else None,
         "leakage": _share(rollout["leaked"] for rollout in rollouts),
-        "format_valid": _share(rollout["extracted"] is not None for rollout in rollouts),
+        "format_valid": _share(rollout["format_valid"] for rollout in rollouts),
         "length": statistics.fmean(rollout["tokens"] for rollout in rollouts),
         "truncated": _share(not rollout["eos"] for rollout in rollouts),
     }

@@ -92,16 +92,12 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
-def command_line() -> str:
-    return shlex.join(["prodsample", *sys.argv[1:]]) if Path(sys.argv[0]).name == "prodsample" else shlex.join(sys.argv)
-
-
-def invocation(kind: str, config: dict, identity: Iterable[str], seeds: dict, device: str) -> dict:
-    """The provenance line of one invocation."""
+def invocation(kind: str, command: str | None, config: dict, identity: Iterable[str], seeds: dict, device: str) -> dict:
+    """The provenance line of one invocation; `command` defaults to this process's command line."""
     return {
         "type": "invocation",
         "kind": kind,
-        "command": command_line(),
+        "command": command or shlex.join(sys.argv),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": git_revision(),
         "packages": package_versions(),

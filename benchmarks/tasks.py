@@ -8,10 +8,17 @@ be extended or resumed and the same problems come back.
 The prompt is one user turn: the question, then `FORMAT_INSTRUCTION`. The hint is added to that turn by
 `prodsample.prompts.add_hint`, after the instruction.
 
-**Answer extraction** (`extract_answer`): the text after the last "Answer:" (case-insensitive) up to the end
-of that line, with surrounding whitespace, markdown emphasis (`*`, `` ` ``) and one trailing period removed.
-A completion with no "Answer:" followed by text is not format-valid and gets reward 0 without asking the
-verifier. There is deliberately no fallback to "the last number": the format is part of the task.
+**Answer extraction** (`extract_answer`), in two steps like lm-evaluation-harness's "strict" and "flexible"
+matches:
+
+1. strict: the text after the last "Answer:" (case-insensitive) up to the end of that line, with surrounding
+   whitespace, markdown emphasis (`*`, `` ` ``, `$`) and one trailing period removed. A completion with such
+   a line is **format-valid**.
+2. flexible, only when there is no answer line: the last number in the completion (`-12`, `3.5`, `1,024`
+   → `1024`). SmolLM2-135M states most answers in prose ("so the answer is 4.") and rarely in the requested
+   format; the reward measures whether the answer is right, and the format-valid rate is reported apart.
+
+A completion with neither gets reward 0 without asking the verifier.
 
 **Reward**: the task's own verifier, `dataset.score_answer(extracted, entry)`, in [0, 1]. Some verifiers give
 partial credit (reasoning-gym's default gives len(answer)/len(extracted) when the answer is a substring), so
@@ -36,6 +43,7 @@ from .errors import UsageError
 
 FORMAT_INSTRUCTION = 'Think step by step, then give your final answer on the last line as "Answer: <answer>".'
 ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 HINT_WORD = re.compile(r"\bhint", re.IGNORECASE)
 
 
@@ -49,12 +57,9 @@ class Problem:
 
 @dataclass(frozen=True)
 class Verdict:
-    extracted: str | None  # None: no answer line (not format-valid)
+    extracted: str | None  # what the verifier scored; None: nothing to score
+    format_valid: bool  # the completion has an "Answer:" line
     reward: float
-
-    @property
-    def format_valid(self) -> bool:
-        return self.extracted is not None
 
 
 def parse_task_spec(spec: str) -> tuple[str, dict]:
@@ -97,20 +102,33 @@ class Task:
         return [{"role": "user", "content": f"{problem.question.strip()}\n\n{FORMAT_INSTRUCTION}"}]
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
-        extracted = extract_answer(completion)
+        strict = answer_line(completion)
+        extracted = strict if strict is not None else last_number(completion)
         reward = 0.0 if extracted is None else float(self.dataset.score_answer(extracted, problem.entry))
-        return Verdict(extracted, reward)
+        return Verdict(extracted, strict is not None, reward)
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer by the rule in the module docstring, or None."""
+    """The final answer by the rule in the module docstring (answer line, else last number), or None."""
+    strict = answer_line(completion)
+    return strict if strict is not None else last_number(completion)
+
+
+def answer_line(completion: str) -> str | None:
+    """The strict match: what follows the last "Answer:" on its line, cleaned; None if there is none."""
     matches = ANSWER_LINE.findall(completion)
     if not matches:
         return None
-    answer = matches[-1].strip().strip("*`").strip()
+    answer = matches[-1].strip().strip("*`$").strip()
     if answer.endswith("."):
         answer = answer[:-1].rstrip()
     return answer or None
+
+
+def last_number(completion: str) -> str | None:
+    """The flexible match: the last number in the completion, thousands separators removed."""
+    numbers = NUMBER.findall(completion)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 class HintDetector:

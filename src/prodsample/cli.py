@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in HARNESSES and HARNESSES[argv[0]].own_parser:
         return _import(argv[0]).main(argv[1:]) or 0
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["prodsample", *argv])  # what every result file records as its command
     from prodsample.benchmarks.errors import UsageError
 
     try:
