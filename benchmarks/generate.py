@@ -41,7 +41,7 @@ from .runs import RunDir, invocation, load_average
 from .tasks import Task
 
 KIND = "generate"
-DEFAULT_TASK = "leg_counting"
+DEFAULT_TASK = "letter_counting:max_words=5"
 CFG_SCALE = 1.5  # any value ≠ 1 turns transformers' CFG on; its cost does not depend on the value
 IDENTITY = ("model", "dtype", "task", "new_tokens", "lam", "temperature", "seed", "methods")
 UNAVAILABLE = {
@@ -186,7 +186,7 @@ TIMED_SAMPLING = {"guided_generate"}
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batch-sizes", default="1,4,8,16", help="rollouts per batch, comma-separated (default: %(default)s)")
-    parser.add_argument("--new-tokens", default="64", help="tokens decoded per row (default: %(default)s)")
+    parser.add_argument("--new-tokens", default="32", help="tokens decoded per row (default: %(default)s)")
     parser.add_argument("--repeats", default="3", help="interleaved repeats per method and batch size (default: %(default)s)")
     parser.add_argument("--lam", type=float, default=0.5, help="λ of the guided methods (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")

@@ -26,8 +26,6 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-import torch
-
 from prodsample.hf import guided_generate
 from prodsample.importance import kl_q_pi
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE
@@ -39,7 +37,7 @@ from .tasks import HintDetector, Task
 
 KIND = "reward"
 # Families where SmolLM2-135M-Instruct succeeds rarely but not never at λ = 1 (probes: docs/cli.md).
-DEFAULT_TASKS = ["leg_counting", "basic_arithmetic:max_terms=2,max_digits=2"]
+DEFAULT_TASKS = ["letter_counting:max_words=5", "basic_arithmetic:max_terms=2,max_digits=1"]
 DEFAULT_PROMPTS = [100, 50]
 DEFAULT_LAMS = "1,0.9,0.75,0.5,0.25,0"
 IDENTITY = (
