@@ -16,10 +16,11 @@ vLLM (`prodsample.vllm`) is not among them yet: its engine is benchmarked by `be
 (issue 4); see `UNAVAILABLE`.
 
 Every method decodes exactly --new-tokens tokens per row (EOS is switched off for all of them the same way),
-so the rows and steps are equal. Each method runs at 1 and at N new tokens; time per decode step is
-(t_N − t_1) / (N − 1), which leaves prefill out, and prefill ≈ t_1. Repeats are interleaved, the method
+so the rows and steps are equal. A forward pre-hook splits each call at its first one-token forward
+(`DecodeClock`): prefill before it, and time per decode step = the rest / (N − 1). Repeats are interleaved, the method
 order rotating each repeat, and every ratio is the median over repeats of method / plain measured in the
-same repeat, so a change in machine load between repeats cancels. `sampling share` is the share of a
+same repeat, so a change in machine load between repeats cancels; min and max over repeats show the spread
+that load left within a repeat. `sampling share` is the share of a
 `guided_generate` decode step spent in `product_sample` (mixing, filters, noise, sampling, log-probs).
 """
 
@@ -31,6 +32,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+import torch
 
 import prodsample.hf
 from prodsample.hf import ProductLogitsProcessor, build_contexts, guided_generate
@@ -256,30 +259,74 @@ def make_batch(tokenizer, task: Task, batch_size: int) -> Batch:
 
 
 def measure(loaded, batch: Batch, config: GenerateConfig, advance: Callable[[], None]) -> list[dict]:
-    """Interleaved repeats of every method at 1 and N new tokens, after one warm-up call each."""
+    """Interleaved repeats of every method, after one warm-up call each."""
     model, tokenizer = loaded.model, loaded.tokenizer
     batch = _on_device(batch, model.device)
-    records = []
+    clock, records = DecodeClock(model), []
     with fixed_length(model):
         for name in config.methods:
             METHODS[name](model, tokenizer, batch, 2, config)  # warm-up: first-call costs stay out of the timings
         for repeat in range(config.repeats):
             shift = repeat % len(config.methods)
             for name in config.methods[shift:] + config.methods[:shift]:
-                record = {"batch_size": len(batch.prompts), "method": name, "repeat": repeat}
-                for new_tokens in (1, config.new_tokens):
-                    timer = SamplingTimer()
-                    with timer.installed() if name in TIMED_SAMPLING else contextlib.nullcontext():
-                        started = time.perf_counter()
-                        METHODS[name](model, tokenizer, batch, new_tokens, config)
-                        seconds = time.perf_counter() - started
-                    record[f"seconds_{'1' if new_tokens == 1 else 'n'}"] = seconds
-                    if name in TIMED_SAMPLING:
-                        record[f"sampling_seconds_{'1' if new_tokens == 1 else 'n'}"] = timer.seconds
-                record.update(new_tokens=config.new_tokens, load_average=load_average())
+                timer = SamplingTimer()
+                with timer.installed() if name in TIMED_SAMPLING else contextlib.nullcontext(), clock.running():
+                    METHODS[name](model, tokenizer, batch, config.new_tokens, config)
+                record = {
+                    "batch_size": len(batch.prompts), "method": name, "repeat": repeat, "new_tokens": config.new_tokens,
+                    "seconds": clock.seconds, "prefill_seconds": clock.prefill_seconds,
+                    "step_seconds": clock.decode_seconds / (config.new_tokens - 1), "load_average": load_average(),
+                }
+                if name in TIMED_SAMPLING:
+                    record["sampling_seconds"] = timer.seconds
                 records.append(record)
                 advance()
     return records
+
+
+class DecodeClock:
+    """Splits one generation call into prefill and decode by watching the model's forward calls: decoding
+    starts at the first forward over a single new token per row. Every method's decode steps are such
+    forwards, and every prefill (a guide context's included) reads whole prompts, so prefill = call start →
+    first one-token forward, and the N − 1 later steps take the rest."""
+
+    def __init__(self, model):
+        self.model = model
+        self.synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def running(self):
+        handle = self.model.register_forward_pre_hook(self._seen, with_kwargs=True)
+        self.decode_started = None
+        self.started = self._now()
+        try:
+            yield self
+        finally:
+            self.finished = self._now()
+            handle.remove()
+        if self.decode_started is None:
+            raise RuntimeError("no one-token forward was seen: the method did not decode past its prefill")
+
+    def _now(self) -> float:
+        self.synchronize()
+        return time.perf_counter()
+
+    def _seen(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.decode_started is None and input_ids is not None and input_ids.shape[1] == 1:
+            self.decode_started = self._now()
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def prefill_seconds(self) -> float:
+        return self.decode_started - self.started
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.finished - self.decode_started
 
 
 def _on_device(batch: Batch, device) -> Batch:
@@ -300,6 +347,8 @@ COLUMNS = [
     ("step_ms", "ms/step", ".1f"),
     ("prefill_ms", "prefill ms", ".0f"),
     ("step_ratio", "step ÷ plain", ".2f"),
+    ("step_ratio_min", "min", ".2f"),
+    ("step_ratio_max", "max", ".2f"),
     ("total_ratio", "total ÷ plain", ".2f"),
     ("sampling_share", "sampling share", ".3f"),
     ("load", "load", ".1f"),
@@ -316,30 +365,30 @@ def summarize(records: list[dict]) -> list[dict]:
     for batch_size, method in sorted(by_key, key=lambda key: (key[0], method_order.index(key[1]))):
         runs, plain = by_key[(batch_size, method)], by_key.get((batch_size, "plain"), {})
         paired = [repeat for repeat in runs if repeat in plain]
+        step_ratios = [runs[k]["step_seconds"] / plain[k]["step_seconds"] for k in paired]
         new_tokens = next(iter(runs.values()))["new_tokens"]
-        step = statistics.median(_step_seconds(r) for r in runs.values())
-        row = {
+
+        def median(key):
+            return statistics.median(r[key] for r in runs.values())
+
+        rows.append({
             "batch_size": batch_size,
             "method": method,
             "repeats": len(runs),
             "new_tokens": new_tokens,
-            "tokens_per_s": batch_size * new_tokens / statistics.median(r["seconds_n"] for r in runs.values()),
-            "step_ms": 1000 * step,
-            "prefill_ms": 1000 * statistics.median(r["seconds_1"] for r in runs.values()),
-            "step_ratio": statistics.median(_step_seconds(runs[k]) / _step_seconds(plain[k]) for k in paired) if paired else None,
-            "total_ratio": statistics.median(runs[k]["seconds_n"] / plain[k]["seconds_n"] for k in paired) if paired else None,
-            "sampling_share": None,
+            "tokens_per_s": batch_size * new_tokens / median("seconds"),
+            "step_ms": 1000 * median("step_seconds"),
+            "prefill_ms": 1000 * median("prefill_seconds"),
+            "step_ratio": statistics.median(step_ratios) if step_ratios else None,
+            "step_ratio_min": min(step_ratios, default=None),
+            "step_ratio_max": max(step_ratios, default=None),
+            "total_ratio": statistics.median(runs[k]["seconds"] / plain[k]["seconds"] for k in paired) if paired else None,
+            # Sampling runs once per token; its time per token over the decode step's time.
+            "sampling_share": statistics.median(r["sampling_seconds"] / r["new_tokens"] / r["step_seconds"] for r in runs.values())
+            if all("sampling_seconds" in r for r in runs.values()) else None,
             "load": statistics.median(r["load_average"][0] for r in runs.values()),
-        }
-        if all("sampling_seconds_n" in r for r in runs.values()):
-            row["sampling_share"] = statistics.median(r["sampling_seconds_n"] / r["new_tokens"] / _step_seconds(r) for r in runs.values())
-        rows.append(row)
+        })
     return rows
-
-
-def _step_seconds(record: dict) -> float:
-    """One decode step, prefill excluded: the time the extra N − 1 tokens took."""
-    return (record["seconds_n"] - record["seconds_1"]) / (record["new_tokens"] - 1)
 
 
 def report(run_dir: RunDir) -> list[dict]:

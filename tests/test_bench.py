@@ -126,25 +126,41 @@ def test_reward_noise_is_shared_across_lambda_but_not_across_chunks():
     assert reward.Shard("a", 1.0, (0, 1)).noise_seed(1) != same_chunk[0]
 
 
-def test_generate_summary_pairs_ratios_by_repeat_and_excludes_prefill():
-    def record(method, repeat, seconds_1, seconds_n, sampling=None):
-        line = {"batch_size": 4, "method": method, "repeat": repeat, "new_tokens": 11, "seconds_1": seconds_1,
-                "seconds_n": seconds_n, "load_average": [1.0, 1.0, 1.0]}
+def test_generate_summary_pairs_ratios_by_repeat():
+    def record(method, repeat, step, seconds, sampling=None):
+        line = {"batch_size": 4, "method": method, "repeat": repeat, "new_tokens": 11, "seconds": seconds,
+                "prefill_seconds": 0.5, "step_seconds": step, "load_average": [1.0, 1.0, 1.0]}
         if sampling is not None:
-            line.update(sampling_seconds_1=0.0, sampling_seconds_n=sampling)
+            line["sampling_seconds"] = sampling
         return line
 
     # Repeat 1 runs on a machine twice as slow: paired ratios still come out exact.
     records = [
-        record("plain", 0, 1.0, 2.0), record("guided_generate", 0, 2.0, 3.5, sampling=0.11),
-        record("plain", 1, 2.0, 4.0), record("guided_generate", 1, 4.0, 7.0, sampling=0.22),
+        record("plain", 0, 0.1, 2.0), record("guided_generate", 0, 0.15, 3.5, sampling=0.11),
+        record("plain", 1, 0.2, 4.0), record("guided_generate", 1, 0.3, 7.0, sampling=0.22),
     ]
     plain, guided = generate.summarize(records)
     assert plain["step_ratio"] == 1.0 and plain["sampling_share"] is None
-    assert plain["step_ms"] == pytest.approx(1000 * (0.1 + 0.2) / 2)
+    assert plain["step_ms"] == pytest.approx(1000 * (0.1 + 0.2) / 2) and plain["prefill_ms"] == 500
     assert guided["step_ratio"] == pytest.approx(1.5) and guided["total_ratio"] == pytest.approx(1.75)
+    assert guided["step_ratio_min"] == pytest.approx(1.5) and guided["step_ratio_max"] == pytest.approx(1.5)
     assert guided["sampling_share"] == pytest.approx((0.11 / 11) / 0.15)
     assert guided["tokens_per_s"] == pytest.approx(4 * 11 / 5.25)
+
+
+def test_decode_clock_splits_prefill_from_decode_steps():
+    from prodsample.hf import guided_generate
+
+    loaded = load_model("tiny", device="cpu")
+    widths = []
+    loaded.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    clock = generate.DecodeClock(loaded.model)
+    with clock.running():
+        guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=4, seed=0)
+    assert widths[0] > 1 and widths[1:] == [1, 1, 1]  # one prefill, then one forward per later token
+    assert 0 < clock.prefill_seconds < clock.seconds and clock.prefill_seconds + clock.decode_seconds == pytest.approx(clock.seconds)
+    with pytest.raises(RuntimeError, match="no one-token forward"), clock.running():
+        guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=1, seed=0)
 
 
 def _start(run_dir, config):
