@@ -38,13 +38,13 @@ def with_eos(model, eos_id):
     return model
 
 
-def brute_force(model, tokenizer, prompts, answers, lam, generations, max_new_tokens, temperature, seed, eos_ids, forced=None):
+def brute_force(model, tokenizer, prompts, answers, lam, generations, max_new_tokens, temperature, seed, eos_ids, forced=None, template=DEFAULT_HINT_TEMPLATE):
     """Per rollout and step: two fresh unbatched forwards, the product in float64, the exponential race (or,
     with `forced`, the given tokens of each rollout)."""
     records = []
     for prompt_index, (prompt, answer) in enumerate(zip(prompts, answers)):
         plain_ids = tokenizer(prompt)["input_ids"]
-        guide_ids = tokenizer(DEFAULT_HINT_TEMPLATE.format(prompt=prompt, answer=answer))["input_ids"]
+        guide_ids = tokenizer(template.format(prompt=prompt, answer=answer))["input_ids"]
         for g in range(generations):
             rollout = prompt_index * generations + g
             tokens, logq, plain_lp, guide_lp = [], [], [], []
@@ -103,6 +103,12 @@ def test_guided_generate_matches_brute_force(model, tokenizer, temperature):
     lengths = rollout.completion_mask.sum(1)
     assert lengths.min() < 10 and lengths.max() == 10, "the test must cover rows that end at EOS and rows that don't"
     assert_matches_brute_force(rollout, reference)
+
+
+def test_a_hint_placed_first_shares_no_prefix_and_still_matches(llama, tokenizer):
+    template = "Answer {answer}. {prompt}"
+    rollout = guided_generate(llama, tokenizer, PROMPTS, ANSWERS, lam=0.5, num_generations=2, max_new_tokens=6, temperature=0.9, seed=2, hint_template=template)
+    assert_matches_brute_force(rollout, brute_force(llama, tokenizer, PROMPTS, ANSWERS, 0.5, 2, 6, 0.9, 2, {tokenizer.eos_token_id}, template=template))
 
 
 def test_processor_matches_brute_force_under_greedy(model, tokenizer):
@@ -176,22 +182,15 @@ def test_processor_and_guided_generate_draw_from_the_same_distribution(llama, to
     torch.testing.assert_close(scored.logprobs, drop_in.logprobs, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_lam_one_reproduces_plain_generate(model, tokenizer):
-    plain_contexts, _ = build_contexts(tokenizer, PROMPTS, ANSWERS)
-    plain = tokenizer.pad({"input_ids": plain_contexts}, return_tensors="pt")
-    expected = model.generate(**plain, do_sample=False, max_new_tokens=10)[:, plain["input_ids"].shape[1] :]
-    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=1.0, max_new_tokens=10, temperature=0)
+@pytest.mark.parametrize("lam, context", [(1.0, "plain"), (0.0, "guide")])
+def test_lam_one_and_zero_reproduce_generate_on_that_context(model, tokenizer, lam, context):
+    """λ = 1 is plain `generate` on the prompts, λ = 0 is `generate` on the hinted prompts (greedy)."""
+    plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS, ANSWERS)
+    inputs = tokenizer.pad({"input_ids": plain_contexts if context == "plain" else guide_contexts}, return_tensors="pt")
+    expected = model.generate(**inputs, do_sample=False, max_new_tokens=10)[:, inputs["input_ids"].shape[1] :]
+    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=lam, max_new_tokens=10, temperature=0)
     assert rollout.completion_ids.tolist() == expected.tolist()
-    assert not rollout.guided.any()
-
-
-def test_lam_zero_reproduces_generating_from_the_augmented_prompt(model, tokenizer):
-    _, guide_contexts = build_contexts(tokenizer, PROMPTS, ANSWERS)
-    guide = tokenizer.pad({"input_ids": guide_contexts}, return_tensors="pt")
-    expected = model.generate(**guide, do_sample=False, max_new_tokens=10)[:, guide["input_ids"].shape[1] :]
-    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, lam=0.0, max_new_tokens=10, temperature=0)
-    assert rollout.completion_ids.tolist() == expected.tolist()
-    assert torch.equal(rollout.logprobs, torch.zeros_like(rollout.logprobs))
+    assert rollout.guided.tolist() == [lam < 1] * len(PROMPTS)
 
 
 def test_lam_one_rows_never_reach_the_guide_forward(llama, tokenizer):
@@ -205,9 +204,10 @@ def test_lam_one_rows_never_reach_the_guide_forward(llama, tokenizer):
         plain_calls = list(rows_per_call)
     finally:
         handle.remove()
-    # Prefill: 2 plain contexts + 1 guide context; decode: 4 plain rows + 2 guide rows (prompt 0 is λ = 1).
-    assert mixed_calls == [3, 6, 6]
-    assert plain_calls == [2, 4, 4]
+    # Prefill: the 2 prompts' shared prefixes, then 2 plain + 1 guide context; decode: 4 plain rows + 2 guide
+    # rows (prompt 0 is λ = 1).
+    assert mixed_calls == [2, 3, 6, 6]
+    assert plain_calls == [2, 2, 4, 4]
 
 
 def test_chat_prompts_share_their_prefix(llama, tokenizer):

@@ -352,14 +352,48 @@ class _DecodeBatch:
         return torch.cat([rollout_tokens, rollout_tokens[self.guided]])
 
 
-def _prefill(model, contexts: list[list[int]], row_context: torch.Tensor, pad_id: int):
-    """Run each distinct context once, then give every row a copy of its context's cache.
+def _shared_prefix_lengths(contexts: list[list[int]], context_prompt: list[int]) -> list[int]:
+    """Per prompt, the token prefix all its contexts share, leaving each context at least one token."""
+    lengths: dict[int, int] = {}
+    firsts: dict[int, list[int]] = {}
+    for context, prompt in zip(contexts, context_prompt):
+        first = firsts.setdefault(prompt, context)
+        shared = next((i for i, (a, b) in enumerate(zip(first, context)) if a != b), min(len(first), len(context)))
+        lengths[prompt] = min(lengths.get(prompt, len(first) - 1), shared, len(context) - 1)
+    return [lengths[prompt] for prompt in sorted(lengths)]
 
-    Returns the first-step logits `[rows, V]`, the cache and the attention mask of the rows.
+
+def _prefill(model, contexts: list[list[int]], context_prompt: list[int], row_context: torch.Tensor, pad_id: int):
+    """Run the contexts once each (the prefix a prompt's plain and guide contexts share only once), then give
+    every decode row a copy of its context's cache.
+
+    Two forwards: the shared prefixes, one row per prompt; then each context's remaining tokens on a copy of
+    its prompt's prefix cache (a row's padding then sits between its prefix and its suffix: the attention
+    mask and the positions skip it). Returns the first-step logits `[rows, V]`, the cache and the attention
+    mask of the rows.
     """
     device = model.device
-    ids, mask = _left_pad(contexts, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+    prefix_lengths = _shared_prefix_lengths(contexts, context_prompt)
+    context_prompt_ids = torch.tensor(context_prompt, device=device)
+    if min(prefix_lengths) > 0:
+        first_context = {prompt: context for context, prompt in reversed(list(zip(contexts, context_prompt)))}
+        prefixes = [first_context[prompt][:length] for prompt, length in enumerate(prefix_lengths)]
+        prefix_ids, prefix_mask = _left_pad(prefixes, pad_id, device)
+        cache = model(
+            input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=_positions(prefix_mask), use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        cache.batch_select_indices(context_prompt_ids)
+        prefix_mask = prefix_mask[context_prompt_ids]
+        suffixes = [context[prefix_lengths[prompt] :] for context, prompt in zip(contexts, context_prompt)]
+    else:  # some prompt's contexts share nothing (a hint placed first): one forward over whole contexts
+        cache, prefix_mask, suffixes = None, torch.zeros((len(contexts), 0), dtype=torch.long, device=device), contexts
+    suffix_ids, suffix_mask = _left_pad(suffixes, pad_id, device)
+    mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+    out = model(
+        input_ids=suffix_ids, attention_mask=mask, position_ids=_positions(mask)[:, -suffix_ids.shape[1] :],
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    )
     cache = out.past_key_values
     row_context = row_context.to(device)
     cache.batch_select_indices(row_context)
@@ -385,8 +419,8 @@ def guided_generate(
 ) -> GuidedRollout:
     """Sample `num_generations` rollouts per prompt from q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ).
 
-    Each distinct context (a prompt's plain and hinted version) is prefilled once and shared by its G
-    rollouts through the KV cache; every decode step then runs one batched forward whose rows are the plain
+    Each distinct context (a prompt's plain and hinted version) is prefilled once, the prefix the two share
+    only once, and the KV cache is shared by the prompt's G rollouts; every decode step then runs one batched forward whose rows are the plain
     context of every running rollout plus the guide context of those with λ < 1 (λ = 1 rollouts cost no
     guide forward), and samples with the core sampler under keyed noise: (seed, rollout r = i·G + g,
     position t). A rollout ends at EOS (included) or after `max_new_tokens`.
@@ -426,6 +460,7 @@ def guided_generate(
     guided_prompts = sorted(set(group_ids[guided].tolist()))
     guide_context_index = {prompt: num_prompts + k for k, prompt in enumerate(guided_prompts)}
     contexts = plain_contexts + [guide_contexts[prompt] for prompt in guided_prompts]
+    context_prompt = list(range(num_prompts)) + guided_prompts
     row_context = torch.cat(
         [group_ids, torch.tensor([guide_context_index[int(p)] for p in group_ids[guided]], dtype=torch.long)]
     )
@@ -442,7 +477,7 @@ def guided_generate(
     lam_device = lam_rows.to(device)
 
     with _EvalMode(model):
-        logits, cache, attention_mask = _prefill(model, contexts, row_context, pad_id)
+        logits, cache, attention_mask = _prefill(model, contexts, context_prompt, row_context, pad_id)
         batch = _DecodeBatch(cache, attention_mask, torch.arange(rollouts, device=device), guided.to(device))
         for position in range(max_new_tokens):
             plain_logits, guide_logits = batch.split_logits(logits)

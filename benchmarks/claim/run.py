@@ -1,0 +1,140 @@
+"""Run arms × seeds of the claim experiment, resumably, then summarise and plot.
+
+    python -m prodsample.benchmarks.claim.run --out benchmarks/results/claim --arms all --seeds 0 1 2
+
+Every run starts from the committed checkpoint (`--policy`). Each evaluation point is appended to
+`<out>/shards/<arm>-s<seed>.jsonl` as it happens; a finished run's records are then appended to
+`<out>/runs.jsonl`, and a rerun of the same command skips finished runs (an unfinished one restarts). Two
+runners may share one `--out` (say one per core, with different `--arms`); `meta.json` holds what they
+share (git revision, package versions, configuration) and a runner with other settings is refused. After
+the runs, `analyze` writes `<out>/summary.json` (with `meta.json` and the seeds of every arm) and the plots
+from `runs.jsonl` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from . import analyze
+from .make_policy import DEFAULT_OUT as DEFAULT_POLICY
+from .task import rl_and_held_out
+from .train import ARMS, RunConfig, config_dict, run
+
+PACKAGES = ("torch", "transformers", "reasoning-gym", "tokenizers", "numpy")
+
+
+def git_revision() -> str:
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return revision + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def finished_runs(runs_path: Path) -> set[tuple[str, int]]:
+    if not runs_path.exists():
+        return set()
+    records = [json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()]
+    return {(r["arm"], r["seed"]) for r in records if r.get("final")}
+
+
+def shared_meta(args, config: RunConfig) -> dict:
+    """What every run of one comparison shares; a resumed or parallel invocation must match it."""
+    return {
+        "git_revision": git_revision(),
+        "packages": {name: metadata.version(name) for name in PACKAGES},
+        "python": platform.python_version(),
+        "policy": str(args.policy),
+        "num_rl": args.num_rl,
+        "num_held_out": args.num_held_out,
+        "config": config_dict(config),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def check_or_write_meta(out: Path, meta: dict) -> None:
+    """Write meta.json for a new comparison; refuse to add runs to one made with other settings."""
+    path = out / "meta.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        differing = [key for key in ("num_rl", "num_held_out", "config", "policy") if recorded[key] != meta[key]]
+        if differing:
+            raise SystemExit(f"{out} holds a comparison with other {differing}; use another --out")
+        return
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append in one write call, so runners sharing `--out` (one per core) never interleave lines."""
+    payload = "".join(json.dumps(r) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+
+
+def run_all(args) -> None:
+    torch.set_num_threads(args.threads)
+    config = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)})
+    sets = rl_and_held_out(args.num_rl, args.num_held_out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_or_write_meta(args.out, shared_meta(args, config))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.policy)
+    runs_path, done = args.out / "runs.jsonl", finished_runs(args.out / "runs.jsonl")
+    for seed in args.seeds:  # seed-major, so an interrupted comparison has every arm at the early seeds
+        for arm in args.arms:
+            if (arm, seed) in done:
+                continue
+            shard = args.out / "shards" / f"{arm}-s{seed}.jsonl"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            shard.unlink(missing_ok=True)
+            records = []
+
+            def on_eval(record, shard=shard, records=records):
+                records.append(record | {"load_average": os.getloadavg()[0]})
+                append_lines(shard, records[-1:])
+                print(f"{arm} s{seed} step {record['step']} rollouts {record['rollouts']} "
+                      f"pass1 {record['greedy_pass1']:.3f} mean@k {record['mean_at_k']:.3f} {record['seconds']}s", flush=True)
+
+            model = LlamaForCausalLM.from_pretrained(args.policy)
+            run(arm, seed, config, model, tokenizer, sets.rl, sets.held_out, on_eval)
+            records[-1]["final"] = True
+            append_lines(runs_path, records)
+    analyze.write_summary(args.out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
+    parser.add_argument("--arms", nargs="+", default=["all"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num-rl", type=int, default=2000)
+    parser.add_argument("--num-held-out", type=int, default=500)
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+    args = parser.parse_args(argv)
+    args.arms = list(ARMS) if args.arms == ["all"] else args.arms
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    return args
+
+
+if __name__ == "__main__":
+    run_all(parse_args())

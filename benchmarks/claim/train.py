@@ -1,0 +1,255 @@
+"""A lean, framework-free GRPO loop over `guided_generate` and `GuidanceController`, and the arms it runs.
+
+One step: take the next `prompts_per_step` problems of the RL set (a seeded shuffle, epoch after epoch),
+ask the controller for λ per group, generate G rollouts per prompt, score them with the verifier, and take
+one optimiser step on the GRPO objective (`prodsample.grpo`) with π_old = π_θ (one update per batch, so the
+PPO ratio is 1 and only the importance weights and advantages shape the gradient). The policy's log-probs
+are recomputed under the *plain* prompt: the trained policy never sees the hint. The generator is the
+trained model itself in float32, so there is no engine mismatch to correct.
+
+Cost is counted as the protocol defines it: rollouts consumed (every rollout generated, probes included) and
+generated row-tokens (a completion token costs one row, two when its rollout was guided: plain + guide).
+This loop doubles as the short custom-loop example for the framework-free controller (issue 6).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from prodsample.controller import GuidanceController
+from prodsample.grpo import group_advantages, grpo_loss
+from prodsample.importance import OFF_POLICY_MODES, off_policy_weights
+from prodsample.rollout import GuidedRollout
+from prodsample.schedules import Adaptive, Constant, Linear, Schedule
+
+from .evaluate import completions_rewards, evaluate
+from prodsample.hf import guided_generate
+from .task import HINT_TEMPLATE, MAX_NEW_TOKENS, Problem
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What defines an arm; everything else is the shared `RunConfig`.
+
+    guidance: "plain" (λ = 1 throughout), "annealed" (λ linear from `lam_start` to 1), "probe" (plain first,
+        all-fail groups resampled at the annealed λ: Guide-GRPO), "history" (annealed λ only for prompts not
+        yet solved plainly: `Adaptive(mode="history")`), "star" (λ = 0 throughout).
+    off_policy: a key of `prodsample.importance.OFF_POLICY_MODES`.
+    objective: "grpo", or "star" (maximum likelihood on the rewarded rollouts under the plain prompt).
+    group_multiplier: rollouts per prompt as a multiple of the shared G.
+    """
+
+    guidance: str = "plain"
+    off_policy: str = "none"
+    objective: str = "grpo"
+    group_multiplier: int = 1
+
+
+ARMS: dict[str, Arm] = {
+    "plain": Arm(),
+    "plain_2g": Arm(group_multiplier=2),
+    "annealed_none": Arm(guidance="annealed"),
+    "annealed_is": Arm(guidance="annealed", off_policy="token_truncate"),
+    "guide_grpo": Arm(guidance="probe"),
+    "star": Arm(guidance="star", objective="star"),
+    "adaptive": Arm(guidance="history"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Hyper-parameters shared by every arm (PROTOCOL.md fixes their values)."""
+
+    steps: int = 2000
+    prompts_per_step: int = 16
+    group_size: int = 8
+    lr: float = 1e-4  # pilots: 3e-4 and above make the policy worse; 3e-5 barely moves it
+    warmup_steps: int = 50  # linear lr warm-up: Adam's first, sign-like steps on a noisy gradient do harm
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    lam_start: float = 0.5
+    anneal_fraction: float = 0.5  # λ reaches 1 at this fraction of the steps
+    eval_every: int = 200
+    eval_k: int = 8
+    threads: int = 1
+
+    @property
+    def anneal_steps(self) -> int:
+        return max(1, round(self.anneal_fraction * self.steps))
+
+
+def make_schedule(arm: Arm, config: RunConfig) -> Schedule:
+    annealed = Linear(start=config.lam_start, end_step=config.anneal_steps)
+    return {
+        "plain": lambda: Constant(lam=1.0),
+        "annealed": lambda: annealed,
+        "probe": lambda: Adaptive(base=annealed, mode="probe"),
+        "history": lambda: Adaptive(base=annealed, mode="history"),
+        "star": lambda: Constant(lam=0.0, end_step=config.steps),
+    }[arm.guidance]()
+
+
+def concat_rollouts(first: GuidedRollout, second: GuidedRollout) -> GuidedRollout:
+    """One batch of both (per-token fields right-padded to the longer), group ids kept distinct."""
+    width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
+
+    def join(name):
+        a, b = getattr(first, name), getattr(second, name)
+        if a.dim() == 2:
+            a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
+        return torch.cat([a, b])
+
+    fields = ("completion_ids", "completion_mask", "logprobs", "plain_logprobs", "guide_logprobs", "lam", "guided", "desynced")
+    return GuidedRollout(
+        prompt_ids=first.prompt_ids + second.prompt_ids,
+        group_ids=torch.cat([first.group_ids, second.group_ids + int(first.group_ids.max()) + 1]),
+        **{name: join(name) for name in fields},
+    )
+
+
+def plain_logprobs(model, rollout: GuidedRollout, pad_id: int, temperature: float) -> torch.Tensor:
+    """Teacher-forced log π_θ(o_t | plain prompt, o<t) at `temperature`, `[R, L]`, with gradient."""
+    width = max(map(len, rollout.prompt_ids))
+    prompts = torch.full((len(rollout), width), pad_id)
+    prompt_mask = torch.zeros((len(rollout), width), dtype=torch.long)
+    for row, ids in enumerate(rollout.prompt_ids):
+        prompts[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    input_ids = torch.cat([prompts, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, rollout.completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    predicting = logits[:, width - 1 : -1].float() / temperature
+    return torch.log_softmax(predicting, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class StepStats:
+    """Counters since the start of the run, and per-step figures for the log."""
+
+    rollouts: int = 0
+    row_tokens: int = 0
+    recent: list[dict] = field(default_factory=list)
+
+    def add(self, rollout: GuidedRollout, rewards: torch.Tensor, group_size: int, lam_mean: float) -> None:
+        lengths = rollout.completion_mask.sum(dim=1)
+        self.rollouts += len(rollout)
+        self.row_tokens += int((lengths * (1 + rollout.guided.long())).sum())
+        groups = rewards.view(-1, group_size)
+        guided, plain = rewards[rollout.guided], rewards[~rollout.guided]
+        self.recent.append({
+            "reward": rewards.mean().item(),
+            "guided_reward": guided.mean().item() if len(guided) else None,
+            "plain_reward": plain.mean().item() if len(plain) else None,
+            "guided_share": rollout.guided.float().mean().item(),
+            "informative_groups": (groups.std(dim=1) > 0).float().mean().item(),
+            "all_fail_groups": (groups.max(dim=1).values == 0).float().mean().item(),
+            "lam_mean": lam_mean,
+        })
+
+    def flush(self) -> dict:
+        """Means of the per-step figures since the last flush."""
+        summary = {}
+        for key in self.recent[0] if self.recent else ():
+            values = [s[key] for s in self.recent if s[key] is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        self.recent = []
+        return summary
+
+
+class GRPORun:
+    """One arm, one seed: the model, optimiser, controller and RL-set order, stepped by `step()`."""
+
+    def __init__(self, arm: Arm, config: RunConfig, seed: int, model, tokenizer, rl_set: list[Problem]):
+        self.arm, self.config, self.seed = arm, config, seed
+        self.model, self.tokenizer, self.rl_set = model, tokenizer, rl_set
+        self.group_size = config.group_size * arm.group_multiplier
+        self.controller = GuidanceController(make_schedule(arm, config))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
+        )
+        self.guidance = OFF_POLICY_MODES[arm.off_policy]
+        self.order: list[int] = []
+        self.shuffle = random.Random(seed)
+        self.stats = StepStats()
+
+    def next_problems(self) -> list[Problem]:
+        if len(self.order) < self.config.prompts_per_step:
+            self.order += self.shuffle.sample(range(len(self.rl_set)), len(self.rl_set))
+        batch, self.order = self.order[: self.config.prompts_per_step], self.order[self.config.prompts_per_step :]
+        return [self.rl_set[i] for i in batch]
+
+    def generate(self, problems: list[Problem], lams: list[float], step: int, salt: int = 0) -> tuple[GuidedRollout, torch.Tensor]:
+        rollout = guided_generate(
+            self.model, self.tokenizer, [p.prompt for p in problems], [p.answer for p in problems], lam=lams,
+            num_generations=self.group_size, max_new_tokens=MAX_NEW_TOKENS, temperature=self.config.temperature,
+            seed=(self.seed * 1_000_003 + step) * 2 + salt, hint_template=HINT_TEMPLATE,
+        )
+        rewards = completions_rewards(self.model, self.tokenizer, problems, rollout)
+        self.stats.add(rollout, rewards, self.group_size, sum(lams) / len(lams))
+        return rollout, rewards
+
+    @torch.no_grad()
+    def rollouts(self, step: int) -> tuple[GuidedRollout, torch.Tensor]:
+        problems = self.next_problems()
+        keys = [p.expression for p in problems]
+        lams = self.controller.lambdas(step, keys)
+        rollout, rewards = self.generate(problems, lams, step)
+        group_rewards = rewards.view(-1, self.group_size).tolist()
+        if self.controller.probes:  # Guide-GRPO: resample the groups that need help, guided, and train on both
+            followup = self.controller.followup_lambdas(step, group_rewards)
+            needy = [i for i, lam in enumerate(followup) if lam is not None]
+            if needy:
+                guided_lams = [followup[i] for i in needy]
+                extra, extra_rewards = self.generate([problems[i] for i in needy], guided_lams, step, salt=1)
+                self.controller.record(step, [keys[i] for i in needy], guided_lams,
+                                       extra_rewards.view(-1, self.group_size).tolist())
+                return concat_rollouts(rollout, extra), torch.cat([rewards, extra_rewards])
+        self.controller.record(step, keys, lams, group_rewards)
+        return rollout, rewards
+
+    def loss(self, rollout: GuidedRollout, rewards: torch.Tensor) -> torch.Tensor:
+        mask = rollout.completion_mask
+        logprobs = plain_logprobs(self.model, rollout, self.tokenizer.pad_token_id, self.config.temperature)
+        if self.arm.objective == "star":
+            keep = mask & (rewards > 0).unsqueeze(1)
+            return -(logprobs * keep).sum() / keep.sum().clamp_min(1)
+        weights = None
+        if self.guidance is not None:
+            weights = off_policy_weights(rollout.logprobs, rollout.plain_logprobs, mask, guidance=self.guidance).weights
+        advantages = group_advantages(rewards, self.group_size)
+        return grpo_loss(logprobs, logprobs.detach(), advantages, mask, weights=weights, clip_eps=self.config.clip_eps)
+
+    def step(self, step: int) -> None:
+        rollout, rewards = self.rollouts(step)
+        loss = self.loss(rollout, rewards)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.lr_schedule.step()
+
+
+def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, held_out, on_eval) -> None:
+    """Train one arm from `model` (modified in place), calling `on_eval(record)` at every evaluation point."""
+    torch.manual_seed(seed)
+    trainer = GRPORun(ARMS[arm_name], config, seed, model, tokenizer, rl_set)
+    start = time.perf_counter()
+    for step in range(config.steps + 1):
+        if step % config.eval_every == 0 or step == config.steps:
+            figures = evaluate(model, tokenizer, held_out, k=config.eval_k, temperature=config.temperature, seed=10_000)
+            on_eval({
+                "arm": arm_name, "seed": seed, "step": step, "rollouts": trainer.stats.rollouts,
+                "row_tokens": trainer.stats.row_tokens, "seconds": round(time.perf_counter() - start, 1),
+                "lam": trainer.controller.schedule.value(step), **figures, "train": trainer.stats.flush(),
+            })
+        if step < config.steps:
+            trainer.step(step)
+
+
+def config_dict(config: RunConfig) -> dict:
+    return asdict(config) | {"arms": {name: asdict(arm) for name, arm in ARMS.items()}}

@@ -1,0 +1,104 @@
+"""The dispatcher: which fused pass runs where, the first-use check against the reference, and its fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prodsample import dispatch, product_sample
+from prodsample.kernels.compiled import compiled_fused_sample
+from prodsample.sampling import ProductSample, reference_fused_sample
+
+# Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """Each test sees no earlier first-use checks."""
+    monkeypatch.setattr(dispatch, "_verified", {})
+
+
+def large_batch():
+    """Big enough for CPU "auto" to use the compiled path."""
+    rows, vocab = 2, dispatch.AUTO_COMPILE_MIN_LOGITS // 2
+    assert vocab >= dispatch.AUTO_COMPILE_MIN_VOCAB
+    return torch.randn(rows, vocab), torch.randn(rows, vocab)
+
+
+def test_unknown_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'compiled', 'triton'\)"):
+        dispatch.fused_sampler(torch.device("cpu"), "cuda-graphs")
+
+
+def test_explicit_backends():
+    assert dispatch.fused_sampler("cpu", "reference") is reference_fused_sample
+    assert dispatch.fused_sampler("cpu", "compiled") is compiled_fused_sample
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA devices, or anywhere under TRITON_INTERPRET=1"):
+        dispatch.fused_sampler("cpu", "triton")
+
+
+def test_cpu_auto_keeps_small_problems_on_the_reference(fresh_checks, monkeypatch):
+    called = []
+    monkeypatch.setattr(dispatch, "_verified_backend", lambda device, backend: called.append(backend))
+    out = product_sample(torch.randn(64, 1000), torch.randn(64, 1000), 0.5, seed=0, positions=0)
+    assert called == [] and out.token_ids.shape == (64,)
+
+
+def test_cpu_auto_uses_the_checked_compiled_path_for_large_batches(fresh_checks):
+    plain, guide = large_batch()
+    fused = dispatch.fused_sampler("cpu")
+    settings = (torch.full((2,), 0.5), torch.ones(2), None, torch.tensor([3, 4]))
+    assert torch.equal(fused(plain, guide, *settings).token_ids, reference_fused_sample(plain, guide, *settings).token_ids)
+    assert dispatch._verified[("cpu", "compiled")] is compiled_fused_sample
+
+
+def shifted_tokens(plain, guide, lam, temperature, threshold, keys) -> ProductSample:
+    """A plausible bug: right values, token off by one."""
+    out = reference_fused_sample(plain, guide, lam, temperature, threshold, keys)
+    return out._replace(token_ids=(out.token_ids + 1) % plain.shape[1])
+
+
+def crashing(*args) -> ProductSample:
+    raise RuntimeError("no C++ compiler")
+
+
+@pytest.mark.parametrize("broken, reason", [(shifted_tokens, "drew tokens"), (crashing, "no C\\+\\+ compiler")])
+def test_a_fast_path_that_disagrees_or_fails_falls_back_to_the_reference_with_a_warning(
+    fresh_checks, monkeypatch, broken, reason
+):
+    plain, guide = large_batch()
+    expected = product_sample(plain, guide, 0.5, seed=1, positions=0, backend="reference")
+    monkeypatch.setattr(dispatch, "_explicit", lambda device, backend: broken)
+    with pytest.warns(RuntimeWarning, match=f"'compiled' sampler on cpu is not used because .*{reason}.*falling back"):
+        out = product_sample(plain, guide, 0.5, seed=1, positions=0)
+    assert torch.equal(out.token_ids, expected.token_ids)
+    assert dispatch._verified[("cpu", "compiled")] is reference_fused_sample  # checked once, not per call
+
+
+def test_cuda_auto_falls_back_when_the_kernel_cannot_run(fresh_checks):
+    """Here there is no GPU: the first-use check fails, so "auto" on CUDA warns and uses the reference."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the kernel check runs for real")
+    with pytest.warns(RuntimeWarning, match="'triton' sampler on cuda"):
+        assert dispatch.fused_sampler("cuda") is reference_fused_sample
+
+
+def test_the_triton_kernel_passes_the_first_use_check():
+    triton = pytest.importorskip("triton")
+    if not triton.knobs.runtime.interpret:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from prodsample.kernels.product_sample import triton_fused_sample
+
+    for splits in (1, 2):
+        sampler = lambda *args, splits=splits: triton_fused_sample(*args, num_splits=splits)  # noqa: E731
+        assert dispatch._disagreement_with_reference(sampler, torch.device("cpu")) is None
+
+
+def test_other_devices_use_the_reference():
+    assert dispatch.fused_sampler("meta") is reference_fused_sample

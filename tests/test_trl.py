@@ -1,0 +1,481 @@
+"""TRL integration: GRPOTrainer runs on guided rollouts, λ follows the schedule, metrics reach the logs,
+the controller resumes, bad input fails clearly, and the framework-free helpers do what they say.
+
+The off-policy modes' gradients are checked against their analytic values in test_trl_bandit.py.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.controller import GuidanceController
+from prodsample.importance import ImportanceConfig
+from prodsample.importance import off_policy_weights
+from prodsample.schedules import Adaptive, Constant, Linear
+from prodsample.trl import (
+    DEFAULT_OFF_POLICY_MODE,
+    ROLLOUT_BACKENDS,
+    TRL_OFF_POLICY_MODES,
+    GuidedGRPOTrainer,
+    HeldOutEvalCallback,
+    engine_importance_config,
+    guidance_metrics,
+    guided_rollout_func,
+    hint_leakage,
+    off_policy_mode_weights,
+)
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+GUIDANCE_METRICS = [
+    "guidance/lambda_mean",
+    "guidance/lambda_std",
+    "guidance/guided_fraction",
+    "guidance/reward_guided",
+    "guidance/reward_plain",
+    "guidance/groups_informative",
+    "guidance/groups_all_fail",
+    "guidance/groups_all_pass",
+    "guidance/kl_q_pi",
+    "guidance/is_weight_mean",
+    "guidance/is_clipped_fraction",
+    "guidance/is_ess",
+    "guidance/length_guided",
+    "guidance/length_plain",
+    "guidance/hint_leakage_guided",
+    "guidance/hint_leakage_plain",
+    "guidance/desynced_fraction",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def config(tmp_path, **overrides) -> GRPOConfig:
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        learning_rate=1e-2,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+    )
+    return GRPOConfig(**{**settings, **overrides})
+
+
+def sums(count: int) -> Dataset:
+    return Dataset.from_list([{"prompt": f"{i % 5}+{i // 5}=", "answer": str(i % 5 + i // 5)} for i in range(count)])
+
+
+def contains_answer(completions, answer, **kwargs):
+    """The reward and held-out verifier: 1 when the completion contains the answer."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(expected in text) for text, expected in zip(texts, answer)]
+
+
+class RewardSpy:
+    """`contains_answer`, remembering what TRL passed it."""
+
+    __name__ = "contains_answer"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, answer, lam, guided, trainer_state, **kwargs):
+        self.calls.append({"step": trainer_state.global_step, "prompts": prompts, "lam": lam, "guided": guided})
+        return contains_answer(completions, answer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPOTrainer end to end
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_grpo_trainer_follows_the_schedule_and_logs_the_metrics(tokenizer, tmp_path):
+    """Chat prompts, Linear(0.5 → 1 by step 3) over 4 steps, held-out evaluation every 2 steps."""
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]} for row in sums(12)])
+    schedule = Linear(start=0.5, end_step=3)
+    reward = RewardSpy()
+    trainer = GuidedGRPOTrainer(
+        model=tiny_model(tokenizer, seed=0),
+        reward_funcs=reward,
+        args=config(tmp_path),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        rollout_func=guided_rollout_func(schedule, off_policy="token_truncate"),
+    )
+    heldout = HeldOutEvalCallback(trainer, chat.select(range(3)), contains_answer, eval_steps=2, num_samples=2)
+    trainer.add_callback(heldout)
+    trainer.train()
+
+    assert [call["step"] for call in reward.calls] == [0, 1, 2, 3]
+    for call in reward.calls:
+        assert call["lam"] == pytest.approx([schedule.value(call["step"])] * 8)
+        assert call["guided"] == [schedule.value(call["step"]) < 1] * 8
+    # Reward functions see the dataset's plain prompts, never the hint.
+    dataset_prompts = [row["prompt"] for row in chat]
+    for call in reward.calls:
+        assert all(prompt in dataset_prompts and "Hint" not in json.dumps(prompt) for prompt in call["prompts"])
+
+    logged = [entry for entry in trainer.state.log_history if "guidance/lambda_mean" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    for entry in logged:
+        assert entry["guidance/lambda_mean"] == pytest.approx(schedule.value(entry["step"] - 1))
+        assert entry["guidance/lambda_std"] == 0.0  # one λ per group, and every group shares the schedule's
+        assert all(name in entry for name in GUIDANCE_METRICS)
+    assert logged[0]["guidance/guided_fraction"] == 1.0 and logged[-1]["guidance/guided_fraction"] == 0.0
+    assert logged[-1]["guidance/kl_q_pi"] == 0.0 and logged[-1]["guidance/is_weight_mean"] == 1.0
+    evaluated = [entry for entry in trainer.state.log_history if "heldout/pass@1" in entry]
+    assert [entry["step"] for entry in evaluated] == [0, 2, 4]
+    assert all({"heldout/mean@2", "heldout/pass@2"} <= set(entry) for entry in evaluated)
+    assert [entry["step"] for entry in heldout.history] == [0, 2, 4]
+
+
+def test_guided_per_group_mixes_guided_and_plain_rollouts(tokenizer, tmp_path):
+    reward = RewardSpy()
+    trainer = GuidedGRPOTrainer(
+        model=tiny_model(tokenizer, seed=0),
+        reward_funcs=reward,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=sums(8),
+        processing_class=tokenizer,
+        rollout_func=guided_rollout_func(Constant(0.4, end_step=1), guided_per_group=1),
+    )
+    trainer.train()
+    assert reward.calls[0]["lam"] == pytest.approx([0.4, 1.0, 1.0, 1.0] * 2)
+    assert trainer.state.log_history[0]["guidance/guided_fraction"] == 0.25
+
+
+def test_guided_per_group_counts_positions_in_the_global_batch():
+    """A group can straddle two processes: positions are counted in TRL's global (process-major) order."""
+    rollout_func = guided_rollout_func(Constant(0.4, end_step=10), guided_per_group=2)
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=1), num_generations=4)
+    prompts = ["a", "a", "b", "b", "b", "b"]  # process 1 holds global entries 6..11: positions 2, 3, 0, 1, 2, 3
+    assert rollout_func.rollout_lambdas(trainer, prompts, training=True) == [1.0, 1.0, 0.4, 0.4, 1.0, 1.0]
+    assert rollout_func.rollout_lambdas(trainer, prompts, training=False) == [1.0] * 6
+
+
+def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatch):
+    """The seam for prodsample.vllm: one GuidedLLM per engine TRL syncs weights into, rendering with the
+    trainer's tokenizer, given the sampling settings (GuidedLLM.generate's keywords on the vllm branch).
+    A stand-in GuidedLLM, so this test needs neither vLLM nor the integration."""
+    calls = []
+
+    class StandInGuidedLLM:
+        def __init__(self, llm, tokenizer=None):
+            calls.append(("wrap", llm, tokenizer))
+
+        def generate(self, prompts, answers, **sampling):
+            calls.append(("generate", prompts, answers, sampling))
+            return "rollout"
+
+    class Engine:  # stands for vllm.LLM
+        pass
+
+    module = ModuleType("prodsample.vllm")
+    module.GuidedLLM = StandInGuidedLLM
+    monkeypatch.setitem(sys.modules, "prodsample.vllm", module)
+    engine = Engine()
+    trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine), processing_class="the trainer's tokenizer")
+    sampling = dict(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7, top_k=0,
+                    top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
+    for _ in range(2):
+        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], **sampling) == "rollout"
+    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], sampling)] * 2
+
+
+def test_the_vllm_backend_explains_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodsample.vllm", None)  # as if the vLLM integration were not installed
+    with pytest.raises(ImportError, match="backend='vllm' needs prodsample.vllm.GuidedLLM"):
+        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint and resume
+# ---------------------------------------------------------------------------------------------------------
+
+SOLVED = {"0+0=", "2+0="}
+
+
+class PromptReward:
+    """Success (reward ≥ 1) on SOLVED prompts whatever the completion, failure elsewhere; a small
+    completion-dependent part keeps the groups informative so the model trains."""
+
+    __name__ = "prompt_reward"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, lam, trainer_state, **kwargs):
+        self.calls.append([(trainer_state.global_step, prompt, value) for prompt, value in zip(prompts, lam)])
+        return [(1.0 if prompt in SOLVED else 0.0) + 0.1 * (len(text) % 2) for prompt, text in zip(prompts, completions)]
+
+
+def resumable_trainer(tokenizer, tmp_path, reward, **overrides):
+    # Rows repeat prompts, unshuffled, so steps 2-3 revisit the prompts of steps 0-1 within one epoch.
+    rows = [{"prompt": f"{i}+0=", "answer": str(i)} for i in (0, 1, 2, 3, 0, 1, 2, 3)]
+    controller = GuidanceController(Adaptive(Linear(0.5, end_step=6), mode="history"), success_threshold=0.9)
+    return GuidedGRPOTrainer(
+        model=tiny_model(tokenizer, seed=0),
+        reward_funcs=reward,
+        args=config(tmp_path, per_device_train_batch_size=8, max_steps=4, save_steps=2, save_strategy="steps", shuffle_dataset=False, max_completion_length=3),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        rollout_func=guided_rollout_func(controller),
+    )
+
+
+def test_resume_continues_the_schedule_and_the_controller(tokenizer, tmp_path):
+    straight_reward = PromptReward()
+    straight = resumable_trainer(tokenizer, tmp_path / "straight", straight_reward)
+    straight.train()
+
+    resumed_reward = PromptReward()
+    resumed = resumable_trainer(tokenizer, tmp_path / "resumed", resumed_reward)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+
+    straight_lams = [entry for call in straight_reward.calls for entry in call]
+    resumed_lams = [entry for call in resumed_reward.calls for entry in call]
+    assert {step for step, _, _ in resumed_lams} == {2, 3}
+    assert resumed_lams == [entry for entry in straight_lams if entry[0] >= 2]
+    # The controller is what decides: solved prompts are released to λ = 1, the others stay guided at the
+    # schedule's value, which a fresh controller (no records) would give every prompt.
+    expected = {(step, prompt): 1.0 if prompt in SOLVED else Linear(0.5, end_step=6).value(step) for step, prompt, _ in resumed_lams}
+    assert [(s, p, pytest.approx(lam)) for s, p, lam in resumed_lams] == [(s, p, expected[s, p]) for s, p, _ in resumed_lams]
+    assert resumed.rollout_func.controller.state_dict() == straight.rollout_func.controller.state_dict()
+    for name, parameter in straight.model.named_parameters():
+        torch.testing.assert_close(resumed.model.state_dict()[name], parameter.detach())
+
+
+def test_resume_refuses_a_checkpoint_without_the_controller(tokenizer, tmp_path):
+    checkpoint = tmp_path / "foreign"
+    trainer = resumable_trainer(tokenizer, tmp_path / "run", PromptReward())
+    trainer.args.max_steps = 1
+    trainer.train()
+    trainer.save_model(str(checkpoint))
+    trainer.state.save_to_json(str(checkpoint / "trainer_state.json"))
+    with pytest.raises(FileNotFoundError, match="prodsample_guidance.json"):
+        resumable_trainer(tokenizer, tmp_path / "again", PromptReward())._load_optimizer_and_scheduler(str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, **config_overrides):
+    return GuidedGRPOTrainer(
+        model=model if model is not None else tiny_model(tokenizer, seed=0),
+        reward_funcs=RewardSpy(),
+        args=config(tmp_path, **config_overrides),
+        train_dataset=dataset if dataset is not None else sums(8),
+        processing_class=tokenizer,
+        rollout_func=rollout_func if rollout_func is not None else guided_rollout_func(Linear(0.5, end_step=4)),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda tok, tmp: build(tok, tmp, dataset=Dataset.from_list([{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+2=", "answer": None}])),
+         ValueError, r"train_dataset row 1 has no answer in column 'answer'"),
+        (lambda tok, tmp: build(tok, tmp, dataset=Dataset.from_list([{"prompt": "1+1=", "solution": "2"}])),
+         ValueError, r"train_dataset has no 'answer' column"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), backend="sglang"),
+         ValueError, r"backend must be one of \['hf', 'vllm'\]"),
+        (lambda tok, tmp: build(tok, tmp, temperature=0.0),
+         ValueError, r"temperature must be > 0 .* greedy \(T = 0\) rollouts have no valid importance ratio"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), off_policy="clip_everything"),
+         ValueError, "off_policy must be one of"),
+        (lambda tok, tmp: guided_rollout_func(Adaptive(Linear(0.5, end_step=4), mode="probe")),
+         ValueError, "mode='probe'"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), backend="vllm")),
+         ValueError, "use_vllm=True"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=lambda prompts, trainer: {}),
+         TypeError, "needs rollout_func=prodsample.trl.guided_rollout_func"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="luffy_shaping"), num_iterations=2),
+         ValueError, "luffy_shaping"),
+        (lambda tok, tmp: build(tok, tmp, repetition_penalty=1.2),
+         ValueError, "repetition_penalty"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), guided_per_group=5)),
+         ValueError, "guided_per_group"),
+    ],
+    ids=["row without answer", "no answer column", "unknown backend", "temperature 0", "unknown off-policy mode",
+         "probe mode", "vllm backend without vllm", "foreign rollout_func", "luffy with reuse", "repetition penalty",
+         "guided_per_group > G"],
+)
+def test_bad_input_fails_clearly(tokenizer, tmp_path, make, error, message):
+    with pytest.raises(error, match=message):
+        make(tokenizer, tmp_path)
+
+
+def test_tokenizer_that_does_not_match_the_model(tokenizer, tmp_path):
+    small = tiny_model(tokenizer, seed=0)
+    small.resize_token_embeddings(len(tokenizer) - 10)
+    with pytest.raises(ValueError, match="tokenizer does not match the model"):
+        build(tokenizer, tmp_path, model=small)
+
+
+def test_schedules_that_never_reach_one_warn(tokenizer, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the schedule itself warns when built; the trainer must warn too
+        endless = guided_rollout_func(Constant(0.5))
+    with pytest.warns(UserWarning, match="never reaches lam = 1"):
+        build(tokenizer, tmp_path, rollout_func=endless)
+    with pytest.warns(UserWarning, match="reaches lam = 1 at step 40 but training stops at max_steps=4"):
+        build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=40)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=4)))
+
+
+def test_a_plain_grpo_trainer_is_refused_at_the_first_rollout(tokenizer, tmp_path):
+    trainer = GRPOTrainer(
+        model=tiny_model(tokenizer, seed=0),
+        reward_funcs=RewardSpy(),
+        args=config(tmp_path, max_steps=1),
+        train_dataset=sums(8),
+        processing_class=tokenizer,
+        rollout_func=guided_rollout_func(Linear(0.5, end_step=1)),
+    )
+    with pytest.raises(TypeError, match="need prodsample.trl.GuidedGRPOTrainer"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Framework-free helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_hint_leakage():
+    completions = [
+        "19",  # the answer alone: the format requires it
+        "the answer is 19",  # natural wording, not the hint's
+        "As the hint says, the correct final answer is 19",  # the hint's own wording
+        "(HINT:   the correct final answer is 19.)",  # the hint itself, any case and spacing
+        "The Correct Final Answer is nineteen",
+    ]
+    assert hint_leakage(completions, ["19"] * 5) == [False, False, True, True, True]
+    # A template with no wording of its own leaks only when its rendering of the answer appears.
+    assert hint_leakage(["19", "[19]", "so [ 19 ]"], ["19"] * 3, "{prompt}[{answer}]") == [False, True, False]
+
+
+def test_guidance_metrics_on_a_handmade_batch():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    logprobs = torch.tensor([[-0.5, -0.5, 0.0], [-1.0, 0.0, 0.0], [-2.0, -2.0, -2.0], [-0.1, -0.1, 0.0]])
+    plain = torch.tensor([[-1.0, -1.5, 0.0], [-1.0, 0.0, 0.0], [-2.0, -2.0, -2.0], [-0.1, -0.1, 0.0]])
+    weights = torch.tensor([[0.5, 2.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    metrics = guidance_metrics(
+        lam=torch.tensor([0.5, 0.5, 1.0, 1.0]),
+        guided=torch.tensor([True, True, False, False]),
+        desynced=torch.tensor([False, False, False, True]),
+        leaked=torch.tensor([True, False, False, False]),
+        rewards=torch.tensor([1.0, 0.0, 0.0, float("nan")]),  # groups [1, 0] and [0, unscorable]
+        group_size=2,
+        success_threshold=0.0,
+        logprobs=logprobs,
+        plain_logprobs=plain,
+        mask=mask,
+        weights=weights,
+        clipped_fraction=0.125,
+    )
+    assert metrics["guidance/lambda_mean"] == 0.75 and metrics["guidance/lambda_std"] == 0.25
+    assert metrics["guidance/reward_guided"] == 0.5 and metrics["guidance/reward_plain"] == 0.0
+    assert metrics["guidance/groups_informative"] == 0.5
+    assert metrics["guidance/groups_all_fail"] == 0.5 and metrics["guidance/groups_all_pass"] == 0.0
+    assert metrics["guidance/kl_q_pi"] == pytest.approx((0.5 + 1.0) / 8)
+    assert metrics["guidance/is_weight_mean"] == pytest.approx(8.5 / 8)
+    assert metrics["guidance/is_ess"] == pytest.approx(8.5**2 / (8 * 10.25))  # Σw² = 0.25 + 4 + 6·1
+    assert metrics["guidance/length_guided"] == 1.5 and metrics["guidance/length_plain"] == 2.5
+    assert metrics["guidance/hint_leakage_guided"] == 0.5 and metrics["guidance/hint_leakage_plain"] == 0.0
+    assert metrics["guidance/desynced_fraction"] == 0.25 and metrics["guidance/is_clipped_fraction"] == 0.125
+
+
+@pytest.mark.parametrize("mode", TRL_OFF_POLICY_MODES)
+def test_the_engine_weight_multiplies_every_mode(mode):
+    """With a separate engine, each mode's weight is its guidance weight times π_trainer/π_engine under
+    TRL's engine settings; without one (trainer_logprobs None), the guidance weight alone."""
+    generator = torch.Generator().manual_seed(0)
+    logprobs, plain = -torch.rand(3, 5, generator=generator) * 2, -torch.rand(3, 5, generator=generator) * 2
+    trainer_logprobs = plain + 0.3 * torch.randn(3, 5, generator=generator)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    guided = torch.tensor([True, True, False])
+    engine = ImportanceConfig("token", "truncate", cap=3.0)
+    # LUFFY shapes the trained policy's probability, π_trainer when an engine sampled.
+    alone = off_policy_mode_weights(mode, logprobs, trainer_logprobs if mode == "luffy_shaping" else plain, mask, guided)
+    with_engine = off_policy_mode_weights(mode, logprobs, plain, mask, guided, trainer_logprobs, engine=engine)
+    engine_weight = off_policy_weights(plain, plain, mask, trainer_logprobs, engine=engine).engine
+    torch.testing.assert_close(with_engine.weights, alone.weights * engine_weight)
+    assert not torch.allclose(engine_weight, torch.ones_like(engine_weight))
+
+
+def test_engine_settings_follow_trls_arguments(tmp_path):
+    default = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert engine_importance_config(default) == ImportanceConfig("sequence", "mask", cap=3.0)
+    truncated = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.0)
+    assert engine_importance_config(truncated) == ImportanceConfig("token", "truncate", cap=2.0)
+    floored = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_min=0.5)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
+        engine_importance_config(floored)
+
+
+def test_the_default_mode_is_a_named_mode():
+    assert DEFAULT_OFF_POLICY_MODE in TRL_OFF_POLICY_MODES
+    assert guided_rollout_func(Linear(0.5, end_step=4)).off_policy == DEFAULT_OFF_POLICY_MODE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scale-out: accelerate launch with 2 CPU processes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_example_under_accelerate_launch_with_two_processes(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(REPO / "examples" / "trl_grpo.py"), "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=540, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2
+    # Both processes hold the same controller (records from the gathered batch) as the checkpoint does.
+    controllers = [json.loads((tmp_path / f"controller-{rank}.json").read_text()) for rank in (0, 1)]
+    saved = json.loads((tmp_path / "checkpoint-2" / "prodsample_guidance.json").read_text())["controller"]
+    assert controllers[0] == controllers[1] == saved == summary["controller"]
+    logged = [entry for entry in summary["log_history"] if "guidance/lambda_mean" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2]
+    assert logged[0]["guidance/lambda_mean"] == 0.5
+    # 2 processes x 8 rollouts in groups of 4: the gathered batch holds 4 groups, all recorded.
+    assert len({step for _, _, step in saved["records"].values()}) == 2
+    assert [entry["step"] for entry in summary["heldout"]] == [0, 2]
