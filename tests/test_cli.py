@@ -179,6 +179,14 @@ def test_external_harness_seam(monkeypatch, capsys):
         cli.main(["absent"])
 
 
+@pytest.mark.parametrize("command, option", [("kernel", "--quick"), ("train", "--arms")])
+def test_kernel_and_train_reach_their_harness(command, option, capsys):
+    """Their runs are smoke-tested by their own suites (test_kernel_*, test_claim); here, the wiring."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0 and option in capsys.readouterr().out
+
+
 def test_console_script_is_installed():
     path = shutil.which("prodsample")
     assert path is not None

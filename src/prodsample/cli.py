@@ -4,12 +4,13 @@
     prodsample reward  [options]       # reward, informative groups, KL, leakage ... as a function of λ
     prodsample generate [options]      # decoding cost of guided vs plain, same model and prompts
     prodsample report DIR [DIR ...]    # rebuild tables, CSV/JSON and plots from a result directory
-    prodsample kernel / train ...      # the kernel benchmark (issue 5) and the claim experiment (issue 7)
+    prodsample kernel [options]        # the fused sampling kernel benchmark (issue 5)
+    prodsample train --out DIR [...]   # the claim experiment: GRPO arms with and without guidance (issue 7)
 
 Each command's harness lives in `prodsample.benchmarks` (the repository's `benchmarks/`). The built-in ones
 expose `add_arguments(parser)` and `main(args)`; a harness that keeps its own argument parser (`kernel`,
-`train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the registry: a
-harness that is not installed yet gets a subcommand that says which module and issue provide it.
+`train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the registry; a
+registered harness missing from an installation gets a subcommand that says which module and issue provide it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ HARNESSES = {
                       "validity and length as a function of λ on reasoning-gym tasks"),
     "generate": Harness("prodsample.benchmarks.generate", "tokens/s and time per step of guided vs plain decoding, "
                         "same model and prompts, ratios measured side by side"),
-    "kernel": Harness("prodsample.benchmarks.kernel", "the fused sampling kernel benchmark", own_parser=True,
-                      provided_by="the kernel work (issue 5, branch `kernel`)"),
-    "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance",
-                     own_parser=True, provided_by="the claim experiment (issue 7, branch `claim`)"),
+    "kernel": Harness("prodsample.benchmarks.kernel", "the fused sampling kernel against eager PyTorch and the "
+                      "other fast paths (issue 5)", own_parser=True, provided_by="the kernel work (issue 5)"),
+    "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance "
+                     "(issue 7)", own_parser=True, provided_by="the claim experiment (issue 7)"),
 }
 
 
