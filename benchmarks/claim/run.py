@@ -136,5 +136,10 @@ def parse_args(argv=None):
     return args
 
 
+def main(argv=None) -> None:
+    """The entry `prodsample train` calls with the rest of its command line."""
+    run_all(parse_args(argv))
+
+
 if __name__ == "__main__":
-    run_all(parse_args())
+    main()

@@ -1,0 +1,214 @@
+"""The harness's pieces: answer extraction, verification, hint leakage, summaries, shard plans, result files."""
+
+import json
+
+import pytest
+
+from prodsample.benchmarks import generate, reward
+from prodsample.benchmarks.errors import UsageError
+from prodsample.benchmarks.models import load_model
+from prodsample.benchmarks.runs import RunDir, invocation
+from prodsample.benchmarks.tasks import HintDetector, Task, answer_line, extract_answer, parse_task_spec
+
+
+@pytest.mark.parametrize(
+    "completion, expected, strict",
+    [
+        ("2 + 3 = 5\nAnswer: 5", "5", True),
+        ("answer: 7.", "7", True),  # case-insensitive, one trailing period dropped
+        ("Answer: 1\nwait, no.\nANSWER:  **12** ", "12", True),  # the last answer line wins; emphasis stripped
+        ("Answer: $3.5$", "3.5", True),
+        ("Answer: ['a', 'b']", "['a', 'b']", True),
+        ("5 - 3 = 2, so the answer is 2.", "2", False),  # no answer line: the last number
+        ("In total 1,024 legs, not -3.5 or 12", "12", False),
+        ("there are 1,024 legs", "1024", False),
+        ("Answer:\n5", "5", False),  # an empty answer line is not one; the number below is the last number
+        ("no idea", None, False),
+        ("", None, False),
+    ],
+)
+def test_extract_answer(completion, expected, strict):
+    assert extract_answer(completion) == expected
+    assert (answer_line(completion) is not None) == strict
+
+
+def test_verify_uses_the_task_verifier_and_rejects_invalid_format():
+    task = Task("basic_arithmetic:max_terms=2,max_digits=1", seed=3)
+    problem = task.problem(0)
+    assert task.verify(problem, f"steps...\nAnswer: {problem.answer}").reward == 1.0
+    wrong = str(int(problem.answer) + 1)
+    assert task.verify(problem, f"Answer: {wrong}").reward < 1.0
+    prose = task.verify(problem, f"so the result is {problem.answer}.")
+    assert not prose.format_valid and prose.reward == 1.0  # the flexible match still finds the answer
+    nothing = task.verify(problem, "I do not know")
+    assert nothing.extracted is None and not nothing.format_valid and nothing.reward == 0.0
+
+
+def test_task_problems_are_deterministic_and_carry_the_instruction():
+    first, again = Task("leg_counting", seed=1), Task("leg_counting", seed=1)
+    assert [first.problem(i).question for i in range(3)] == [again.problem(i).question for i in range(3)]
+    content = first.prompt(first.problem(0))[0]["content"]
+    assert content.startswith(first.problem(0).question.strip()) and 'Answer: <answer>' in content
+
+
+def test_task_spec_parsing_and_errors():
+    assert parse_task_spec("chain_sum:max_terms=3,max_digits=1") == ("chain_sum", {"max_terms": 3, "max_digits": 1})
+    assert parse_task_spec("gcd") == ("gcd", {})
+    with pytest.raises(UsageError, match="--task 'no_such_task'"):
+        Task("no_such_task")
+    with pytest.raises(UsageError, match="key=value"):
+        parse_task_spec("chain_sum:max_terms")
+    with pytest.raises(UsageError, match="rejected the config"):
+        Task("chain_sum:no_such_option=1")
+
+
+def test_hint_detector_default_and_custom_templates():
+    detect = HintDetector()
+    assert detect("The hint says 12, so Answer: 12")
+    assert detect("As given, the correct  final answer is 12.\nAnswer: 12")
+    assert not detect("2 + 10 = 12\nAnswer: 12")  # the answer on the answer line is what the format requires
+    custom = HintDetector("{prompt}\nA teacher whispers that it is {answer}.")
+    assert custom("a teacher whispers that it is 4") and not custom("it is 4")
+    with_nothing_to_match = HintDetector("{prompt} [{answer}]")
+    assert not with_nothing_to_match("[4]") and with_nothing_to_match("my hint: 4")
+
+
+def _rollout(reward, tokens=10, kl=0.0, format_valid=True, leaked=False, eos=True):
+    return {"reward": reward, "tokens": tokens, "kl_per_token": kl, "format_valid": format_valid, "leaked": leaked, "eos": eos}
+
+
+def test_reward_summary_group_statistics():
+    records = [
+        {"task": "t", "lam": 1.0, "rollouts": [_rollout(0.0), _rollout(0.0)]},  # all fail
+        {"task": "t", "lam": 1.0, "rollouts": [_rollout(1.0), _rollout(0.0, format_valid=False)]},  # informative
+        {"task": "t", "lam": 0.5, "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
+        {"task": "t", "lam": 0.5, "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
+    ]
+    plain, guided = reward.summarize(records)
+    assert (plain["lam"], guided["lam"]) == (1.0, 0.5)
+    assert plain["reward_rate"] == 0.25 and plain["pass_rate"] == 0.25
+    assert plain["informative"] == 0.5 and plain["all_fail"] == 0.5 and plain["all_pass"] == 0.0
+    assert plain["format_valid"] == 0.75
+    assert plain["reward_se"] == pytest.approx(0.25)  # group means 0 and 0.5: stdev 0.5/√2, over √2 groups
+    assert guided["reward_rate"] == 0.75 and guided["pass_rate"] == 0.5
+    assert guided["informative"] == 0.0 and guided["all_fail"] == 0.0 and guided["all_pass"] == 0.5
+    # KL is pooled over tokens: (0.2·30 + 0.6·10 + 0·10 + 0·10) / 60
+    assert guided["kl_per_token"] == pytest.approx(12 / 60)
+    assert guided["leakage"] == 0.25 and guided["truncated"] == 0.25 and guided["length"] == 15.0
+
+
+def _config(**overrides):
+    base = dict(
+        model="tiny", dtype="float32", tasks=["a", "b"], prompts=[5, 2], lams=[1.0, 0.5], generations=2,
+        max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, seed=0, hint_template="{prompt} {answer}",
+        prompts_per_shard=2,
+    )
+    return reward.RewardConfig(**{**base, **overrides})
+
+
+def test_reward_plan_covers_every_lambda_of_a_chunk_before_the_next_and_resumes():
+    shards = reward.plan(_config(), done=set())
+    assert [(s.task, s.lam, s.prompt_indices) for s in shards[:4]] == [
+        ("a", 1.0, (0, 1)), ("a", 0.5, (0, 1)), ("a", 1.0, (2, 3)), ("a", 0.5, (2, 3)),
+    ]
+    assert sum(len(s.prompt_indices) for s in shards) == (5 + 2) * 2
+    done = {("a", 1.0, 0), ("a", 1.0, 1), ("a", 0.5, 0)}
+    resumed = reward.plan(_config(), done)
+    assert resumed[0] == reward.Shard("a", 0.5, (1,))
+    assert sum(len(s.prompt_indices) for s in resumed) == (5 + 2) * 2 - 3
+
+
+def test_reward_noise_is_shared_across_lambda_but_not_across_chunks():
+    same_chunk = [reward.Shard("a", lam, (0, 1)).noise_seed(0) for lam in (1.0, 0.5, 0.0)]
+    assert len(set(same_chunk)) == 1
+    assert reward.Shard("a", 1.0, (2, 3)).noise_seed(0) != same_chunk[0]
+    assert reward.Shard("b", 1.0, (0, 1)).noise_seed(0) != same_chunk[0]
+    assert reward.Shard("a", 1.0, (0, 1)).noise_seed(1) != same_chunk[0]
+
+
+def test_generate_summary_pairs_ratios_by_repeat():
+    def record(method, repeat, step, seconds, sampling=None):
+        line = {"batch_size": 4, "method": method, "repeat": repeat, "new_tokens": 11, "seconds": seconds,
+                "prefill_seconds": 0.5, "step_seconds": step, "load_average": [1.0, 1.0, 1.0]}
+        if sampling is not None:
+            line["sampling_seconds"] = sampling
+        return line
+
+    # Repeat 1 runs on a machine twice as slow: paired ratios still come out exact.
+    records = [
+        record("plain", 0, 0.1, 2.0), record("guided_generate", 0, 0.15, 3.5, sampling=0.11),
+        record("plain", 1, 0.2, 4.0), record("guided_generate", 1, 0.3, 7.0, sampling=0.22),
+    ]
+    plain, guided = generate.summarize(records)
+    assert plain["step_ratio"] == 1.0 and plain["sampling_share"] is None
+    assert plain["step_ms"] == pytest.approx(1000 * (0.1 + 0.2) / 2) and plain["prefill_ms"] == 500
+    assert guided["step_ratio"] == pytest.approx(1.5) and guided["total_ratio"] == pytest.approx(1.75)
+    assert guided["step_ratio_min"] == pytest.approx(1.5) and guided["step_ratio_max"] == pytest.approx(1.5)
+    assert guided["sampling_share"] == pytest.approx((0.11 / 11) / 0.15)
+    assert guided["tokens_per_s"] == pytest.approx(4 * 11 / 5.25)
+
+
+def test_decode_clock_splits_prefill_from_decode_steps():
+    from prodsample.hf import guided_generate
+
+    loaded = load_model("tiny", device="cpu")
+    widths = []
+    loaded.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    clock = generate.DecodeClock(loaded.model)
+    with clock.running():
+        guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=4, seed=0)
+    assert widths[0] > 1 and widths[1:] == [1, 1, 1]  # one prefill, then one forward per later token
+    assert 0 < clock.prefill_seconds < clock.seconds and clock.prefill_seconds + clock.decode_seconds == pytest.approx(clock.seconds)
+    with pytest.raises(RuntimeError, match="no one-token forward"), clock.running():
+        guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=1, seed=0)
+
+
+def _start(run_dir, config):
+    run_dir.start(invocation("reward", "prodsample reward", config, ["model"], {"seed": 0}, "cpu"))
+
+
+def test_run_dir_checks_identity_and_keeps_provenance(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    _start(run_dir, {"model": "tiny", "prompts": 2})
+    run_dir.append([{"x": 1}])
+    again = RunDir(tmp_path / "run")
+    _start(again, {"model": "tiny", "prompts": 5})  # sizes may grow
+    again.append([{"x": 2}])
+    assert [r["invocation"] for r in again.records()] == [0, 1]
+    with pytest.raises(UsageError, match="model: 'tiny' -> 'other'"):
+        _start(RunDir(tmp_path / "run"), {"model": "other", "prompts": 5})
+    with pytest.raises(UsageError, match="holds a 'reward' run"):
+        RunDir(tmp_path / "run").start(invocation("generate", None, {"model": "tiny"}, ["model"], {}, "cpu"))
+
+    csv_text = again.write_csv("t.csv", [{"x": 1}], ["x"]).read_text()
+    comments = [json.loads(line[2:]) for line in csv_text.splitlines() if line.startswith("# ")]
+    assert len(comments) == 2 and all({"command", "git", "packages", "seeds", "machine"} <= set(c) for c in comments)
+    assert csv_text.splitlines()[-2:] == ["x", "1"]
+    summary = json.loads(again.write_json("s.json", {"rows": []}).read_text())
+    assert summary["provenance"][0]["git"]["revision"] and summary["provenance"][0]["packages"]["torch"]
+
+
+def test_run_dir_drops_a_torn_last_line_and_appends_after_it(tmp_path):
+    run_dir = RunDir(tmp_path)
+    _start(run_dir, {"model": "tiny"})
+    run_dir.append([{"x": 1}])
+    with run_dir.records_path.open("a") as handle:
+        handle.write('{"type": "record", "x": 2, "trunc')  # a kill in the middle of a write
+    assert [r["x"] for r in run_dir.records()] == [1]
+    run_dir.append([{"x": 3}])
+    assert [r["x"] for r in RunDir(tmp_path).records()] == [1, 3]
+
+
+def test_run_dir_rejects_damage_before_the_last_line(tmp_path):
+    (tmp_path / "records.jsonl").write_text('{"type": "invocation"}\nnot json\n{"type": "record"}\n')
+    with pytest.raises(UsageError, match="records.jsonl:2 is not valid JSON"):
+        RunDir(tmp_path).records()
+
+
+def test_load_model_tiny_and_bad_names(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    assert loaded.tokenizer.padding_side == "left" and not loaded.model.training
+    with pytest.raises(UsageError, match="--model"):
+        load_model(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(UsageError, match="--dtype"):
+        load_model("tiny", dtype="int3")
