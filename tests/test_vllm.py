@@ -276,3 +276,19 @@ def test_prefill_chunks_are_detected_flagged_and_recorded_exactly(stressed, hf):
     records = records_match_score(rollout, hf, per_rollout(prompts, generations), per_rollout(answers, generations),
                                   temperature=0.8)
     assert records <= TOL
+
+
+def test_benchmark_command_at_toy_size(tmp_path):
+    """`prodsample vllm` end to end on the tiny model: every run kind present, ratios and desyncs summarised."""
+    import json
+
+    from prodsample import cli
+
+    out = tmp_path / "vllm-tiny"
+    assert cli.main(["vllm", "--model", "tiny", "--dtype", "float32", "--prompts", "2", "--generations", "2",
+                     "--max-new-tokens", "4", "--rounds", "1", "--desync-prompts", "2", "--desync-generations", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert {run["kind"] for run in summary["runs"]} == {"desync", "plain", "guided", "guided_lam1"}
+    assert summary["desync"]["pairs"] == 4 and summary["time_per_token_ratio_guided_over_plain"]["median"] > 0
+    assert summary["command"].startswith("prodsample vllm --model tiny") and summary["git"]["revision"]
+    assert (out / "runs.csv").read_text().startswith("round,kind,")

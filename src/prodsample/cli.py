@@ -5,11 +5,12 @@
     prodsample generate [options]      # decoding cost of guided vs plain, same model and prompts
     prodsample report DIR [DIR ...]    # rebuild tables, CSV/JSON and plots from a result directory
     prodsample kernel [options]        # the fused sampling kernel benchmark (issue 5)
+    prodsample vllm --out DIR [...]    # guided vs plain decoding on one vLLM engine, desync rate (issue 4)
     prodsample train --out DIR [...]   # the claim experiment: GRPO arms with and without guidance (issue 7)
 
 Each command's harness lives in `prodsample.benchmarks` (the repository's `benchmarks/`). The built-in ones
 expose `add_arguments(parser)` and `main(args)`; a harness that keeps its own argument parser (`kernel`,
-`train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the registry; a
+`vllm`, `train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the registry; a
 registered harness missing from an installation gets a subcommand that says which module and issue provide it.
 """
 
@@ -42,6 +43,9 @@ HARNESSES = {
                         "same model and prompts, ratios measured side by side"),
     "kernel": Harness("prodsample.benchmarks.kernel", "the fused sampling kernel against eager PyTorch and the "
                       "other fast paths (issue 5)", own_parser=True, provided_by="the kernel work (issue 5)"),
+    "vllm": Harness("prodsample.benchmarks.vllm_generate", "guided vs plain tokens/s on one vLLM engine, and the "
+                    "desync rate of GuidedLLM's defaults (issue 4)", own_parser=True,
+                    provided_by="the vLLM integration (issue 4)"),
     "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance "
                      "(issue 7)", own_parser=True, provided_by="the claim experiment (issue 7)"),
 }
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv and argv[0] in HARNESSES and HARNESSES[argv[0]].own_parser:
-        return _import(argv[0]).main(argv[1:]) or 0
+        _import(argv[0]).main(argv[1:])  # these return their summary, not an exit status
+        return 0
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["prodsample", *argv])  # what every result file records as its command
     from prodsample.benchmarks.errors import UsageError
