@@ -9,7 +9,8 @@ task's answer) and scored by the task's verifier (rules in `prodsample.benchmark
   that give GRPO a gradient); all-fail (every reward 0) and all-pass (every reward 1) groups;
 - KL(q‖π) per token: the mean of log q − log π(o | prompt) over sampled tokens (`prodsample.importance.kl_q_pi`),
   an estimate of how far the guided sampler is from the policy a trainer updates;
-- hint leakage: share of rollouts that restate the hint (`tasks.HintDetector`);
+- hint leakage: share of rollouts that restate the hint (`prodsample.prompts.hint_leakage`, the rule the TRL
+  hook logs), computed from the recorded texts when the summary is built;
 - format-valid rate, mean completion length in tokens, and the share cut off at --max-new-tokens.
 
 Work is split into shards of --prompts-per-shard prompts at one λ (one `guided_generate` call each), appended to
@@ -28,12 +29,12 @@ from dataclasses import asdict, dataclass
 
 from prodsample.hf import guided_generate
 from prodsample.importance import kl_q_pi
-from prodsample.prompts import DEFAULT_HINT_TEMPLATE
+from prodsample.prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
 
 from . import harness
 from .errors import UsageError
 from .runs import RunDir, invocation, load_average
-from .tasks import HintDetector, Task
+from .tasks import Task
 
 KIND = "reward"
 # Families where SmolLM2-135M-Instruct succeeds rarely but not never at λ = 1 (probes: docs/cli.md).
@@ -163,16 +164,15 @@ def plan(config: RewardConfig, done: set[tuple[str, float, int]]) -> list[Shard]
 def sweep(config: RewardConfig, tasks: dict[str, Task], loaded, run_dir: RunDir) -> None:
     done = {(record["task"], record["lam"], record["prompt_index"]) for record in run_dir.records()}
     shards = plan(config, done)
-    detector = HintDetector(config.hint_template)
     total = sum(len(shard.prompt_indices) for shard in shards) * config.generations
     with harness.ProgressReport(total, "rollouts") as progress:
         for shard in shards:
             progress.describe(f"{shard.task} λ={shard.lam:g}")
-            run_dir.append(run_shard(shard, tasks[shard.task], loaded, config, detector))
+            run_dir.append(run_shard(shard, tasks[shard.task], loaded, config))
             progress.advance(len(shard.prompt_indices) * config.generations)
 
 
-def run_shard(shard: Shard, task: Task, loaded, config: RewardConfig, detector: HintDetector) -> list[dict]:
+def run_shard(shard: Shard, task: Task, loaded, config: RewardConfig) -> list[dict]:
     """One guided_generate call; one record per prompt (group) with its G rollouts."""
     problems = [task.problem(i) for i in shard.prompt_indices]
     started = time.perf_counter()
@@ -197,7 +197,6 @@ def run_shard(shard: Shard, task: Task, loaded, config: RewardConfig, detector: 
             "extracted": verdict.extracted,
             "format_valid": verdict.format_valid,
             "reward": verdict.reward,
-            "leaked": detector(text),
             "kl_per_token": float(kl_q_pi(rollout.logprobs[row : row + 1], rollout.plain_logprobs[row : row + 1], mask)),
             "log_q": float(rollout.logprobs[row].sum()),
             "log_pi": float(rollout.plain_logprobs[row].sum()),
@@ -244,11 +243,15 @@ COLUMNS = [
 ]
 
 
-def summarize(records: list[dict]) -> list[dict]:
+def summarize(records: list[dict], hint_template: str = DEFAULT_HINT_TEMPLATE) -> list[dict]:
     """One row per (task, λ), in task order of first appearance and λ descending."""
     groups = defaultdict(list)
     for record in records:
-        groups[(record["task"], record["lam"])].append(record["rollouts"])
+        texts = [rollout["text"] for rollout in record["rollouts"]]
+        leaked = hint_leakage(texts, [record["answer"]] * len(texts), hint_template)
+        groups[(record["task"], record["lam"])].append(
+            [rollout | {"leaked": flag} for rollout, flag in zip(record["rollouts"], leaked)]
+        )
     task_order = list(dict.fromkeys(record["task"] for record in records))
     rows = []
     for task, lam in sorted(groups, key=lambda key: (task_order.index(key[0]), -key[1])):
@@ -286,10 +289,10 @@ def _share(flags) -> float:
 
 def report(run_dir: RunDir) -> list[dict]:
     """Rebuild summary.json, summary.csv and reward.png from the records, and print the table."""
-    rows = summarize(run_dir.records())
+    config = run_dir.invocations()[-1]["config"]
+    rows = summarize(run_dir.records(), config["hint_template"])
     if not rows:
         raise UsageError(f"{run_dir.path} has no reward records yet")
-    config = run_dir.invocations()[-1]["config"]
     run_dir.write_json("summary.json", {"definitions": __doc__, "rows": rows})
     run_dir.write_csv("summary.csv", rows, [key for key, _, _ in COLUMNS] + ["rollouts"])
     plot(run_dir, rows)

@@ -23,11 +23,6 @@ A completion with neither gets reward 0 without asking the verifier.
 **Reward**: the task's own verifier, `dataset.score_answer(extracted, entry)`, in [0, 1]. Some verifiers give
 partial credit (reasoning-gym's default gives len(answer)/len(extracted) when the answer is a substring), so
 "pass" below means reward 1 and "fail" reward 0.
-
-**Hint leakage** (`hint_leaked`): the completion restates the hint, i.e. it mentions the word "hint" or repeats
-the hint template's own wording around the answer (for the default template, "the correct final answer
-is"). The answer itself on the "Answer:" line is what the format requires and is not leakage. Rollouts at
-λ = 1 never see the hint, so their leakage rate is the detector's false-positive rate.
 """
 
 from __future__ import annotations
@@ -35,16 +30,12 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from functools import cached_property
-
-from prodsample.prompts import DEFAULT_HINT_TEMPLATE
 
 from .errors import UsageError
 
 FORMAT_INSTRUCTION = 'Think step by step, then give your final answer on the last line as "Answer: <answer>".'
 ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-HINT_WORD = re.compile(r"\bhint", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -131,21 +122,3 @@ def last_number(completion: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
-class HintDetector:
-    """Says whether a completion restates the hint (rule in the module docstring)."""
-
-    def __init__(self, hint_template: str = DEFAULT_HINT_TEMPLATE):
-        self.hint_template = hint_template
-
-    @cached_property
-    def _template_wording(self) -> re.Pattern | None:
-        # The template's words between {prompt} and {answer}, without the word "hint" (matched on its own)
-        # and surrounding punctuation: for the default, "the correct final answer is".
-        before_answer = self.hint_template.split("{answer}")[0].split("{prompt}")[-1]
-        words = re.findall(r"[A-Za-z']+", HINT_WORD.sub(" ", before_answer))
-        return re.compile(r"\s+".join(map(re.escape, words)), re.IGNORECASE) if len(words) >= 2 else None
-
-    def __call__(self, completion: str) -> bool:
-        if HINT_WORD.search(completion):
-            return True
-        return bool(self._template_wording and self._template_wording.search(completion))

@@ -8,7 +8,7 @@ from prodsample.benchmarks import generate, reward
 from prodsample.benchmarks.errors import UsageError
 from prodsample.benchmarks.models import load_model
 from prodsample.benchmarks.runs import RunDir, invocation
-from prodsample.benchmarks.tasks import HintDetector, Task, answer_line, extract_answer, parse_task_spec
+from prodsample.benchmarks.tasks import Task, answer_line, extract_answer, parse_task_spec
 
 
 @pytest.mark.parametrize(
@@ -62,27 +62,17 @@ def test_task_spec_parsing_and_errors():
         Task("chain_sum:no_such_option=1")
 
 
-def test_hint_detector_default_and_custom_templates():
-    detect = HintDetector()
-    assert detect("The hint says 12, so Answer: 12")
-    assert detect("As given, the correct  final answer is 12.\nAnswer: 12")
-    assert not detect("2 + 10 = 12\nAnswer: 12")  # the answer on the answer line is what the format requires
-    custom = HintDetector("{prompt}\nA teacher whispers that it is {answer}.")
-    assert custom("a teacher whispers that it is 4") and not custom("it is 4")
-    with_nothing_to_match = HintDetector("{prompt} [{answer}]")
-    assert not with_nothing_to_match("[4]") and with_nothing_to_match("my hint: 4")
-
-
 def _rollout(reward, tokens=10, kl=0.0, format_valid=True, leaked=False, eos=True):
-    return {"reward": reward, "tokens": tokens, "kl_per_token": kl, "format_valid": format_valid, "leaked": leaked, "eos": eos}
+    text = "As the hint says, 12" if leaked else "12"
+    return {"reward": reward, "tokens": tokens, "kl_per_token": kl, "format_valid": format_valid, "text": text, "eos": eos}
 
 
 def test_reward_summary_group_statistics():
     records = [
-        {"task": "t", "lam": 1.0, "rollouts": [_rollout(0.0), _rollout(0.0)]},  # all fail
-        {"task": "t", "lam": 1.0, "rollouts": [_rollout(1.0), _rollout(0.0, format_valid=False)]},  # informative
-        {"task": "t", "lam": 0.5, "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
-        {"task": "t", "lam": 0.5, "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
+        {"task": "t", "lam": 1.0, "answer": "12", "rollouts": [_rollout(0.0), _rollout(0.0)]},  # all fail
+        {"task": "t", "lam": 1.0, "answer": "12", "rollouts": [_rollout(1.0), _rollout(0.0, format_valid=False)]},  # informative
+        {"task": "t", "lam": 0.5, "answer": "12", "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
+        {"task": "t", "lam": 0.5, "answer": "12", "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
     ]
     plain, guided = reward.summarize(records)
     assert (plain["lam"], guided["lam"]) == (1.0, 0.5)
@@ -157,7 +147,8 @@ def test_decode_clock_splits_prefill_from_decode_steps():
     clock = generate.DecodeClock(loaded.model)
     with clock.running():
         guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=4, seed=0)
-    assert widths[0] > 1 and widths[1:] == [1, 1, 1]  # one prefill, then one forward per later token
+    # prefill forwards (the shared prefix, then both contexts' rest) read several tokens; then one per later token
+    assert widths[-3:] == [1, 1, 1] and len(widths) > 3 and all(width > 1 for width in widths[:-3])
     assert 0 < clock.prefill_seconds < clock.seconds and clock.prefill_seconds + clock.decode_seconds == pytest.approx(clock.seconds)
     with pytest.raises(RuntimeError, match="no one-token forward"), clock.running():
         guided_generate(loaded.model, loaded.tokenizer, ["What is 1+1?"], ["2"], lam=0.5, max_new_tokens=1, seed=0)

@@ -13,7 +13,7 @@ import torch
 
 from prodsample import cli
 from prodsample.benchmarks.runs import RunDir
-from prodsample.benchmarks.tasks import HintDetector, Task
+from prodsample.benchmarks.tasks import Task
 
 TOY_REWARD = [
     "reward", "--model", "tiny", "--task", "basic_arithmetic:max_terms=2,max_digits=1", "--prompts", "3",
@@ -47,13 +47,12 @@ def test_reward_writes_records_summary_and_plot(reward_run):
 
 
 def test_reward_records_agree_with_the_verifier_and_the_sampler(reward_run):
-    task, detect = Task("basic_arithmetic:max_terms=2,max_digits=1", seed=0), HintDetector()
+    task = Task("basic_arithmetic:max_terms=2,max_digits=1", seed=0)
     for record in RunDir(reward_run).records():
         problem = task.problem(record["prompt_index"])
         assert record["answer"] == problem.answer
         for rollout in record["rollouts"]:
             assert rollout["reward"] == task.verify(problem, rollout["text"]).reward
-            assert rollout["leaked"] == detect(rollout["text"])
             assert 1 <= rollout["tokens"] <= 6
             if record["lam"] == 1.0:  # q is π: no guidance, no KL, no difference in log-probs
                 assert rollout["kl_per_token"] == 0.0 and rollout["log_q"] == pytest.approx(rollout["log_pi"])
@@ -150,7 +149,7 @@ def test_quick_runs_both_parts(tmp_path):
         (["reward", "--generations", "0"], "--generations must be >= 1"),
         (["reward", "--hint-template", "no fields"], "--hint-template"),
         (["generate", "--methods", "plain,warp_drive"], "unknown method 'warp_drive'"),
-        (["generate", "--methods", "vllm"], "prodsample.vllm"),
+        (["generate", "--methods", "vllm"], "`prodsample vllm`"),
         (["generate", "--batch-sizes", "4,x"], "--batch-sizes"),
         (["reward", "--threads", "none"], "--threads"),
         (["report", "/nonexistent/dir"], "holds no records.jsonl"),

@@ -32,7 +32,6 @@ from prodsample.trl import (
     engine_importance_config,
     guidance_metrics,
     guided_rollout_func,
-    hint_leakage,
     off_policy_mode_weights,
 )
 
@@ -366,19 +365,6 @@ def test_a_plain_grpo_trainer_is_refused_at_the_first_rollout(tokenizer, tmp_pat
 # ---------------------------------------------------------------------------------------------------------
 # Framework-free helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_hint_leakage():
-    completions = [
-        "19",  # the answer alone: the format requires it
-        "the answer is 19",  # natural wording, not the hint's
-        "As the hint says, the correct final answer is 19",  # the hint's own wording
-        "(HINT:   the correct final answer is 19.)",  # the hint itself, any case and spacing
-        "The Correct Final Answer is nineteen",
-    ]
-    assert hint_leakage(completions, ["19"] * 5) == [False, False, True, True, True]
-    # A template with no wording of its own leaks only when its rendering of the answer appears.
-    assert hint_leakage(["19", "[19]", "so [ 19 ]"], ["19"] * 3, "{prompt}[{answer}]") == [False, True, False]
 
 
 def test_guidance_metrics_on_a_handmade_batch():

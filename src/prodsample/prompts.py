@@ -8,9 +8,11 @@ template with `{prompt}` and `{answer}` fields can replace it.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_HINT_TEMPLATE", "add_hint", "render_prompt", "check_prompts_and_answers"]
+__all__ = ["DEFAULT_HINT_TEMPLATE", "add_hint", "render_prompt", "check_prompts_and_answers", "hint_leakage"]
 
 DEFAULT_HINT_TEMPLATE = "{prompt}\n\n(Hint: the correct final answer is {answer}.)"
 
@@ -56,3 +58,42 @@ def check_prompts_and_answers(prompts: Sequence[Prompt], answers: Sequence[str] 
             raise ValueError(f"prompts[{i}] is empty")
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise ValueError(f"answers[{i}] is missing: every guided prompt needs its answer as the hint")
+
+
+_LEAK_NGRAM = 4
+_HINT_WORD = re.compile(r"\bhint", re.IGNORECASE)
+
+
+def _word_ngrams(text: str) -> set[tuple[str, ...]]:
+    """Every run of `_LEAK_NGRAM` consecutive words of `text`, lower-cased."""
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i : i + _LEAK_NGRAM]) for i in range(len(words) - _LEAK_NGRAM + 1)}
+
+
+def hint_leakage(
+    completions: Sequence[str], answers: Sequence[str], template: str = DEFAULT_HINT_TEMPLATE
+) -> list[bool]:
+    """Whether each completion restates the hint, beyond stating the answer (which the format requires).
+
+    A completion leaks when, ignoring case and runs of whitespace, it contains the hint as the guide context
+    shows it (`template` with an empty prompt and the answer, e.g. "(Hint: the correct final answer is 19.)"
+    or "[19]"), any 4 consecutive words of the template's own wording ("the correct final answer" …), or,
+    when the template itself says "hint", the word "hint". The answer on its own never counts. Rollouts that
+    never saw the hint give the rule's false-positive rate.
+
+    Example:
+        >>> hint_leakage(["19", "As the hint says, 19", "the correct final answer is 19"], ["19"] * 3)
+        [False, True, True]
+    """
+    literal = " ".join(text for text, _, _, _ in string.Formatter().parse(template))
+    wording, names_hint = _word_ngrams(literal), bool(_HINT_WORD.search(literal))
+    leaked = []
+    for completion, answer in zip(completions, answers, strict=True):
+        hint = " ".join(template.format(prompt="", answer=answer).lower().split())
+        text = " ".join(completion.lower().split())
+        leaked.append(
+            bool(hint and hint in text)
+            or bool(_word_ngrams(completion) & wording)
+            or (names_hint and bool(_HINT_WORD.search(completion)))
+        )
+    return leaked

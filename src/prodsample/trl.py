@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import re
-import string
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -56,7 +54,7 @@ from .importance import (
     kl_q_pi,
     off_policy_weights,
 )
-from .prompts import DEFAULT_HINT_TEMPLATE
+from .prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
 from .rollout import GuidedRollout
 from .schedules import Schedule
 
@@ -192,42 +190,6 @@ def off_policy_mode_weights(
     return weights._replace(
         weights=combined, guidance=shaping, effective_sample_size=effective_sample_size(combined, mask)
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hint leakage
-# ---------------------------------------------------------------------------------------------------------
-
-_LEAK_NGRAM = 4
-
-
-def _word_ngrams(text: str) -> set[tuple[str, ...]]:
-    """Every run of `_LEAK_NGRAM` consecutive words of `text`, lower-cased."""
-    words = re.findall(r"\w+", text.lower())
-    return {tuple(words[i : i + _LEAK_NGRAM]) for i in range(len(words) - _LEAK_NGRAM + 1)}
-
-
-def hint_leakage(
-    completions: Sequence[str], answers: Sequence[str], template: str = DEFAULT_HINT_TEMPLATE
-) -> list[bool]:
-    """Whether each completion restates the hint, beyond stating the answer (which the format requires).
-
-    A completion leaks when, case- and whitespace-insensitively, it contains the hint as the guide context
-    shows it (`template` with an empty prompt and the answer, e.g. "(Hint: the correct final answer is 19.)"
-    or "[19]"), or any 4 consecutive words of the template's own wording ("the correct final answer" …).
-    The answer on its own never counts.
-
-    Example:
-        >>> hint_leakage(["19", "As the hint says, the correct final answer is 19"], ["19", "19"])
-        [False, True]
-    """
-    wording = _word_ngrams(" ".join(literal for literal, _, _, _ in string.Formatter().parse(template)))
-    leaked = []
-    for completion, answer in zip(completions, answers, strict=True):
-        hint = " ".join(template.format(prompt="", answer=answer).lower().split())
-        text = " ".join(completion.lower().split())
-        leaked.append(bool(hint and hint in text) or bool(_word_ngrams(completion) & wording))
-    return leaked
 
 
 # ---------------------------------------------------------------------------------------------------------
