@@ -402,7 +402,7 @@ class GuidedLLM:
 
     def _unit(self, call, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, limits) -> _Unit:
         contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
-        contexts.append((Role.PLAIN, plain_ids))  # guide first: see docs/vllm.md, "keeping pairs in step"
+        contexts.append((Role.PLAIN, plain_ids))  # guide first: see the README, "Keeping pairs in step"
         requests = []
         for role, ids in contexts:
             tag = GuidanceTag.checked(
