@@ -73,9 +73,9 @@ __all__ = [
     "guidance_metrics",
 ]
 
-# The off-policy mode used when none is named. Provisional: "none" is the original recipe (the bias it leaves
-# vanishes as λ → 1, and it costs nothing). The claim benchmark (benchmarks/claim) compares it with
-# "token_truncate"; switch this constant to the mode it records as best, and say so in docs/trl.md.
+# The off-policy mode used when none is named: "none", the original recipe (the bias it leaves vanishes as
+# λ → 1, and it costs nothing). In the claim benchmark (README, "The claim, tested") "token_truncate"
+# learned worse than "none" on the same rollouts; docs/trl.md gives the figures.
 DEFAULT_OFF_POLICY_MODE = "none"
 
 # The core's weight modes, plus LUFFY's policy shaping applied as a weight (see `off_policy_mode_weights`).
