@@ -85,3 +85,20 @@ def test_pipeline_smoke_every_arm(tmp_path):
     run.run_all(run.parse_args(toy))  # resuming a finished comparison runs nothing again
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(records)
     assert analyze.summarise(analyze.load_runs(out))["target_greedy_pass1"] == summary["target_greedy_pass1"]
+
+
+def test_exploratory_figures_follow_the_records():
+    """Per-seed figures, the seed-averaged curve and the mean pass@1 after step 0, from hand-made records."""
+
+    def records(arm, seed, curve):
+        return [{"arm": arm, "seed": seed, "step": 100 * i, "rollouts": 10 * i, "row_tokens": 20 * i,
+                 "greedy_pass1": value, "mean_at_k": value, "seconds": 1.0, "train": {}} for i, value in enumerate(curve)]
+
+    runs = {"plain": {0: records("plain", 0, [0.1, 0.2, 0.3]), 1: records("plain", 1, [0.1, 0.1, 0.2])}}
+    plain = analyze.summarise(runs)["arms"]["plain"]
+    assert plain["rollouts_to_target"] is None  # target 0.25 = mean final; seed 1 never reaches it
+    extra = plain["exploratory"]
+    assert extra["final_greedy_pass1_per_seed"] == {0: 0.3, 1: 0.2}
+    assert extra["rollouts_to_target_per_seed"] == {0: 20, 1: None}
+    assert extra["mean_greedy_pass1_after_step_0"] == pytest.approx((0.25 + 0.15) / 2)
+    assert [point["greedy_pass1"] for point in extra["curve"]] == pytest.approx([0.1, 0.15, 0.25])

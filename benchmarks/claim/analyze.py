@@ -7,6 +7,11 @@ and row-tokens consumed at the first evaluation point at or above the target (No
 arm: means over seeds with a percentile bootstrap CI over seeds (a resample containing a run that never
 reached the target has no finite mean, so its bound is reported as None). The claim's three conditions
 are evaluated as PROTOCOL.md states them.
+
+Also reported, per arm, and marked exploratory because the protocol did not name them: the per-seed finals
+and rollouts-to-target, the learning curve averaged over seeds at each evaluation step, and the mean held-out
+greedy pass@1 over the evaluation points after step 0 (the area under the curve per evaluation, a
+measure of learning speed that every run has, reached target or not) with its bootstrap CI over seeds.
 """
 
 from __future__ import annotations
@@ -75,8 +80,26 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> dict:
             "guided_reward": mean([_train_mean(records, "guided_reward") for records in seeds.values()]),
             "plain_reward": mean([_train_mean(records, "plain_reward") for records in seeds.values()]),
             "informative_groups": mean([_train_mean(records, "informative_groups") for records in seeds.values()]),
+            "exploratory": exploratory(seeds, to_target["rollouts"]),
         }
     return {"target_" + PRIMARY: target, "arms": arms, "claim": claim_verdict(arms)}
+
+
+def exploratory(seeds: dict[int, list[dict]], rollouts_to_target: list[float | None]) -> dict:
+    """Figures outside the protocol (see the module docstring); runs of one arm share evaluation steps."""
+    areas = [sum(r[PRIMARY] for r in records[1:]) / len(records[1:]) for records in seeds.values()]
+    steps = [r["step"] for r in next(iter(seeds.values()))]
+    return {
+        "final_" + PRIMARY + "_per_seed": {seed: records[-1][PRIMARY] for seed, records in seeds.items()},
+        "rollouts_to_target_per_seed": dict(zip(seeds, rollouts_to_target)),
+        "mean_" + PRIMARY + "_after_step_0": mean(areas),
+        "mean_" + PRIMARY + "_after_step_0_ci": bootstrap_ci(areas),
+        "curve": [
+            {"step": step, "rollouts": mean([records[i]["rollouts"] for records in seeds.values()]),
+             PRIMARY: mean([records[i][PRIMARY] for records in seeds.values()])}
+            for i, step in enumerate(steps)
+        ],
+    }
 
 
 def _train_mean(records: list[dict], key: str) -> float | None:
