@@ -41,19 +41,18 @@ def race_values64(plain, guide, lam, temperature, threshold, keys) -> torch.Tens
     return torch.where((temperature == 0).unsqueeze(1), z, z - log_noise)
 
 
-@st.composite
-def sampling_case(draw):
-    rows = draw(st.integers(1, 5))
-    vocab = draw(st.integers(2, 3000))
+def fused_inputs(draw, rows: int, vocab: int):
+    """The arguments of a fused backend, drawn to reach every code path: λ ∈ {0, 1} or inside, greedy rows,
+    −inf logits, a per-row threshold, half-precision inputs, ties. Shared with the Triton kernel's tests."""
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    scale = draw(st.sampled_from([0.0, 1.0, 4.0, 30.0]))
+    scale = draw(st.sampled_from([0.0, 1.0, 4.0, 30.0]))  # 0: every logit equal, all ties
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     plain = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
     guide = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
     mask_rate = draw(st.sampled_from([0.0, 0.3, 0.9]))
     plain = plain.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
     guide = guide.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
-    shared = torch.randint(0, vocab, (rows, 1), generator=generator)
+    shared = torch.randint(0, vocab, (rows, 1), generator=generator)  # one token every context keeps
     plain.scatter_(1, shared, 0.0)
     guide.scatter_(1, shared, 0.0)
     lam = torch.tensor([draw(st.sampled_from([0.0, 1.0]) | st.floats(1e-3, 1 - 1e-3)) for _ in range(rows)])
@@ -64,6 +63,11 @@ def sampling_case(draw):
         keep = torch.randint(1, vocab + 1, (rows, 1), generator=generator)
         threshold = torch.sort(z, dim=1, descending=True).values.gather(1, keep - 1).squeeze(1)
     return plain, guide, lam, temperature, threshold, noise_keys(rows, draw(st.integers(0, 2**40)))
+
+
+@st.composite
+def sampling_case(draw):
+    return fused_inputs(draw, draw(st.integers(1, 5)), draw(st.integers(2, 3000)))
 
 
 @settings(max_examples=60, deadline=None)

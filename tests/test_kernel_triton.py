@@ -24,7 +24,7 @@ from prodsample.kernels import product_sample as kernel  # noqa: E402
 from prodsample.sampling import mixed_logits, reference_fused_sample  # noqa: E402
 
 from .reference import chi_square_pvalue, product_distribution  # noqa: E402
-from .test_kernel_compiled import CHI_SQUARE_FILTERS, chi_square_logits  # noqa: E402  (the compiled path's test)
+from .test_kernel_compiled import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys  # noqa: E402
 
 # |kernel − float64| ≤ VALUE_RTOL·(1 + s), s = the row's largest finite |logit|·τ: float32 sums of ~V terms
 # each rounded at ~6e-8 relative, with margin.
@@ -66,10 +66,6 @@ def patch_language_once_per_launch():
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_once, launch
     yield
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = original_patch, original_launch
-
-
-def noise_keys(rows: int, seed: int = 0) -> torch.Tensor:
-    return noise.row_keys(torch.full((rows,), seed), torch.arange(rows), torch.full((rows,), 3))
 
 
 # --- float64 definitions -------------------------------------------------------------------------------
@@ -122,31 +118,12 @@ def assert_matches_float64(out, plain, guide, lam, temperature, threshold, keys)
 
 @st.composite
 def kernel_case(draw):
-    """Random batches that reach every code path: λ ∈ {0, 1} or inside, greedy rows, −inf logits, ragged
-    vocabularies over several blocks and splits, a per-row threshold, half-precision inputs, ties."""
+    """`fused_inputs` over ragged vocabularies spread across several blocks and splits."""
     rows = draw(st.integers(1, 3))
     vocab = draw(st.integers(1, 700))
     block = draw(st.sampled_from([64, 128, 256]))
     splits = draw(st.integers(1, min(3, triton.cdiv(vocab, block))))
-    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    scale = draw(st.sampled_from([0.0, 1.0, 4.0, 30.0]))  # 0: every logit equal, all ties
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    plain = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
-    guide = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
-    mask_rate = draw(st.sampled_from([0.0, 0.3, 0.9]))
-    plain = plain.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
-    guide = guide.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
-    shared = torch.randint(0, vocab, (rows, 1), generator=generator)  # one token every context keeps
-    plain.scatter_(1, shared, 0.0)
-    guide.scatter_(1, shared, 0.0)
-    lam = torch.tensor([draw(st.sampled_from([0.0, 1.0]) | st.floats(1e-3, 1 - 1e-3)) for _ in range(rows)])
-    temperature = torch.tensor([draw(st.sampled_from([0.0, 1.0]) | st.floats(0.3, 2.0)) for _ in range(rows)])
-    threshold = None
-    if draw(st.booleans()):
-        z = mixed_logits(plain, guide, lam, temperature)
-        keep = torch.randint(1, vocab + 1, (rows, 1), generator=generator)
-        threshold = torch.sort(z, dim=1, descending=True).values.gather(1, keep - 1).squeeze(1)
-    return plain, guide, lam, temperature, threshold, noise_keys(rows, draw(st.integers(0, 2**40))), block, splits
+    return (*fused_inputs(draw, rows, vocab), block, splits)
 
 
 @settings(max_examples=60, deadline=None)
