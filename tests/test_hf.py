@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.hf import ProductLogitsProcessor, build_contexts, guided_generate, score
 from prodsample.noise import exponential_noise, row_keys
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE
