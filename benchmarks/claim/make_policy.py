@@ -35,7 +35,9 @@ from .task import (
     rl_and_held_out,
 )
 
-DEFAULT_OUT = Path(__file__).parent / "policy"
+POLICY = Path(__file__).parent / "policy"  # the committed checkpoint every run starts from; shipped in the wheel
+# Relative to the working directory: the clone's committed copy when run from its root, never an installed package.
+DEFAULT_OUT = Path("benchmarks") / "claim" / "policy"
 
 
 def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: set[str], seed: int):
@@ -114,7 +116,7 @@ def train(args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (default: %(default)s, in the working directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)

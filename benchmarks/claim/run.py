@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import analyze
-from .make_policy import DEFAULT_OUT as DEFAULT_POLICY
+from .make_policy import POLICY as DEFAULT_POLICY
 from .task import rl_and_held_out
 from .train import ARMS, RunConfig, config_dict, run
 
