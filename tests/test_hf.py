@@ -11,7 +11,7 @@ from prodsample.hf import ProductLogitsProcessor, build_contexts, guided_generat
 from prodsample.noise import exponential_noise, row_keys
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE
 
-from .reference import log_softmax64
+from .helpers.reference import log_softmax64
 
 PROMPTS = ["What is 12+7?", "Add 3 and 4", "9*9="]  # different lengths: left padding is exercised
 ANSWERS = ["19", "7", "81"]

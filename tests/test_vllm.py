@@ -3,7 +3,7 @@
 - `guided`: GuidedLLM with its default settings. Same tokens as `prodsample.hf.guided_generate`, records
   equal to `prodsample.hf.score`, a chi-square test that the draws follow q, untagged requests untouched.
 - `stressed`: a KV cache of a few blocks and a prefill budget smaller than the prompts, every pair
-  submitted at once (no pacing), and a read-only observer (tests/vllm_observer.py) logging where each
+  submitted at once (no pacing), and a read-only observer (tests/helpers/vllm_observer.py) logging where each
   request stands at every step. Preemptions and prefill chunks happen; every rollout the observer saw fall
   out of step is flagged, no other, and every recorded log-prob is what was drawn.
 """
@@ -22,8 +22,8 @@ from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
-from . import vllm_observer  # noqa: E402
-from .reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .helpers import vllm_observer  # noqa: E402
+from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -231,7 +231,7 @@ class Unpaced(GuidedLLM):
 def stressed(model_dir):
     llm = build_engine(
         model_dir, max_model_len=256, block_size=32, num_gpu_blocks_override=24, max_num_batched_tokens=96,
-        logits_processors=["tests.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
+        logits_processors=["tests.helpers.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
     )
     return Unpaced(llm)
 
