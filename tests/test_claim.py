@@ -64,6 +64,7 @@ def test_concat_rollouts_pads_and_keeps_groups_apart(tiny_policy):
     assert joined.completion_lists()[:2] == first.completion_lists()
 
 
+@pytest.mark.slow
 def test_pipeline_smoke_every_arm(tmp_path):
     """Warm-up → every arm for two steps → summary and plot, at toy sizes (seconds)."""
     policy = tmp_path / "policy"

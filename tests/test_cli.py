@@ -186,6 +186,7 @@ def test_own_parser_commands_reach_their_harness(command, option, capsys):
     assert exit_info.value.code == 0 and option in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh process imports the whole harness
 def test_console_script_is_installed():
     path = shutil.which("prodsample")
     assert path is not None

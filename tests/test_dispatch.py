@@ -50,6 +50,7 @@ def test_cpu_auto_keeps_small_problems_on_the_reference(fresh_checks, monkeypatc
     assert called == [] and out.token_ids.shape == (64,)
 
 
+@pytest.mark.slow  # the first torch.compile in a process
 def test_cpu_auto_uses_the_checked_compiled_path_for_large_batches(fresh_checks):
     plain, guide = large_batch()
     fused = dispatch.fused_sampler("cpu")

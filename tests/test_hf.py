@@ -161,6 +161,7 @@ def test_seeded_generation_reproduces(llama, tokenizer):
     assert not torch.equal(first.completion_ids, other.completion_ids)
 
 
+@pytest.mark.slow
 def test_processor_and_guided_generate_draw_from_the_same_distribution(llama, tokenizer):
     """Two-sample chi-square on the first two tokens: generate's multinomial vs keyed noise."""
     draws, temperature, lam = 3000, 1.3, 0.5

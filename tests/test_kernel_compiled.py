@@ -23,8 +23,11 @@ VALUE_RTOL = 1e-5
 ALPHA = 1e-3
 DRAWS = 5_000  # more than the interpreted kernel's 400; each draw is a row padded to MIN_COMPILED_VOCAB
 
-# Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.slow,  # every test needs the compiled graph, and its first compile in a process takes seconds
+    # Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 def race_values64(plain, guide, lam, temperature, threshold, keys) -> torch.Tensor:

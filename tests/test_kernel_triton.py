@@ -292,6 +292,7 @@ def test_integer_logits_are_refused():
 # --- the distribution ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # interpreted, 400 draws take seconds
 @pytest.mark.parametrize("filters", CHI_SQUARE_FILTERS, ids=["tempered", "top_k"])
 def test_kernel_samples_follow_q(filters):
     plain, guide = chi_square_logits()

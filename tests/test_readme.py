@@ -12,7 +12,13 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
+def examples():
+    """Every block, those that build a vLLM engine (tens of seconds) marked slow."""
+    for index, block in enumerate(python_blocks()):
+        yield pytest.param(index, marks=[pytest.mark.slow] if "GuidedLLM(" in block else [])
+
+
+@pytest.mark.parametrize("index", examples())
 def test_python_examples_run(index):
     exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})
 

@@ -25,7 +25,7 @@ from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 from .helpers import vllm_observer  # noqa: E402
 from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engines for the session: seconds to build, more to stop
 
 PROMPTS = [
     "What is 12+7?",
