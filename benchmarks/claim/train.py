@@ -24,7 +24,7 @@ from prodsample.controller import GuidanceController
 from prodsample.grpo import group_advantages, grpo_loss
 from prodsample.importance import OFF_POLICY_MODES, off_policy_weights
 from prodsample.rollout import GuidedRollout
-from prodsample.schedules import Adaptive, Constant, Linear, Schedule
+from prodsample.schedules import Adaptive, Constant, Linear, Piecewise, Schedule
 
 from .evaluate import completions_rewards, evaluate
 from prodsample.hf import guided_generate
@@ -73,6 +73,7 @@ class RunConfig:
     clip_eps: float = 0.2
     lam_start: float = 0.5
     anneal_fraction: float = 0.5  # λ reaches 1 at this fraction of the steps
+    anneal_hold_fraction: float = 0.0  # λ stays at lam_start up to this fraction, then rises linearly
     eval_every: int = 200
     eval_k: int = 8
     threads: int = 1
@@ -81,9 +82,19 @@ class RunConfig:
     def anneal_steps(self) -> int:
         return max(1, round(self.anneal_fraction * self.steps))
 
+    @property
+    def hold_steps(self) -> int:
+        return round(self.anneal_hold_fraction * self.steps)
+
 
 def make_schedule(arm: Arm, config: RunConfig) -> Schedule:
-    annealed = Linear(start=config.lam_start, end_step=config.anneal_steps)
+    if config.hold_steps >= config.anneal_steps:
+        raise ValueError(f"anneal_hold_fraction ({config.anneal_hold_fraction}) must be below anneal_fraction "
+                         f"({config.anneal_fraction})")
+    annealed = (
+        Piecewise(points=((0, config.lam_start), (config.hold_steps, config.lam_start), (config.anneal_steps, 1.0)))
+        if config.hold_steps else Linear(start=config.lam_start, end_step=config.anneal_steps)
+    )
     return {
         "plain": lambda: Constant(lam=1.0),
         "annealed": lambda: annealed,
@@ -234,14 +245,17 @@ class GRPORun:
         self.lr_schedule.step()
 
 
-def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, held_out, on_eval) -> None:
-    """Train one arm from `model` (modified in place), calling `on_eval(record)` at every evaluation point."""
+def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, evaluate_policy, on_eval) -> None:
+    """Train one arm from `model` (modified in place), calling `on_eval(record)` at every evaluation point.
+
+    `evaluate_policy(model)` returns the figures an evaluation point records (see `run.py`).
+    """
     torch.manual_seed(seed)
     trainer = GRPORun(ARMS[arm_name], config, seed, model, tokenizer, rl_set)
     start = time.perf_counter()
     for step in range(config.steps + 1):
         if step % config.eval_every == 0 or step == config.steps:
-            figures = evaluate(model, tokenizer, held_out, k=config.eval_k, temperature=config.temperature, seed=10_000)
+            figures = evaluate_policy(model)
             on_eval({
                 "arm": arm_name, "seed": seed, "step": step, "rollouts": trainer.stats.rollouts,
                 "row_tokens": trainer.stats.row_tokens, "seconds": round(time.perf_counter() - start, 1),
