@@ -73,8 +73,14 @@ def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: 
     return rows
 
 
-def ladder_warmup_rows(num_easy: int, num_hinted: int, plain_rows: dict[str, int], exclude: set[str], seed: int):
-    """Easy rows (plain and hinted), every ladder level hinted, and `plain_rows[level]` plain rows per level."""
+def ladder_warmup_rows(num_easy: int, num_hinted: int, plain_rows: dict[str, int], exclude: set[str], seed: int,
+                       easy_plain_max_terms: int = EASY_DIFFICULTY.max_terms):
+    """Easy rows (hinted, and plain up to `easy_plain_max_terms` terms), every ladder level hinted, and
+    `plain_rows[level]` plain rows per level.
+
+    Plain easy rows of three terms teach a 3-term skill that transfers to level C (attempts 1-2 of the gate in
+    PROTOCOL-ladder.md); `easy_plain_max_terms=2` keeps every 3-term problem hinted only.
+    """
     unknown = set(plain_rows) - set(LADDER)
     if unknown:
         raise ValueError(f"plain_rows names unknown levels {sorted(unknown)}; levels are {list(LADDER)}")
@@ -83,7 +89,8 @@ def ladder_warmup_rows(num_easy: int, num_hinted: int, plain_rows: dict[str, int
         raise ValueError(f"plain_rows must lie in [0, num_hinted={num_hinted}] per level, got {too_many}")
     easy = make_problems(EASY_DIFFICULTY, num_easy, WARMUP_EASY_SEED + seed, exclude)
     hinted = lambda p: HINT_TEMPLATE.format(prompt=p.prompt, answer=p.answer)  # noqa: E731
-    rows = [(p.prompt, p.answer) for p in easy] + [(hinted(p), p.answer) for p in easy]
+    rows = [(p.prompt, p.answer) for p in easy if p.expression.count(" ") // 2 + 1 <= easy_plain_max_terms]
+    rows += [(hinted(p), p.answer) for p in easy]
     for level, difficulty in LADDER.items():
         problems = make_problems(difficulty, num_hinted, ladder_seed("warmup", level) + seed, exclude)
         rows += [(hinted(p), p.answer) for p in problems]
@@ -140,7 +147,8 @@ def train(args) -> dict:
     if args.ladder:
         sets = ladder_sets()
         exclude = {p.expression for split in sets.values() for problems in split.values() for p in problems}
-        rows = ladder_warmup_rows(args.num_easy, args.num_hinted, args.plain_rows, exclude, args.seed)
+        rows = ladder_warmup_rows(args.num_easy, args.num_hinted, args.plain_rows, exclude, args.seed,
+                                  args.easy_plain_max_terms)
         train_seconds = fit(model, tokenizer, rows, args)
         held_out = {level: evaluate(model, tokenizer, problems, **evaluation) for level, problems in sets["held_out"].items()}
         figures = {"held_out": held_out, "gate": gate(held_out)}
@@ -180,6 +188,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} ({DEFAULT_LADDER_OUT} with --ladder)")
     parser.add_argument("--ladder", action="store_true", help="make the difficulty ladder's checkpoint (issue 12)")
     parser.add_argument("--num-hinted", type=int, default=2000, help="--ladder: hinted warm-up problems per level")
+    parser.add_argument("--easy-plain-max-terms", type=int, default=EASY_DIFFICULTY.max_terms,
+                        help="--ladder: plain easy rows only up to this many terms (the rest hinted only)")
     parser.add_argument("--plain-rows", type=_level_counts, nargs="*", default=[], help="--ladder: LEVEL=COUNT ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
