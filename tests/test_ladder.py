@@ -26,6 +26,13 @@ def test_ladder_splits_are_disjoint_and_the_warmup_excludes_them():
     assert not any(len(p.split()) == 5 and max(len(t) for t in p[:-1].split()[::2]) == 2 for p in plain)  # no plain C
 
 
+def test_warmup_can_keep_three_term_problems_hinted_only():
+    rows = make_policy.ladder_warmup_rows(40, 2, {}, set(), seed=0, easy_plain_max_terms=2)
+    plain, hinted = [p for p, _ in rows if "[" not in p], [p for p, _ in rows if "[" in p]
+    assert plain and all(p.count(" ") == 2 for p in plain)  # "a + b=": two terms
+    assert any(p.count(" ") == 4 for p in hinted if "]" in p and len(p) < 16)  # easy 3-term, hinted
+
+
 def test_warmup_rows_refuse_unknown_levels_and_counts():
     with pytest.raises(ValueError, match="unknown levels"):
         make_policy.ladder_warmup_rows(1, 2, {"D": 1}, set(), seed=0)
@@ -125,6 +132,8 @@ def test_ladder_run_end_to_end(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and all(set(r["levels"]) == {"A", "B", "C"} for r in lines)
     assert all(set(r["levels"]["C"]) >= set(analyze_ladder.FIGURES) for r in lines)
+    assert [set(r.get("validation_levels", ())) for r in lines] == [set()] * 2 + [{"A", "B", "C"}] + [set()] * 2 + [
+        {"A", "B", "C"}]  # the validation split is measured at each run's final point only
     summary = json.loads((out / "summary.json").read_text())
     assert summary["readings"]["verdict"] in {"capacity", "inconclusive", "refuted"}  # star lifted nothing in 2 steps
     assert all((out / f"curves-{x}.png").exists() for x in ("rollouts", "row_tokens", "seconds"))

@@ -99,18 +99,21 @@ def append_lines(path: Path, records: list[dict]) -> None:
 
 
 def problems_and_evaluation(args, config: RunConfig, tokenizer):
-    """The RL problems, and the function that gives an evaluation point's figures for a model."""
+    """The RL problems, the function that gives an evaluation point's figures for a model, and the one that gives
+    what only the final point records (the ladder's validation figures, which choices during the study read)."""
     sampled = dict(k=config.eval_k, temperature=config.temperature, seed=10_000)
     if args.ladder is None:
         sets = rl_and_held_out(args.num_rl, args.num_held_out)
-        return sets.rl, lambda model: evaluate(model, tokenizer, sets.held_out, **sampled)
+        return sets.rl, lambda model: evaluate(model, tokenizer, sets.held_out, **sampled), lambda model: {}
     sets = ladder_sets()
 
-    def evaluate_levels(model):
-        return {"levels": {level: evaluate(model, tokenizer, problems, hinted=True, **sampled)
-                           for level, problems in sets[args.eval_split].items()}}
+    def levels(model, split):
+        return {level: evaluate(model, tokenizer, problems, hinted=True, **sampled)
+                for level, problems in sets[split].items()}
 
-    return training_problems(sets, args.ladder), evaluate_levels
+    final_extra = (lambda model: {}) if args.eval_split == "validation" else (
+        lambda model: {"validation_levels": levels(model, "validation")})
+    return training_problems(sets, args.ladder), lambda model: {"levels": levels(model, args.eval_split)}, final_extra
 
 
 def run_all(args) -> None:
@@ -119,7 +122,7 @@ def run_all(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     check_or_write_meta(args.out, shared_meta(args, config))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.policy)
-    rl_set, evaluate_policy = problems_and_evaluation(args, config, tokenizer)
+    rl_set, evaluate_policy, evaluate_final = problems_and_evaluation(args, config, tokenizer)
     runs_path, done = args.out / "runs.jsonl", finished_runs(args.out / "runs.jsonl")
     for seed in args.seeds:  # seed-major, so an interrupted comparison has every arm at the early seeds
         for arm in args.arms:
@@ -138,7 +141,7 @@ def run_all(args) -> None:
 
             model = LlamaForCausalLM.from_pretrained(args.policy)
             run(arm, seed, config, model, tokenizer, rl_set, evaluate_policy, on_eval)
-            records[-1]["final"] = True
+            records[-1] |= evaluate_final(model) | {"final": True}
             append_lines(runs_path, records)
     (analyze if args.ladder is None else analyze_ladder).write_summary(args.out)
 
