@@ -211,6 +211,7 @@ def test_baseline_keeping_expected_gradient_approaches_the_policy_gradient_like_
 # ---------------------------------------------------------------------------------------------------------
 
 VOCAB, LENGTH = 3, 2
+MAX_NEW_TOKENS = 3  # the generation limit, above these rollouts' length: the /L divisor is not a token mean
 _tables = torch.Generator().manual_seed(3)
 # Student logits: position 0 (no prefix) and position 1 given the first token. The hinted context adds its
 # own table to the *same* θ, so a teacher without a stop-gradient would leak gradient into θ and φ.
@@ -237,7 +238,7 @@ def _behaviour(lam):
 
 
 def _kl_target_gradient(lam):
-    """∇ of Σ_t E_{o<t ~ q}[KL(π_θ(·|o<t) ‖ π_T(·|o<t))] / L, teacher held fixed: by the closed form
+    """∇ of Σ_t E_{o<t ~ q}[KL(π_θ(·|o<t) ‖ π_T(·|o<t))] / max_new_tokens, teacher held fixed: by the closed form
     ∂KL/∂z = p ⊙ (log p − log p_T − KL) for student logits z, prefixes weighted by q's first-token marginal."""
     log_q, _ = _behaviour(lam)
     first_token = log_q[0, 0].exp()  # q(o_0), the same on every row
@@ -247,8 +248,8 @@ def _kl_target_gradient(lam):
         kl = (log_p.exp() * (log_p - log_t)).sum(-1, keepdim=True)
         return log_p.exp() * (log_p - log_t - kl)
 
-    grad0 = logit_gradient(THETA0, THETA0 + PHI0) / LENGTH
-    grad1 = first_token.unsqueeze(1) * logit_gradient(THETA1, THETA1 + PHI1) / LENGTH
+    grad0 = logit_gradient(THETA0, THETA0 + PHI0) / MAX_NEW_TOKENS
+    grad1 = first_token.unsqueeze(1) * logit_gradient(THETA1, THETA1 + PHI1) / MAX_NEW_TOKENS
     return grad0, grad1
 
 
@@ -285,7 +286,7 @@ def test_self_distill_full_kl_has_the_gradient_of_the_kl_on_the_visited_position
     mask = torch.ones(1, LENGTH)
 
     def loss_of(student, teacher, row):
-        return self_distill_kl_loss(student, teacher, mask, max_new_tokens=LENGTH)
+        return self_distill_kl_loss(student, teacher, mask, max_new_tokens=MAX_NEW_TOKENS)
 
     _assert_matches_target(_expected_estimator_gradient(loss_of, lam), lam)
 
@@ -300,7 +301,7 @@ def _token_loss(weighted):
         if weighted:  # capped π/q at λ = ½, from the differentiable π so that a missing detach would show
             log_q = _behaviour(0.5)[0][row : row + 1].gather(-1, tokens).squeeze(-1)
             weights = (logprobs - log_q).exp().clamp(max=10.0)
-        return self_distill_token_loss(logprobs, teacher_logprobs, torch.ones(1, LENGTH), max_new_tokens=LENGTH,
+        return self_distill_token_loss(logprobs, teacher_logprobs, torch.ones(1, LENGTH), max_new_tokens=MAX_NEW_TOKENS,
                                        token_weights=weights)
 
     return loss_of
