@@ -287,7 +287,8 @@ def self_distill_token_loss(
 
     Args:
         logprobs: `[R, L]` log π_θ(o_t | prompt), with gradient.
-        teacher_logprobs: `[R, L]` log π(o_t | prompt ⊕ hint) (`GuidedRollout.guide_logprobs`), detached here.
+        teacher_logprobs: `[R, L]` log π(o_t | prompt ⊕ hint), detached here (`GuidedRollout.guide_logprobs` on
+            guided rollouts; on λ = 1 ones the generator ran no hinted context: teacher-force it).
         mask: `[R, L]`, 1 for completion tokens.
         max_new_tokens: L; each rollout's token sum is divided by it.
         token_weights: `[R, L]` stop-gradient per-token weights, or None for 1 (rollouts drawn from π).
