@@ -131,7 +131,9 @@ def concat_rollouts(first: GuidedRollout, second: GuidedRollout) -> GuidedRollou
     )
 
 
-def vocabulary_logprobs(model, contexts: list[list[int]], rollout: GuidedRollout, pad_id: int, temperature: float) -> torch.Tensor:
+def vocabulary_logprobs(
+    model, contexts: list[list[int]], rollout: GuidedRollout, pad_id: int, temperature: float
+) -> torch.Tensor:
     """Teacher-forced log π_θ(· | context, o<t) at `temperature` over the vocabulary, `[R, L, V]`, with gradient.
 
     `contexts` holds one prompt per rollout: `rollout.prompt_ids` (plain) or the hinted prompts.
@@ -217,7 +219,9 @@ class GRPORun:
             self.optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
         )
         self.guidance = OFF_POLICY_MODES[arm.off_policy]
-        self.distill = DistillCoefficient(config.distill_coef, Linear(start=0.0, end_step=config.steps)) if arm.self_distill else None
+        self.distill = None
+        if arm.self_distill:
+            self.distill = DistillCoefficient(config.distill_coef, Linear(start=0.0, end_step=config.steps))
         self.order: list[int] = []
         self.shuffle = random.Random(seed)
         self.stats = StepStats()
@@ -270,7 +274,8 @@ class GRPORun:
             weighted = baseline_keeping_advantages(rewards, rollout.plain_logprobs, rollout.logprobs, mask,
                                                    self.group_size, truncate=self.config.bk_truncate)
             rewarded = rewards > 0
-            self.stats.record("rewarded_weight", (self.group_size * weighted.weights[rewarded]).sum().item(), int(rewarded.sum()))
+            rewarded_weight = (self.group_size * weighted.weights[rewarded]).sum().item()
+            self.stats.record("rewarded_weight", rewarded_weight, int(rewarded.sum()))
             return grpo_loss(logprobs, logprobs.detach(), weighted.loss_weights, mask, clip_eps=self.config.clip_eps,
                              max_new_tokens=MAX_NEW_TOKENS)
         weights = None
@@ -281,8 +286,8 @@ class GRPORun:
 
     def hinted_contexts(self, batch: Batch) -> list[list[int]]:
         """The hinted prompt of each rollout's problem, as token ids."""
-        _, hinted = build_contexts(self.tokenizer, [p.prompt for p in batch.problems], [p.answer for p in batch.problems],
-                                   HINT_TEMPLATE)
+        problems = batch.problems
+        _, hinted = build_contexts(self.tokenizer, [p.prompt for p in problems], [p.answer for p in problems], HINT_TEMPLATE)
         return [hinted[group] for group in batch.rollout.group_ids.tolist()]
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
