@@ -534,7 +534,7 @@ def test_example_under_accelerate_launch_with_two_processes(tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(REPO / "examples" / "trl_grpo.py"), "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
-        "--output-dir", str(tmp_path),
+        "--batch-size", "6", "--output-dir", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=540, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -547,6 +547,7 @@ def test_example_under_accelerate_launch_with_two_processes(tmp_path):
     logged = [entry for entry in summary["log_history"] if "guidance/lambda_mean" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
     assert logged[0]["guidance/lambda_mean"] == 0.5
-    # 2 processes x 8 rollouts in groups of 4: the gathered batch holds 4 groups, all recorded.
+    # 2 processes x 6 rollouts in groups of 4: 3 groups per step, the middle one on both processes, and every
+    # group recorded from the gathered batch (group statistics of one process's rows would fail here).
     assert len({step for _, _, step in saved["records"].values()}) == 2
     assert [entry["step"] for entry in summary["heldout"]] == [0, 2]
