@@ -61,6 +61,7 @@ __all__ = [
     "ROLLOUT_BACKENDS",
     "GuidedBatch",
     "GatheredBatch",
+    "gather_batch",
     "GuidedRolloutFunc",
     "guided_rollout_func",
     "GuidedGRPOTrainer",
