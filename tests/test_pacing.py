@@ -76,6 +76,7 @@ class FakeEngine:
 
     def step(self) -> list[FinishedRequest]:
         number = len(self.log) + 1
+        assert number <= 1000, "the driver keeps stepping an engine that has nothing left to run"
         if number == self.fail_at:
             raise RuntimeError("engine failure")
         added, self.pending = self.pending, []
@@ -158,15 +159,27 @@ def test_admission_is_limited_by_kv_blocks():
     assert [entered_at(engine.log)[r.plain.request_id] for r in rollouts] == [1, 1, 5, 5, 9]
 
 
-def test_admission_is_limited_by_the_prefill_budget():
-    # a pair prefills 10 + 12 = 22 tokens; the budget takes one pair's prefill and the running decodes
-    limits = ROOMY | dict(max_num_batched_tokens=30)
+def test_a_running_pair_counts_its_blocks_once():
+    # the pair: guide 6 + 8 new tokens = 4 blocks of 4, plain 4 + 8 = 3; each λ = 1 rollout: 4 + 2 = 2 blocks
+    limits = ROOMY | dict(kv_blocks=10, block_size=4)
+    rollouts = [rollout(0, max_new_tokens=8), rollout(1, lam=1.0, max_new_tokens=2), rollout(2, lam=1.0, max_new_tokens=2)]
+    engine = FakeEngine(limits)
+    PacedDriver().run(engine, rollouts)
+    assert_pairs_whole_and_within(engine.log, rollouts, limits)
+    # rollout 2 takes the blocks rollout 1 freed while the pair (7 blocks) still runs
+    assert [entered_at(engine.log)[r.plain.request_id] for r in rollouts] == [1, 1, 3]
+
+
+def test_admission_is_limited_by_the_prefill_budget_and_the_running_decodes():
+    # a pair prefills 10 + 12 = 22 tokens; the budget takes one pair's prefill beside one running pair's
+    # decodes (2 tokens), not beside two (4)
+    limits = ROOMY | dict(max_num_batched_tokens=25)
     rollouts = [rollout(i, prompt_len=10, max_new_tokens=6) for i in range(4)]
     engine = FakeEngine(limits)
     PacedDriver().run(engine, rollouts)
     assert_pairs_whole_and_within(engine.log, rollouts, limits)
-    assert [entered_at(engine.log)[r.plain.request_id] for r in rollouts] == [1, 2, 3, 4]
-    assert [step.scheduled_tokens for step in engine.log[:4]] == [22, 24, 26, 28]
+    assert [entered_at(engine.log)[r.plain.request_id] for r in rollouts] == [1, 2, 7, 8]
+    assert [step.scheduled_tokens for step in engine.log[:3]] == [22, 24, 4]
 
 
 def test_a_rollout_too_big_for_the_prefill_budget_enters_an_empty_engine_alone():
