@@ -162,7 +162,7 @@ def test_admission_is_limited_by_kv_blocks():
 def test_a_running_pair_counts_its_blocks_once():
     # the pair: guide 6 + 8 new tokens = 4 blocks of 4, plain 4 + 8 = 3; each λ = 1 rollout: 4 + 2 = 2 blocks
     limits = ROOMY | dict(kv_blocks=10, block_size=4)
-    rollouts = [rollout(0, max_new_tokens=8), rollout(1, lam=1.0, max_new_tokens=2), rollout(2, lam=1.0, max_new_tokens=2)]
+    rollouts = [rollout(0, max_new_tokens=8), *(rollout(i, lam=1.0, max_new_tokens=2) for i in (1, 2))]
     engine = FakeEngine(limits)
     PacedDriver().run(engine, rollouts)
     assert_pairs_whole_and_within(engine.log, rollouts, limits)
@@ -263,7 +263,9 @@ def test_a_pair_whose_guide_finishes_early_runs_on_and_keeps_its_blocks():
 def test_a_partner_the_engine_aborts_is_reported_with_the_tokens_it_has():
     engine = FakeEngine(finish_at={"prodsample-call-0-guide": 2})
     result = PacedDriver().run(engine, [rollout(0, max_new_tokens=4)])
-    assert result.completions == {"prodsample-call-0-guide": [100, 101], "prodsample-call-0-plain": [100, 101, 102, 103]}
+    assert result.completions == {
+        "prodsample-call-0-guide": [100, 101], "prodsample-call-0-plain": [100, 101, 102, 103]
+    }
 
 
 def test_a_request_dropped_by_the_engine_raises_instead_of_waiting_forever():
@@ -277,7 +279,8 @@ def test_a_request_dropped_by_the_engine_raises_instead_of_waiting_forever():
     engine = FakeEngine(ROOMY | dict(max_num_seqs=4), drop_at={"prodsample-call-0-guide": 2})
     with pytest.raises(RuntimeError, match="without finishing them"):
         PacedDriver().run(engine, rollouts)
-    assert "prodsample-call-2-plain" not in {r for step in engine.log for r in step.added}, "waiting rollouts never start"
+    started = {request_id for step in engine.log for request_id in step.added}
+    assert "prodsample-call-2-plain" not in started, "waiting rollouts never start"
 
 
 def test_an_engine_error_aborts_every_request_in_flight():

@@ -111,7 +111,9 @@ class RolloutRequests:
         if self.paired:
             guide, plain = self.requests
             if replace(guide.tag, role=Role.PLAIN) != plain.tag or guide.max_new_tokens != plain.max_new_tokens:
-                raise ValueError(f"rollout {self.name!r}: the guide and plain requests differ in more than role and prompt")
+                raise ValueError(
+                    f"rollout {self.name!r}: the guide and plain requests differ in more than role and prompt"
+                )
 
     @property
     def plain(self) -> EngineRequest:
