@@ -276,8 +276,8 @@ def engine_limits(llm: vllm.LLM) -> EngineLimits:
 
 
 class _SteppedLLM:
-    """`prodsample.pacing.SteppedEngine` over a `vllm.LLM`'s V1 `LLMEngine`: each request asks vLLM's own
-    sampler for greedy, so it keeps the token the processor forces, and returns its tokens once, finished."""
+    """`prodsample.pacing.SteppedEngine` over a `vllm.LLM`'s V1 `LLMEngine`. Requests ask vLLM's own sampler
+    for greedy (so it can only keep the token the processor forces) and return their tokens once, finished."""
 
     def __init__(self, llm: vllm.LLM) -> None:
         self.llm = llm
