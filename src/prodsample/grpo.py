@@ -15,7 +15,7 @@ GRPO (`group_advantages`, `grpo_loss`)
 w_t is a stop-gradient importance weight for training on rollouts not drawn from π (from
 `prodsample.importance.off_policy_weights`; 1 when None: the "none" recipe). LUFFY's policy shaping
 π_θ/(π_θ+γ) enters the same way, as the weight γ·π/(π+γ)² on guided tokens that
-`prodsample.trl.off_policy_mode_weights("luffy_shaping", ...)` computes (its gradient at π_θ = π_old).
+`prodsample.importance.off_policy_mode_weights("luffy_shaping", ...)` computes (its gradient at π_θ = π_old).
 
 Baseline-keeping importance weights (`baseline_keeping_advantages`), per group of G rollouts from q:
 
