@@ -96,7 +96,7 @@ def test_exploratory_figures_follow_the_records():
 
     def records(arm, seed, curve):
         return [{"arm": arm, "seed": seed, "step": 100 * i, "rollouts": 10 * i, "row_tokens": 20 * i,
-                 "greedy_pass1": value, "mean_at_k": value, "seconds": 1.0, "train": {}} for i, value in enumerate(curve)]
+                 "greedy_pass1": value, "mean_at_k": value, "pass_at_k": value, "seconds": 1.0, "train": {}} for i, value in enumerate(curve)]
 
     runs = {"plain": {0: records("plain", 0, [0.1, 0.2, 0.3]), 1: records("plain", 1, [0.1, 0.1, 0.2])}}
     plain = analyze.summarise(runs)["arms"]["plain"]
@@ -217,3 +217,21 @@ def test_baseline_keeping_arm_raises_the_weighted_log_likelihood(committed_polic
     before = weighted_log_likelihood()
     _sgd_step(trainer, batch)
     assert weighted_log_likelihood() > before
+
+
+def test_phase_matched_rewards_compare_the_same_steps():
+    """Guided rewards of an annealed arm and plain rewards of plain, read over the same evaluation windows."""
+
+    def records(arm, guided, plain):
+        return [{"arm": arm, "seed": 0, "step": 100 * i, "train": {} if i == 0 else
+                 {"guided_reward": guided[i - 1], "plain_reward": plain[i - 1], "informative_groups": 0.5}}
+                for i in range(len(guided) + 1)]
+
+    runs = {"annealed": {0: records("annealed", [0.9, 0.5, None, None], [None, None, 0.3, 0.4])},
+            "plain": {0: records("plain", [None] * 4, [0.1, 0.2, 0.3, 0.5])}}
+    phases = analyze.phase_matched_rewards(runs, anneal_end=200)
+    assert phases["annealed"]["first_window"]["guided_reward"] == pytest.approx(0.9)
+    assert phases["annealed"]["guided_phase"]["guided_reward"] == pytest.approx(0.7)
+    assert phases["plain"]["guided_phase"]["plain_reward"] == pytest.approx(0.15)  # not the later 0.4
+    assert phases["annealed"]["after"] == {"guided_reward": None, "plain_reward": pytest.approx(0.35),
+                                           "informative_groups": pytest.approx(0.5)}
