@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.testing"]
+MODULES = [
+    "prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.grpo",
+    "prodsample.metrics", "prodsample.testing",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

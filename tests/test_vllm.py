@@ -19,6 +19,7 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
+from prodsample.pacing import PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
@@ -215,16 +216,11 @@ def test_the_engine_rejects_tagged_requests_with_interfering_settings(guided):
 # -- desync: forced, observed, flagged -----------------------------------------------------------------------
 
 
-class Unpaced(GuidedLLM):
+class Unpaced(PacedDriver):
     """Submits every rollout at once, as a naive client would: the engine then preempts and chunks."""
 
-    @staticmethod
-    def _admit(engine, waiting, in_flight, limits):
-        while waiting:
-            unit = waiting.popleft()
-            for request_id, ids, params in unit.requests:
-                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = unit
+    def admit(self, waiting, running, limits):
+        return len(waiting)
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +229,7 @@ def stressed(model_dir):
         model_dir, max_model_len=256, block_size=32, num_gpu_blocks_override=24, max_num_batched_tokens=96,
         logits_processors=["tests.helpers.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
     )
-    return Unpaced(llm)
+    return GuidedLLM(llm, driver=Unpaced())
 
 
 def preemptions(llm) -> float:
