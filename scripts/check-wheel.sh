@@ -27,7 +27,8 @@ pip wheel --no-deps --no-build-isolation "$work/source" -w "$work/dist"
 wheel=$(ls "$work/dist"/prodsample-*.whl)
 echo "[check-wheel] built $(basename "$wheel") (${SECONDS}s)"
 
-# Every .py file of the three source folders and every file of the claim checkpoint, at its installed path.
+# Every .py file of the three source folders and every file of the claim checkpoint, at its installed path;
+# recorded results (benchmarks/results/, scripts included) are not part of the package.
 "$python" - "$work/source" "$wheel" <<'EOF'
 import sys, zipfile
 from pathlib import Path
@@ -38,6 +39,8 @@ expected = set()
 for folder, installed in folders.items():
     for path in (source / folder).rglob("*"):
         relative = path.relative_to(source / folder)
+        if installed == "prodsample/benchmarks" and relative.parts[0] == "results":
+            continue
         if path.is_file() and (path.suffix == ".py" or relative.parts[:2] == ("claim", "policy")):
             expected.add(f"{installed}/{relative.as_posix()}")
 missing = sorted(expected - set(zipfile.ZipFile(wheel).namelist()))
