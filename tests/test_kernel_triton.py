@@ -21,7 +21,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 from prodsample import noise, product_sample  # noqa: E402
 from prodsample.kernels import product_sample as kernel  # noqa: E402
-from prodsample.sampling import mixed_logits, reference_fused_sample  # noqa: E402
+from prodsample.fused import FusedInputs, mixed_logits, reference_fused_sample  # noqa: E402
 
 from .reference import chi_square_pvalue, product_distribution  # noqa: E402
 from .test_kernel_compiled import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys  # noqa: E402
@@ -96,12 +96,13 @@ def float64_outputs(plain, guide, lam, temperature, kept, keys, token_ids):
     return rows
 
 
-def assert_matches_float64(out, plain, guide, lam, temperature, threshold, keys):
+def assert_matches_float64(out, inputs: FusedInputs):
     """Same token as the eager reference (or a float64 near-tie of it), outputs within VALUE_RTOL of float64."""
+    plain, guide, lam, temperature, threshold, keys = inputs
     kept = mixed_logits(plain, guide, lam, temperature) >= (
         threshold.unsqueeze(1) if threshold is not None else -math.inf
     )
-    expected = reference_fused_sample(plain, guide, lam, temperature, threshold, keys)
+    expected = reference_fused_sample(inputs)
     definitions = float64_outputs(plain, guide, lam, temperature, kept, keys, out.token_ids)
     for row, exact in enumerate(definitions):
         tol = VALUE_RTOL * (1 + exact["scale"])
@@ -123,17 +124,15 @@ def kernel_case(draw):
     vocab = draw(st.integers(1, 700))
     block = draw(st.sampled_from([64, 128, 256]))
     splits = draw(st.integers(1, min(3, triton.cdiv(vocab, block))))
-    return (*fused_inputs(draw, rows, vocab), block, splits)
+    return fused_inputs(draw, rows, vocab), block, splits
 
 
 @settings(max_examples=60, deadline=None)
 @given(kernel_case())
 def test_kernel_matches_the_float64_definitions(case):
-    plain, guide, lam, temperature, threshold, keys, block, splits = case
-    out = kernel.triton_fused_sample(
-        plain, guide, lam, temperature, threshold, keys, block_size=block, num_splits=splits
-    )
-    assert_matches_float64(out, plain, guide, lam, temperature, threshold, keys)
+    inputs, block, splits = case
+    out = kernel.triton_fused_sample(inputs, block_size=block, num_splits=splits)
+    assert_matches_float64(out, inputs)
 
 
 # --- the noise -----------------------------------------------------------------------------------------
@@ -176,11 +175,11 @@ def test_a_weight_zero_context_has_no_influence_even_where_it_is_masked(lam, mas
     generator = torch.Generator().manual_seed(4)
     plain, guide = torch.randn(2, 300, generator=generator), torch.randn(2, 300, generator=generator)
     rows = dict(lam=torch.full((2,), lam), temperature=torch.tensor([0.8, 0.0]), threshold=None, keys=noise_keys(2))
-    clean = kernel.triton_fused_sample(plain, guide, block_size=128, **rows)
+    clean = kernel.triton_fused_sample(FusedInputs(plain, guide, **rows), block_size=128)
     masked_logits = {"plain": plain, "guide": guide}[masked].clone()
     masked_logits[:, 1:] = -math.inf  # everything but token 0
     dirty_plain, dirty_guide = (masked_logits, guide) if masked == "plain" else (plain, masked_logits)
-    dirty = kernel.triton_fused_sample(dirty_plain, dirty_guide, block_size=128, **rows)
+    dirty = kernel.triton_fused_sample(FusedInputs(dirty_plain, dirty_guide, **rows), block_size=128)
     unaffected = ["token_ids", "logprobs", "log_normalizer", "guide_logprobs" if masked == "plain" else "plain_logprobs"]
     for name in unaffected:
         assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
@@ -192,7 +191,9 @@ def test_greedy_ties_go_to_the_lowest_index(splits):
     plain = torch.zeros(1, 300)
     plain[0, [70, 71, 250]] = 5.0  # tied maxima across blocks (64) and splits
     out = kernel.triton_fused_sample(
-        plain, torch.zeros(1, 300), torch.ones(1), torch.zeros(1), None, noise_keys(1), block_size=64, num_splits=splits
+        FusedInputs(plain, torch.zeros(1, 300), torch.ones(1), torch.zeros(1), None, noise_keys(1)),
+        block_size=64,
+        num_splits=splits,
     )
     assert int(out.token_ids) == 70 == int(plain.argmax())
 
@@ -205,22 +206,24 @@ def test_race_ties_go_to_the_lowest_index(splits):
     plain = log_noise.clone()
     plain[0, :100] = -math.inf
     out = kernel.triton_fused_sample(
-        plain, torch.zeros(1, 300), torch.ones(1), torch.ones(1), None, keys, block_size=64, num_splits=splits
+        FusedInputs(plain, torch.zeros(1, 300), torch.ones(1), torch.ones(1), None, keys), block_size=64, num_splits=splits
     )
     assert int(out.token_ids) == 100
 
 
 def test_an_empty_batch():
     out = kernel.triton_fused_sample(
-        torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.ones(0), None, torch.zeros(0, dtype=torch.long)
+        FusedInputs(torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.ones(0), None, torch.zeros(0, dtype=torch.long))
     )
     assert all(x.shape == (0,) for x in out) and out.token_ids.dtype == torch.int64
 
 
 def test_single_token_vocabulary():
     out = kernel.triton_fused_sample(
-        torch.zeros(2, 1), torch.full((2, 1), 3.0), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.0]), None,
-        noise_keys(2),
+        FusedInputs(
+            torch.zeros(2, 1), torch.full((2, 1), 3.0), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.0]), None,
+            noise_keys(2),
+        )
     )
     assert out.token_ids.tolist() == [0, 0]
     assert out.logprobs.tolist() == [0.0, 0.0] and out.plain_logprobs.tolist() == [0.0, 0.0]
@@ -231,8 +234,8 @@ def test_strided_rows_read_like_contiguous_ones():
     hidden = torch.randn(3, 4, 500, generator=generator)  # [B, sequence, V]: the last position's logits
     plain, guide = hidden[:, -1, :], hidden[:, -2, :]
     rows = dict(lam=torch.full((3,), 0.5), temperature=torch.ones(3), threshold=None, keys=noise_keys(3))
-    strided = kernel.triton_fused_sample(plain, guide, block_size=128, **rows)
-    contiguous = kernel.triton_fused_sample(plain.contiguous(), guide.contiguous(), block_size=128, **rows)
+    strided = kernel.triton_fused_sample(FusedInputs(plain, guide, **rows), block_size=128)
+    contiguous = kernel.triton_fused_sample(FusedInputs(plain.contiguous(), guide.contiguous(), **rows), block_size=128)
     for got, want in zip(strided, contiguous):
         assert torch.equal(got, want)
 
@@ -269,13 +272,13 @@ def test_a_fully_masked_product_is_refused():
 def test_bad_launch_settings_name_the_argument(kwargs, error, message):
     rows = dict(lam=torch.ones(1), temperature=torch.ones(1), threshold=None, keys=noise_keys(1))
     with pytest.raises(error, match=message):
-        kernel.triton_fused_sample(torch.zeros(1, 200), torch.zeros(1, 200), **rows, **kwargs)
+        kernel.triton_fused_sample(FusedInputs(torch.zeros(1, 200), torch.zeros(1, 200), **rows), **kwargs)
 
 
 def test_integer_logits_are_refused():
     rows = dict(lam=torch.ones(1), temperature=torch.ones(1), threshold=None, keys=noise_keys(1))
     with pytest.raises(TypeError, match="plain_logits must be fp32, fp16 or bf16"):
-        kernel.triton_fused_sample(torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, 5), **rows)
+        kernel.triton_fused_sample(FusedInputs(torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, 5), **rows))
 
 
 # --- the distribution ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ The core (`mixing`, `sampling`, `noise`, `importance`, `schedules`) imports neit
 
 from .mixing import mix_logprobs
 from .rollout import GuidedRollout
-from .sampling import ProductSample, product_logprobs, product_sample
+from .fused import ProductSample
+from .sampling import product_logprobs, product_sample
 
 __version__ = "0.1.0"
 __all__ = [

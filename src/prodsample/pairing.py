@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .sampling import ProductSample, product_sample
+from .fused import ProductSample
+from .sampling import product_sample
 
 __all__ = [
     "EXTRA_ARGS_KEY",
