@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.benchmarks.tiny"]
+MODULES = ["prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.benchmarks.tiny", "prodsample.settings"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -18,6 +18,7 @@ from .mixing import mix_logprobs
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
 from .rollout import GuidedRollout
 from .sampling import product_logprobs, product_sample
+from .settings import SamplingSettings
 
 __all__ = ["ProductLogitsProcessor", "guided_generate", "score", "build_contexts"]
 
@@ -84,24 +85,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)
 
 
-def _rollout_lambdas(lam, num_prompts: int, num_generations: int) -> torch.Tensor:
-    """λ as a float, one per prompt (group), or one per rollout → float32 `[num_prompts · G]`."""
-    rollouts = num_prompts * num_generations
-    values = torch.as_tensor(lam, dtype=torch.float32).flatten()
-    if values.numel() == 1:
-        values = values.expand(rollouts)
-    elif values.numel() == num_prompts:
-        values = values.repeat_interleave(num_generations)
-    elif values.numel() != rollouts:
-        raise ValueError(
-            f"lam must be a float, one value per prompt ({num_prompts}) or one per rollout ({rollouts}), "
-            f"got {values.numel()} values"
-        )
-    if torch.isnan(values).any() or (values < 0).any() or (values > 1).any():
-        raise ValueError("lam must lie in [0, 1]")
-    return values.contiguous()
-
-
 class _EvalMode:
     """Generation runs without dropout; the model's mode is restored afterwards."""
 
@@ -162,13 +145,11 @@ class ProductLogitsProcessor(LogitsProcessor):
                 f"guide_attention_mask must have the shape of guide_input_ids {tuple(guide_input_ids.shape)}, "
                 f"got {tuple(guide_attention_mask.shape)}"
             )
-        if not float(temperature) >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.model = model
         self.guide_input_ids = guide_input_ids
         self.guide_attention_mask = guide_attention_mask
-        self.lam = lam
-        self.temperature = float(temperature)
+        self.settings = SamplingSettings(lam=lam, temperature=temperature)
+        self.temperature = self.settings.temperature
         self._reset()
 
     def _reset(self) -> None:
@@ -188,7 +169,7 @@ class ProductLogitsProcessor(LogitsProcessor):
                 f"guide_input_ids has {prompts} rows but generate runs {rows}: pass one guide prompt per plain prompt"
             )
         repeats = rows // prompts
-        self._rows_lam = _rollout_lambdas(self.lam, prompts, repeats).to(input_ids.device)
+        self._rows_lam = self.settings.lam_per_rollout(prompts, repeats).to(input_ids.device)
         self._prompt_width = input_ids.shape[1]
         guide_ids = self.guide_input_ids.to(input_ids.device).repeat_interleave(repeats, dim=0)
         self._guide_mask = self.guide_attention_mask.to(input_ids.device).repeat_interleave(repeats, dim=0)
@@ -447,10 +428,11 @@ def guided_generate(
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
     _check_tokenizer_matches(model, tokenizer)
     plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
     num_prompts = len(prompts)
-    lam_rows = _rollout_lambdas(lam, num_prompts, num_generations)
+    lam_rows = settings.lam_per_rollout(num_prompts, num_generations)
     group_ids = torch.arange(num_prompts).repeat_interleave(num_generations)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
@@ -485,10 +467,7 @@ def guided_generate(
                 plain_logits,
                 guide_logits,
                 lam_device[batch.rollouts],
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
+                **settings.sampler_kwargs(),
                 seed=seed,
                 rollout_ids=batch.rollouts,
                 positions=position,
@@ -579,10 +558,11 @@ def score(
     for i, completion in enumerate(completions):
         if len(completion) == 0:
             raise ValueError(f"completions[{i}] is empty; score needs at least one token per completion")
+    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
     _check_tokenizer_matches(model, tokenizer)
     plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
     rollouts = len(completions)
-    lam_rows = _rollout_lambdas(lam, rollouts, 1)
+    lam_rows = settings.lam_per_rollout(rollouts, 1)
     guided = lam_rows < 1.0
     pad_id = _pad_id(tokenizer)
     completions = [list(map(int, completion)) for completion in completions]
@@ -605,10 +585,7 @@ def score(
         torch.cat(guide_logits),
         token_lam.to(model.device),
         torch.tensor([token for completion in completions for token in completion], device=model.device),
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
+        **settings.sampler_kwargs(),
     )
     width = int(lengths.max())
     completion_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)

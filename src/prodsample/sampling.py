@@ -37,6 +37,7 @@ from . import dispatch
 from .fused import FusedInputs, FusedSampler, ProductSample, kept_mixed_logits, mixed_logits, outputs_at
 from .mixing import as_row_tensor, check_logits_pair, check_no_nan, fully_masked_message
 from .noise import row_keys
+from .settings import check_sampling_values
 
 __all__ = ["product_sample", "product_logprobs", "filter_threshold", "select_backend"]
 
@@ -55,37 +56,25 @@ class SamplingRows(NamedTuple):
     min_p: torch.Tensor | None  # float32, 0 = off
 
 
-def _check_range(value, name: str, low: float, high: float, *, low_open: bool = False) -> None:
-    tensor = torch.as_tensor(value, dtype=torch.float64)
-    below = tensor <= low if low_open else tensor < low
-    if torch.isnan(tensor).any() or below.any() or (tensor > high).any():
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must lie in {interval}, got {value if tensor.dim() == 0 else tensor.tolist()}")
-
-
-def _optional_rows(value, name, rows, device, dtype, off_value, low, high, low_open=False):
+def _optional_rows(value, name, rows, device, dtype, off_value):
     if value is None:
         return None
-    _check_range(value, name, low, high, low_open=low_open)
     tensor = as_row_tensor(value, name, rows, device, dtype)
     return None if bool((tensor == off_value).all()) else tensor
 
 
 def _settings_rows(rows: int, vocab: int, device, lam, temperature, top_k, top_p, min_p) -> SamplingRows:
     """Validate λ, temperature and the filters, and broadcast each to `[B]` (filters that are off → None)."""
-    _check_range(lam, "lam", 0.0, 1.0)
-    _check_range(temperature, "temperature", 0.0, math.inf)
-    if top_k is not None and (torch.as_tensor(top_k) < 0).any():
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    top_k_rows = None if top_k is None else as_row_tensor(top_k, "top_k", rows, device, torch.int64)
+    check_sampling_values(lam=lam, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    top_k_rows = _optional_rows(top_k, "top_k", rows, device, torch.int64, 0)
     if top_k_rows is not None and bool(((top_k_rows == 0) | (top_k_rows >= vocab)).all()):
         top_k_rows = None
     return SamplingRows(
         lam=as_row_tensor(lam, "lam", rows, device),
         temperature=as_row_tensor(temperature, "temperature", rows, device),
         top_k=top_k_rows,
-        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0, 0.0, 1.0, low_open=True),
-        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0, 0.0, 1.0),
+        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0),
+        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0),
     )
 
 

@@ -27,7 +27,7 @@ Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 import uuid
 import weakref
@@ -46,6 +46,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 from .pairing import DesyncCause, GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
 from .rollout import GuidedRollout
+from .settings import SamplingSettings
 
 if TYPE_CHECKING:
     import vllm
@@ -376,8 +377,8 @@ class GuidedLLM:
         Sets `last_stats`."""
         check_prompts_and_answers(prompts, answers)
         rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        lams = _lam_per_rollout(lam, len(prompts), num_generations)
-        settings = _sampling_settings(temperature, top_k, top_p, min_p)
+        settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+        lams = settings.lam_per_rollout(len(prompts), num_generations).tolist()
         _positive_int(max_new_tokens, "max_new_tokens")
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
 
@@ -405,9 +406,9 @@ class GuidedLLM:
         contexts.append((Role.PLAIN, plain_ids))  # guide first: see the README, "Keeping pairs in step"
         requests = []
         for role, ids in contexts:
-            tag = GuidanceTag.checked(
-                rollout=f"{call}-{r}", role=role, rollout_index=r, seed=seed, lam=lam,
-                release_token=self.tokenizer.eos_token_id, **settings,
+            tag = GuidanceTag(
+                rollout=f"{call}-{r}", role=role, rollout_index=r, seed=seed,
+                release_token=self.tokenizer.eos_token_id, settings=dataclasses.replace(settings, lam=lam),
             )
             params = SamplingParams(
                 max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
@@ -537,28 +538,3 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
-    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
-    if torch.as_tensor(lam).dim() == 0:
-        values = values * prompts * num_generations
-    elif len(values) == prompts:
-        values = [v for v in values for _ in range(num_generations)]
-    elif len(values) != prompts * num_generations:
-        raise ValueError(
-            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
-            f"got {len(values)} values"
-        )
-    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
-    return values
-
-
-def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
-    """The tag's sampling fields, checked here so that bad values never reach the engine."""
-    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
-                "min_p": min_p or 0.0}
-    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
-                                  **settings)
-    return {name: getattr(checked, name) for name in settings}
