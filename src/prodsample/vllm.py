@@ -494,7 +494,7 @@ class GuidedLLM:
             if cause is not None:
                 stats.desynced += 1
                 stats.causes[cause] += 1
-            rows.append((completion, record, paired, cause is not None))
+            rows.append((completion, record, cause is not None))
         return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
 
     def _pad_token_id(self) -> int:
@@ -503,31 +503,23 @@ class GuidedLLM:
 
 
 def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
-    count = len(rows)
-    width = max((len(completion) for completion, *_ in rows), default=0)
-    completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((count, width), dtype=torch.bool)
-    logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
-    for r, (completion, record, _paired, _desynced) in enumerate(rows):
-        length = len(completion)
-        completion_ids[r, :length] = torch.tensor(completion, dtype=torch.int64)
-        mask[r, :length] = True
-        logprobs[r, :length] = torch.tensor(record.logprobs[:length])
-        plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
-        guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
-    paired = torch.tensor([p for _, _, p, _ in rows], dtype=torch.bool)
-    desynced = torch.tensor([d for *_, d in rows], dtype=torch.bool)
-    return GuidedRollout(
-        prompt_ids=[list(plain_ids[r // num_generations]) for r in range(count)],
-        completion_ids=completion_ids,
-        completion_mask=mask,
-        logprobs=logprobs,
-        plain_logprobs=plain_logprobs,
-        guide_logprobs=guide_logprobs,
-        lam=torch.tensor(lams, dtype=torch.float32),
-        guided=paired & ~desynced,
-        desynced=desynced,
-        group_ids=torch.arange(count) // num_generations,
+    """The rollouts of (completion, record, desynced) rows, prompt-major."""
+    completions = [completion for completion, _, _ in rows]
+    records = [record for _, record, _ in rows]
+
+    def per_token(name: str) -> list[list[float]]:
+        return [getattr(record, name)[: len(completion)] for completion, record in zip(completions, records)]
+
+    return GuidedRollout.from_lists(
+        prompt_ids=[plain_ids[r // num_generations] for r in range(len(rows))],
+        completions=completions,
+        logprobs=per_token("logprobs"),
+        plain_logprobs=per_token("plain_logprobs"),
+        guide_logprobs=per_token("guide_logprobs"),
+        lam=lams,
+        group_ids=torch.arange(len(rows)) // num_generations,
+        pad_token_id=pad_token_id,
+        desynced=[desynced for _, _, desynced in rows],
     )
 
 
