@@ -45,7 +45,7 @@ from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
-from .hf import _check_tokenizer_matches, guided_generate
+from .hf import check_tokenizer_matches, guided_generate
 from .importance import (
     OFF_POLICY_MODES,
     ImportanceConfig,
@@ -546,7 +546,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self.engine_config = engine_importance_config(self.args) if self.use_vllm else None
         self.generation_rows: list[dict] | None = None
         self._batch_rewards: torch.Tensor | None = None
-        _check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
+        check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
         self._check_answers(self.train_dataset, "train_dataset")
         self._check_answers(self.eval_dataset, "eval_dataset")
         self._warn_if_never_plain()
