@@ -18,7 +18,7 @@ from transformers import LogitsProcessor
 from .fused import ProductSample
 from .mixing import mix_logprobs
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import GuidedRollout
+from .rollout import PER_TOKEN_RECORDS, GuidedRollout
 from .sampling import product_logprobs, product_sample
 from .settings import SamplingSettings
 
@@ -225,11 +225,12 @@ class _FollowedCall:
         if prompt_attention_mask is not None:
             prompt_mask = prompt_attention_mask.bool().to(sequences.device)
             prompt_mask = prompt_mask.repeat_interleave(sequences.shape[0] // prompt_mask.shape[0], dim=0)
-        return GuidedRollout.from_padded(
+        lengths = real.sum(dim=1).tolist()
+        per_token = {"completions": completion_ids, "logprobs": logprobs, "plain_logprobs": plain, "guide_logprobs": guide}
+        return GuidedRollout.from_lists(
             prompt_ids=[row[mask].tolist() for row, mask in zip(prompts, prompt_mask)],
-            completion_ids=completion_ids, lengths=real.sum(dim=1), logprobs=logprobs, plain_logprobs=plain,
-            guide_logprobs=guide, lam=self.lam_rows, group_ids=self.group_ids,
-            pad_token_id=_padding_of(completion_ids, real),
+            **{name: [row[:n] for row, n in zip(values, lengths)] for name, values in per_token.items()},
+            lam=self.lam_rows, group_ids=self.group_ids, pad_token_id=_padding_of(completion_ids, real),
         )
 
     def _check_temperature(self, step_scores: torch.Tensor, completion_ids: torch.Tensor, real: torch.Tensor) -> None:
@@ -470,7 +471,7 @@ class _Records:
 
     def __init__(self, rollouts: int, max_new_tokens: int, pad_id: int):
         self.token_ids = torch.full((rollouts, max_new_tokens), pad_id, dtype=torch.long)
-        self.values = {name: torch.zeros(rollouts, max_new_tokens) for name in ("logprobs", "plain_logprobs", "guide_logprobs")}
+        self.values = {name: torch.zeros(rollouts, max_new_tokens) for name in PER_TOKEN_RECORDS}
         self.lengths = torch.zeros(rollouts, dtype=torch.long)
 
     def add(self, rollouts: torch.Tensor, position: int, drawn: ProductSample) -> None:
@@ -479,6 +480,14 @@ class _Records:
         for name, values in self.values.items():
             values[rows, position] = getattr(drawn, name).cpu()
         self.lengths[rows] = position + 1
+
+    def per_rollout(self) -> dict[str, list[torch.Tensor]]:
+        """The tokens ("completions") and the records of each rollout, cut to its length."""
+        lengths = self.lengths.tolist()
+        return {
+            name: [row[:length] for row, length in zip(values, lengths)]
+            for name, values in {"completions": self.token_ids, **self.values}.items()
+        }
 
 
 def _decode(model, plan: _ContextPlan, lam_rows, settings: SamplingSettings, seed: int, max_new_tokens: int,
@@ -561,9 +570,9 @@ def guided_generate(
     pad_id = _pad_id(tokenizer)
     with _EvalMode(model):
         records = _decode(model, plan, lam_rows, settings, seed, max_new_tokens, pad_id, _eos_ids(model, tokenizer))
-    return GuidedRollout.from_padded(
-        prompt_ids=[plain_contexts[group] for group in group_ids], completion_ids=records.token_ids,
-        lengths=records.lengths, **records.values, lam=lam_rows, group_ids=group_ids, pad_token_id=pad_id,
+    return GuidedRollout.from_lists(
+        prompt_ids=[plain_contexts[group] for group in group_ids], **records.per_rollout(), lam=lam_rows,
+        group_ids=group_ids, pad_token_id=pad_id,
     )
 
 
@@ -648,7 +657,7 @@ def score(
         torch.tensor([token for completion in completions for token in completion], device=model.device),
         **settings.sampler_kwargs(),
     )
-    per_rollout = {name: getattr(scored, name).cpu().split(lengths) for name in ("logprobs", "plain_logprobs", "guide_logprobs")}
+    per_rollout = {name: getattr(scored, name).cpu().split(lengths) for name in PER_TOKEN_RECORDS}
     return GuidedRollout.from_lists(
         prompt_ids=plain_contexts, completions=completions, **per_rollout, lam=lam_rows,
         group_ids=torch.arange(len(completions)), pad_token_id=pad_id,

@@ -1,9 +1,8 @@
 """`GuidedRollout`: what every generation backend returns, and what a trainer consumes.
 
-Backends build it with `GuidedRollout.from_padded` (right-padded per-token tensors and each rollout's
-length) or `GuidedRollout.from_lists` (ragged per-rollout lists), and join batches with
-`GuidedRollout.concat`; all three set the padding, the mask and the defaults of `guided` and `desynced`
-in one way.
+Backends build it with `GuidedRollout.from_lists` (ragged per-rollout lists, as each backend records
+them) and join batches with `GuidedRollout.concat`, which set the padding, the mask and the defaults of
+`guided` and `desynced` in one way.
 """
 
 from __future__ import annotations
@@ -13,7 +12,28 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["GuidedRollout"]
+__all__ = ["GuidedRollout", "PER_TOKEN_RECORDS"]
+
+PER_TOKEN_RECORDS = ("logprobs", "plain_logprobs", "guide_logprobs")
+
+
+def _per_rollout(values, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.as_tensor(values).to("cpu", dtype)
+    if tensor.shape != (rows,):
+        raise ValueError(f"{name} must have one value per rollout ({rows}), got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _right_padded(rows: Sequence[Sequence], lengths: list[int], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged rows as one zero-padded `[R, max(lengths)]` CPU tensor; row r must hold `lengths[r]` entries."""
+    if len(rows) != len(lengths):
+        raise ValueError(f"{name} must have one entry per completion ({len(lengths)}), got {len(rows)}")
+    out = torch.zeros((len(rows), max(lengths, default=0)), dtype=dtype)
+    for r, (row, length) in enumerate(zip(rows, lengths)):
+        if len(row) != length:
+            raise ValueError(f"{name}[{r}] has {len(row)} entries for a completion of {length} tokens")
+        out[r, :length] = torch.as_tensor(row, dtype=dtype)
+    return out
 
 
 @dataclass
@@ -49,57 +69,6 @@ class GuidedRollout:
     group_ids: torch.Tensor
 
     @classmethod
-    def from_padded(
-        cls,
-        *,
-        prompt_ids: Sequence[Sequence[int]],
-        completion_ids: torch.Tensor,
-        lengths,
-        logprobs: torch.Tensor,
-        plain_logprobs: torch.Tensor,
-        guide_logprobs: torch.Tensor,
-        lam,
-        group_ids,
-        pad_token_id: int,
-        guided=None,
-        desynced=None,
-    ) -> GuidedRollout:
-        """R rollouts from right-padded `[R, W]` tensors whose first `lengths[r]` entries are real (W at least
-        the longest). The result is on the CPU, trimmed to the longest rollout, with `pad_token_id` and
-        log-prob 0 at padding. `desynced` defaults to all False and `guided` to λ < 1 and not desynced.
-        `lam`, `group_ids`, `lengths`, `guided` and `desynced` are `[R]` tensors or sequences."""
-        rows = len(prompt_ids)
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
-        if lengths.shape != (rows,):
-            raise ValueError(f"lengths must have one entry per rollout ({rows}), got shape {tuple(lengths.shape)}")
-        width = int(lengths.max()) if rows else 0
-        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-
-        def trimmed(tensor: torch.Tensor, name: str, pad) -> torch.Tensor:
-            if tensor.dim() != 2 or tensor.shape[0] != rows or tensor.shape[1] < width:
-                raise ValueError(
-                    f"{name} must have shape [{rows}, ≥ {width}] (a row per rollout, as wide as the longest), got "
-                    f"{tuple(tensor.shape)}"
-                )
-            return tensor[:, :width].cpu().masked_fill(~mask, pad)
-
-        lam = torch.as_tensor(lam, dtype=torch.float32).cpu()
-        desynced = torch.zeros(rows, dtype=torch.bool) if desynced is None else torch.as_tensor(desynced).bool().cpu()
-        guided = (lam < 1) & ~desynced if guided is None else torch.as_tensor(guided).bool().cpu()
-        return cls(
-            prompt_ids=[list(map(int, ids)) for ids in prompt_ids],
-            completion_ids=trimmed(completion_ids, "completion_ids", pad_token_id),
-            completion_mask=mask,
-            logprobs=trimmed(logprobs, "logprobs", 0.0),
-            plain_logprobs=trimmed(plain_logprobs, "plain_logprobs", 0.0),
-            guide_logprobs=trimmed(guide_logprobs, "guide_logprobs", 0.0),
-            lam=lam,
-            guided=guided,
-            desynced=desynced,
-            group_ids=torch.as_tensor(group_ids, dtype=torch.int64).cpu(),
-        )
-
-    @classmethod
     def from_lists(
         cls,
         *,
@@ -114,33 +83,29 @@ class GuidedRollout:
         guided=None,
         desynced=None,
     ) -> GuidedRollout:
-        """R rollouts from ragged per-rollout lists (or 1-D tensors): `completions[r]` and each per-token
-        record of rollout r have one entry per token. Otherwise as `from_padded`."""
+        """R rollouts from ragged per-rollout lists (or 1-D tensors, on any device): `completions[r]` and
+        each per-token record of rollout r have one entry per token. The result is on the CPU, right-padded
+        to the longest rollout with `pad_token_id` and log-prob 0. `lam`, `group_ids`, `guided` and
+        `desynced` are `[R]` tensors or sequences; `desynced` defaults to all False and `guided` to λ < 1
+        and not desynced."""
+        if len(prompt_ids) != len(completions):
+            raise ValueError(f"prompt_ids ({len(prompt_ids)}) and completions ({len(completions)}) must be as many")
         lengths = [len(completion) for completion in completions]
-        width = max(lengths, default=0)
-
-        def padded(rows: Sequence[Sequence], name: str, dtype: torch.dtype) -> torch.Tensor:
-            if len(rows) != len(lengths):
-                raise ValueError(f"{name} must have one entry per completion ({len(lengths)}), got {len(rows)}")
-            out = torch.zeros((len(rows), width), dtype=dtype)
-            for r, (row, length) in enumerate(zip(rows, lengths)):
-                if len(row) != length:
-                    raise ValueError(f"{name}[{r}] has {len(row)} entries for a completion of {length} tokens")
-                out[r, :length] = torch.as_tensor(row, dtype=dtype)
-            return out
-
-        return cls.from_padded(
-            prompt_ids=prompt_ids,
-            completion_ids=padded(completions, "completions", torch.int64),
-            lengths=lengths,
-            logprobs=padded(logprobs, "logprobs", torch.float32),
-            plain_logprobs=padded(plain_logprobs, "plain_logprobs", torch.float32),
-            guide_logprobs=padded(guide_logprobs, "guide_logprobs", torch.float32),
+        rows = len(lengths)
+        mask = torch.arange(max(lengths, default=0)).unsqueeze(0) < torch.tensor(lengths, dtype=torch.int64).unsqueeze(1)
+        lam = _per_rollout(lam, "lam", rows, torch.float32)
+        desynced = torch.zeros(rows, dtype=torch.bool) if desynced is None else _per_rollout(desynced, "desynced", rows, torch.bool)
+        return cls(
+            prompt_ids=[list(map(int, ids)) for ids in prompt_ids],
+            completion_ids=_right_padded(completions, lengths, "completions", torch.int64).masked_fill(~mask, pad_token_id),
+            completion_mask=mask,
+            logprobs=_right_padded(logprobs, lengths, "logprobs", torch.float32),
+            plain_logprobs=_right_padded(plain_logprobs, lengths, "plain_logprobs", torch.float32),
+            guide_logprobs=_right_padded(guide_logprobs, lengths, "guide_logprobs", torch.float32),
             lam=lam,
-            group_ids=group_ids,
-            pad_token_id=pad_token_id,
-            guided=guided,
+            guided=(lam < 1) & ~desynced if guided is None else _per_rollout(guided, "guided", rows, torch.bool),
             desynced=desynced,
+            group_ids=_per_rollout(group_ids, "group_ids", rows, torch.int64),
         )
 
     @classmethod
@@ -149,25 +114,16 @@ class GuidedRollout:
         past the previous batches' so that groups stay apart."""
         if not rollouts:
             raise ValueError("concat needs at least one GuidedRollout")
-        width = max(rollout.completion_ids.shape[1] for rollout in rollouts)
-
-        def joined(name: str, value=0) -> torch.Tensor:
-            tensors = [getattr(rollout, name) for rollout in rollouts]
-            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
-
-        offsets, next_group = [], 0
+        group_ids, next_group = [], 0
         for rollout in rollouts:
-            offsets.append(next_group)
+            group_ids.append(rollout.group_ids + next_group)
             next_group += int(rollout.group_ids.max()) + 1 if len(rollout) else 0
-        return cls.from_padded(
+        return cls.from_lists(
             prompt_ids=[ids for rollout in rollouts for ids in rollout.prompt_ids],
-            completion_ids=joined("completion_ids", pad_token_id),
-            lengths=torch.cat([rollout.completion_mask.sum(dim=1) for rollout in rollouts]),
-            logprobs=joined("logprobs"),
-            plain_logprobs=joined("plain_logprobs"),
-            guide_logprobs=joined("guide_logprobs"),
+            completions=[ids for rollout in rollouts for ids in rollout.completion_lists()],
+            **{name: [row for rollout in rollouts for row in rollout.token_lists(name)] for name in PER_TOKEN_RECORDS},
             lam=torch.cat([rollout.lam for rollout in rollouts]),
-            group_ids=torch.cat([rollout.group_ids + offset for rollout, offset in zip(rollouts, offsets)]),
+            group_ids=torch.cat(group_ids),
             pad_token_id=pad_token_id,
             guided=torch.cat([rollout.guided for rollout in rollouts]),
             desynced=torch.cat([rollout.desynced for rollout in rollouts]),
@@ -181,7 +137,7 @@ class GuidedRollout:
         return self._ragged(self.completion_ids)
 
     def token_lists(self, name: str) -> list[list[float]]:
-        """A per-token tensor field ("logprobs", "plain_logprobs", "guide_logprobs") per rollout, unpadded."""
+        """A per-token record (one of PER_TOKEN_RECORDS) per rollout, unpadded."""
         return self._ragged(getattr(self, name))
 
     def _ragged(self, tensor: torch.Tensor) -> list[list]:
