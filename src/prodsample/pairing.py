@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
+_REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
 
 
 class Role(str, Enum):
@@ -104,9 +105,8 @@ class GuidanceTag:
         return self.settings.lam < 1.0
 
     def to_extra_args(self) -> dict[str, str | int | float | list]:
-        identity = {"rollout": self.rollout, "role": self.role.value, "rollout_index": self.rollout_index,
-                    "seed": self.seed, "release_token": self.release_token}
-        return {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in (identity | self.settings.to_flat()).items()}
+        request = {name: getattr(self, name) for name in _REQUEST_FIELDS} | {"role": self.role.value}
+        return {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in (request | self.settings.to_flat()).items()}
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> GuidanceTag | None:
@@ -117,15 +117,14 @@ class GuidanceTag:
             if extra_args and EXTRA_ARGS_KEY in extra_args:
                 raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]: a prodsample tag is flat, one '{prefix}<field>' key per field")
             return None
-        identity = {"rollout", "role", "rollout_index", "seed", "release_token"}
-        missing = (identity | {"lam"}) - raw.keys()
+        missing = {*_REQUEST_FIELDS, "lam"} - raw.keys()
         if missing:
             raise ValueError(f"the prodsample tag in extra_args lacks {sorted(prefix + name for name in missing)}")
-        unknown = raw.keys() - identity - {f.name for f in fields(SamplingSettings)}
+        unknown = raw.keys() - {*_REQUEST_FIELDS, *(f.name for f in fields(SamplingSettings))}
         if unknown:
             raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
-        settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in identity})
-        return cls(**{name: raw[name] for name in identity}, settings=settings)
+        settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
 
 
 def _integer(value, name: str, low: int) -> None:
