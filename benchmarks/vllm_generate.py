@@ -54,7 +54,7 @@ def model_directory(name: str) -> Path:
 
         return smollm2_checkpoint()  # saved in float32; the engine casts to --dtype
     if name == "tiny":
-        from .tiny import save_tiny
+        from prodsample.testing import save_tiny
 
         # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16
         return save_tiny(Path(tempfile.mkdtemp(prefix="prodsample-tiny-")), arch="llama", seed=1, heads=2)
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from prodsample.prompts import render_prompt
-    from prodsample.vllm import DEFAULT_ENGINE_KWARGS, EngineLimits, GuidedLLM
+    from prodsample.vllm import DEFAULT_ENGINE_KWARGS, GuidedLLM, engine_limits
 
     desync_prompts, desync_answers = workload(max(args.prompts, args.desync_prompts), args.seed)
     prompts, answers = desync_prompts[: args.prompts], desync_answers[: args.prompts]
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         return {"median": statistics.median(per_round), "per_round": per_round}
 
     desync_prompt_ids = [render_prompt(guided.tokenizer, p) for p in desync_prompts[: args.desync_prompts]]
-    limits = EngineLimits.of(guided.llm)
+    limits = engine_limits(guided.llm)
     summary = {
         "model": args.model,
         "workload": {"prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,

@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.schedules import Linear
 from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, HeldOutEvalCallback, guided_rollout_func
 
@@ -51,6 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--off-policy", choices=TRL_OFF_POLICY_MODES, default=None, help="default: the library's")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rollouts per process and step (a multiple of 4 over all processes)"
+    )
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--output-dir", default="runs/trl_grpo")
@@ -64,7 +67,7 @@ def main() -> None:
     config = GRPOConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.batch_size,
         num_generations=4,
         max_completion_length=6,
         temperature=1.0,

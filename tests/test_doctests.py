@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.benchmarks.tiny", "prodsample.settings"]
+MODULES = [
+    "prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.grpo",
+    "prodsample.metrics", "prodsample.testing", "prodsample.settings",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -4,6 +4,7 @@ the controller resumes, bad input fails clearly, and the framework-free helpers 
 The off-policy modes' gradients are checked against their analytic values in test_trl_bandit.py.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,15 +19,17 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.controller import GuidanceController
 from prodsample.importance import ImportanceConfig
 from prodsample.importance import off_policy_weights
 from prodsample.schedules import Adaptive, Constant, Linear
+from prodsample.rollout import GuidedRollout
 from prodsample.trl import (
-    DEFAULT_OFF_POLICY_MODE,
     ROLLOUT_BACKENDS,
     TRL_OFF_POLICY_MODES,
+    GatheredBatch,
+    GuidedBatch,
     GuidedGRPOTrainer,
     HeldOutEvalCallback,
     engine_importance_config,
@@ -211,6 +214,93 @@ def test_the_vllm_backend_explains_what_is_missing(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The per-batch object
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_rollout_function_gets_each_rows_answer_from_its_batch(tokenizer, tmp_path):
+    """The trainer opens each generation batch from its rows; the rollout function reads the answers there."""
+    seen = []
+
+    def recording_backend(trainer, prompts, answers, **sampling):
+        seen.extend(zip(prompts, answers))
+        return ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, **sampling)
+
+    rollout_func = guided_rollout_func(Linear(0.5, end_step=2), backend=recording_backend)
+    build(tokenizer, tmp_path, rollout_func=rollout_func, max_steps=2).train()
+    answers = {row["prompt"]: row["answer"] for row in sums(8)}
+    assert len(seen) == 4  # 2 steps x 2 prompts of 4 rollouts each
+    assert [answer for _, answer in seen] == [answers[prompt] for prompt, _ in seen]
+
+
+def test_a_batch_is_open_only_during_its_generation_step(tokenizer, tmp_path):
+    def failing_verifier(**kwargs):
+        raise ArithmeticError("the verifier failed")
+
+    trainer = build(tokenizer, tmp_path, reward=failing_verifier)
+    rows = [{"prompt": "1+1=", "answer": "2"} for _ in range(4)] + [{"prompt": "2+1=", "answer": "3"} for _ in range(4)]
+    prompts = [row["prompt"] for row in rows]
+    with pytest.raises(RuntimeError, match="no generation batch of these prompts is open"):
+        trainer.rollout_func(prompts, trainer)
+    with pytest.raises(ArithmeticError, match="the verifier failed"):
+        trainer._generate_and_score_completions(rows)
+    with pytest.raises(RuntimeError, match="no generation batch of these prompts is open"):
+        trainer.guided_batch(prompts)  # closed even though its step failed
+
+
+def blank_rollout(rows: int) -> GuidedRollout:
+    zeros = torch.zeros(rows, 1)
+    flags = torch.zeros(rows, dtype=torch.bool)
+    return GuidedRollout([[1]] * rows, zeros.long(), flags[:, None], zeros, zeros, zeros, torch.ones(rows), flags, flags, torch.arange(rows))
+
+
+def test_a_batch_takes_its_answers_then_one_rollout_then_the_rewards():
+    with pytest.raises(ValueError, match="row 1 of the batch has no answer in column 'answer'"):
+        GuidedBatch.from_rows([{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+2=", "answer": " "}], "answer")
+    batch = GuidedBatch.from_rows([{"prompt": "1+1=", "answer": 2}] * 2, "answer")
+    assert batch.answers == ["2", "2"] and batch.prompt_keys[0] == batch.prompt_keys[1]
+    with pytest.raises(RuntimeError, match="after its rollout"):
+        batch.record_rewards(torch.zeros(2))
+    with pytest.raises(ValueError, match="the rollout has 3 rows for the batch's 2 prompts"):
+        batch.record_rollout(blank_rollout(3))
+    batch.record_rollout(blank_rollout(2))
+    with pytest.raises(RuntimeError, match="one rollout_func call per batch"):
+        batch.record_rollout(blank_rollout(2))
+    batch.record_rewards(torch.zeros(2))
+    with pytest.raises(RuntimeError, match="recorded once"):
+        batch.record_rewards(torch.zeros(2))
+
+
+def test_group_statistics_come_from_the_gathered_batch_where_a_group_straddles_processes():
+    """Process 1 of 2 holds rows 3-5 of 6 in groups of 2: group "b" (rows 2 and 3) lies on both processes."""
+    tokens = torch.zeros(6, 2)
+    gathered = GatheredBatch(
+        prompt_keys=["a", "a", "b", "b", "c", "c"],
+        group_size=2,
+        rewards=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]),
+        lam=torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0]),
+        guided=torch.tensor([True, True, True, False, False, False]),
+        desynced=torch.zeros(6, dtype=torch.bool),
+        leaked=torch.zeros(6, dtype=torch.bool),
+        logprobs=tokens,
+        plain_logprobs=tokens,
+        trainer_logprobs=None,
+        mask=torch.ones(6, 2, dtype=torch.bool),
+        process_rows=slice(3, 6),
+    )
+    controller = GuidanceController(Linear(0.5, end_step=10))
+    gathered.record(controller, step=1)
+    # Per group: its smallest λ, its success rate, the step.
+    assert controller.state_dict()["records"] == {"a": [0.5, 0.5, 1], "b": [0.5, 1.0, 1], "c": [1.0, 0.0, 1]}
+    assert gathered.local(torch.arange(6)).tolist() == [3, 4, 5]
+    metrics = gathered.metrics(gathered.off_policy_weights("none", ImportanceConfig(), 0.1), success_threshold=0.0)
+    assert metrics["guidance/groups_informative"] == pytest.approx(1 / 3)  # only "a"; "b" is all-pass across processes
+    interleaved = dataclasses.replace(gathered, prompt_keys=["a", "b", "a", "b", "c", "c"])
+    with pytest.raises(RuntimeError, match="contiguous groups of num_generations"):
+        interleaved.record(controller, step=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoint and resume
 # ---------------------------------------------------------------------------------------------------------
 
@@ -283,10 +373,10 @@ def test_resume_refuses_a_checkpoint_without_the_controller(tokenizer, tmp_path)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, **config_overrides):
+def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, reward=None, **config_overrides):
     return GuidedGRPOTrainer(
         model=model if model is not None else tiny_model(tokenizer, seed=0),
-        reward_funcs=RewardSpy(),
+        reward_funcs=reward if reward is not None else RewardSpy(),
         args=config(tmp_path, **config_overrides),
         train_dataset=dataset if dataset is not None else sums(8),
         processing_class=tokenizer,
@@ -426,11 +516,6 @@ def test_engine_settings_follow_trls_arguments(tmp_path):
         engine_importance_config(floored)
 
 
-def test_the_default_mode_is_a_named_mode():
-    assert DEFAULT_OFF_POLICY_MODE in TRL_OFF_POLICY_MODES
-    assert guided_rollout_func(Linear(0.5, end_step=4)).off_policy == DEFAULT_OFF_POLICY_MODE
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Scale-out: accelerate launch with 2 CPU processes
 # ---------------------------------------------------------------------------------------------------------
@@ -449,7 +534,7 @@ def test_example_under_accelerate_launch_with_two_processes(tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(REPO / "examples" / "trl_grpo.py"), "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
-        "--output-dir", str(tmp_path),
+        "--batch-size", "6", "--output-dir", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=540, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -462,6 +547,7 @@ def test_example_under_accelerate_launch_with_two_processes(tmp_path):
     logged = [entry for entry in summary["log_history"] if "guidance/lambda_mean" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
     assert logged[0]["guidance/lambda_mean"] == 0.5
-    # 2 processes x 8 rollouts in groups of 4: the gathered batch holds 4 groups, all recorded.
+    # 2 processes x 6 rollouts in groups of 4: 3 groups per step, the middle one on both processes, and every
+    # group recorded from the gathered batch (group statistics of one process's rows would fail here).
     assert len({step for _, _, step in saved["records"].values()}) == 2
     assert [entry["step"] for entry in summary["heldout"]] == [0, 2]

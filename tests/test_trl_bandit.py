@@ -24,7 +24,7 @@ from trl import GRPOConfig
 
 from prodsample.rollout import GuidedRollout
 from prodsample.schedules import Constant
-from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, guided_rollout_func
+from prodsample.trl import DEFAULT_OFF_POLICY_MODE, TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, guided_rollout_func
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -159,8 +159,8 @@ def test_the_bandit_exercises_truncation_and_masking():
             assert (a - b).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", TRL_OFF_POLICY_MODES)
-def test_one_sgd_step_equals_the_modes_analytic_gradient(mode, tmp_path):
+def bandit_step(tmp_path, **rollout_options) -> torch.Tensor:
+    """θ' − θ after one step of the real trainer on the bandit, with `guided_rollout_func(..., **rollout_options)`."""
     torch.manual_seed(0)
     model = BanditLM(BanditConfig())
     assert torch.equal(theta_of(model), THETA)
@@ -184,7 +184,7 @@ def test_one_sgd_step_equals_the_modes_analytic_gradient(mode, tmp_path):
         use_cpu=True,
     )
     rollout_func = guided_rollout_func(
-        Constant(LAM, end_step=1), backend=bandit_backend, off_policy=mode, guided_per_group=2, luffy_gamma=GAMMA
+        Constant(LAM, end_step=1), backend=bandit_backend, guided_per_group=2, luffy_gamma=GAMMA, **rollout_options
     )
     dataset = Dataset.from_list([{"prompt": "p0", "answer": "x"}, {"prompt": "p1", "answer": "x"}])
     trainer = GuidedGRPOTrainer(
@@ -196,5 +196,16 @@ def test_one_sgd_step_equals_the_modes_analytic_gradient(mode, tmp_path):
         rollout_func=rollout_func,
     )
     trainer.train()
-    step = theta_of(trainer.model) - THETA
-    torch.testing.assert_close(step, expected_step(mode), rtol=0.0, atol=5e-8)
+    return theta_of(trainer.model) - THETA
+
+
+@pytest.mark.parametrize("mode", TRL_OFF_POLICY_MODES)
+def test_one_sgd_step_equals_the_modes_analytic_gradient(mode, tmp_path):
+    torch.testing.assert_close(bandit_step(tmp_path, off_policy=mode), expected_step(mode), rtol=0.0, atol=5e-8)
+
+
+def test_the_default_mode_trains_as_the_mode_it_names(tmp_path):
+    """Without `off_policy`, the update is the analytic one of the mode DEFAULT_OFF_POLICY_MODE names (the
+    modes' updates differ by more than 1e-3, see above)."""
+    step = bandit_step(tmp_path)
+    torch.testing.assert_close(step, expected_step(DEFAULT_OFF_POLICY_MODE), rtol=0.0, atol=5e-8)

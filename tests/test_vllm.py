@@ -3,7 +3,7 @@
 - `guided`: GuidedLLM with its default settings. Same tokens as `prodsample.hf.guided_generate`, records
   equal to `prodsample.hf.score`, a chi-square test that the draws follow q, untagged requests untouched.
 - `stressed`: a KV cache of a few blocks and a prefill budget smaller than the prompts, every pair
-  submitted at once (no pacing), and a read-only observer (tests/vllm_observer.py) logging where each
+  submitted at once (no pacing), and a read-only observer (tests/helpers/vllm_observer.py) logging where each
   request stands at every step. Preemptions and prefill chunks happen; every rollout the observer saw fall
   out of step is flagged, no other, and every recorded log-prob is what was drawn.
 """
@@ -17,16 +17,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
+from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
+from prodsample.pacing import PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
-from . import vllm_observer  # noqa: E402
-from .reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .helpers import vllm_observer  # noqa: E402
+from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engines for the session: seconds to build, more to stop
 
 PROMPTS = [
     "What is 12+7?",
@@ -216,25 +217,20 @@ def test_the_engine_rejects_tagged_requests_with_interfering_settings(guided):
 # -- desync: forced, observed, flagged -----------------------------------------------------------------------
 
 
-class Unpaced(GuidedLLM):
+class Unpaced(PacedDriver):
     """Submits every rollout at once, as a naive client would: the engine then preempts and chunks."""
 
-    @staticmethod
-    def _admit(engine, waiting, in_flight, limits):
-        while waiting:
-            unit = waiting.popleft()
-            for request_id, ids, params in unit.requests:
-                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = unit
+    def admit(self, waiting, running, limits):
+        return len(waiting)
 
 
 @pytest.fixture(scope="session")
 def stressed(model_dir):
     llm = build_engine(
         model_dir, max_model_len=256, block_size=32, num_gpu_blocks_override=24, max_num_batched_tokens=96,
-        logits_processors=["tests.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
+        logits_processors=["tests.helpers.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
     )
-    return Unpaced(llm)
+    return GuidedLLM(llm, driver=Unpaced())
 
 
 def preemptions(llm) -> float:

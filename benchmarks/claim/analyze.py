@@ -11,7 +11,8 @@ are evaluated as PROTOCOL.md states them.
 Also reported, per arm, and marked exploratory because the protocol did not name them: the per-seed finals
 and rollouts-to-target, the learning curve averaged over seeds at each evaluation step, and the mean held-out
 greedy pass@1 over the evaluation points after step 0 (the area under the curve per evaluation, a
-measure of learning speed that every run has, reached target or not) with its bootstrap CI over seeds.
+measure of learning speed that every run has, reached target or not) with its bootstrap CI over seeds, and
+the training rewards of every arm in matched phases (`phase_matched_rewards`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> dict:
             "guided_reward": mean([_train_mean(records, "guided_reward") for records in seeds.values()]),
             "plain_reward": mean([_train_mean(records, "plain_reward") for records in seeds.values()]),
             "informative_groups": mean([_train_mean(records, "informative_groups") for records in seeds.values()]),
+            "final_pass_at_k": mean([records[-1]["pass_at_k"] for records in seeds.values()]),
             "exploratory": exploratory(seeds, to_target["rollouts"]),
         }
     return {"target_" + PRIMARY: target, "arms": arms, "claim": claim_verdict(arms)}
@@ -102,9 +104,30 @@ def exploratory(seeds: dict[int, list[dict]], rollouts_to_target: list[float | N
     }
 
 
-def _train_mean(records: list[dict], key: str) -> float | None:
-    values = [r["train"].get(key) for r in records if r.get("train") and r["train"].get(key) is not None]
+def _train_mean(records: list[dict], key: str, first: int = 0, last: float = float("inf")) -> float | None:
+    """Mean of a training figure over the evaluation windows that end in (first, last] (each covers the steps
+    since the previous evaluation point; windows are equal in steps)."""
+    values = [r["train"].get(key) for r in records
+              if first < r["step"] <= last and r.get("train") and r["train"].get(key) is not None]
     return sum(values) / len(values) if values else None
+
+
+def phase_matched_rewards(runs: dict[str, dict[int, list[dict]]], anneal_end: int) -> dict:
+    """Training rewards of every arm in the same phases, so guided and plain rollouts compare like with like.
+
+    Phases: the first evaluation window (the same starting policy everywhere), the annealed arms' guided phase
+    (steps up to `anneal_end`, where λ reaches 1), and the rest. Means over windows, then over seeds.
+    """
+    first_window = min(r["step"] for seeds in runs.values() for records in seeds.values() for r in records[1:])
+    phases = {"first_window": (0, first_window), "guided_phase": (0, anneal_end), "after": (anneal_end, float("inf"))}
+    return {
+        arm: {
+            phase: {key: mean([_train_mean(records, key, low, high) for records in seeds.values()])
+                    for key in ("guided_reward", "plain_reward", "informative_groups")}
+            for phase, (low, high) in phases.items()
+        }
+        for arm, seeds in runs.items()
+    }
 
 
 def claim_verdict(arms: dict) -> dict:
@@ -152,8 +175,9 @@ def plot(runs: dict[str, dict[int, list[dict]]], out: Path) -> None:
 
 
 def write_summary(out: Path) -> dict:
-    runs = load_runs(out)
-    summary = {"meta": json.loads((out / "meta.json").read_text()), **summarise(runs)}
+    runs, meta = load_runs(out), json.loads((out / "meta.json").read_text())
+    anneal_end = round(meta["config"]["anneal_fraction"] * meta["config"]["steps"])
+    summary = {"meta": meta, **summarise(runs), "phase_matched_rewards": phase_matched_rewards(runs, anneal_end)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(runs, out)
     return summary

@@ -9,6 +9,13 @@ share (`--hard-plain-share`), in the plain format. The hinted rows teach the pol
 the few plain hard rows leave it a partial skill on the RL distribution for RL to sharpen (with none, a
 probe found nothing to sharpen: see PROTOCOL.md). At the end it records, on the held-out set, the plain
 greedy pass@1, mean@k and pass@k at the training temperature, and the hinted greedy accuracy.
+
+With `--ladder` it makes the difficulty ladder's checkpoint (issue 12) instead: easy rows as above, every
+ladder level hinted (`--num-hinted` problems per level), and plain rows only for the levels and counts that
+`--plain-rows` names (e.g. `A=1000 B=300`; level C gets none); it records the figures per level on the
+ladder's held-out split and the gate of PROTOCOL-ladder.md.
+
+    python -m prodsample.benchmarks.claim.make_policy --ladder --plain-rows A=1000 B=300 --out DIR
 """
 
 from __future__ import annotations
@@ -26,16 +33,36 @@ from .evaluate import evaluate
 from .task import (
     EASY_DIFFICULTY,
     HINT_TEMPLATE,
+    LADDER,
     RL_DIFFICULTY,
     WARMUP_EASY_SEED,
     WARMUP_HARD_SEED,
     build_tokenizer,
+    ladder_seed,
+    ladder_sets,
     make_problems,
     policy_config,
     rl_and_held_out,
 )
 
-DEFAULT_OUT = Path(__file__).parent / "policy"
+POLICY = Path(__file__).parent / "policy"  # the committed checkpoint every run starts from; shipped in the wheel
+# Written relative to the working directory: the clone's copies when run from its root, never an installed package.
+DEFAULT_OUT = Path("benchmarks") / "claim" / "policy"
+DEFAULT_LADDER_OUT = Path("benchmarks") / "claim" / "ladder-policy"
+
+# PROTOCOL-ladder.md's gate, on the ladder's held-out split: (low, high) bounds of plain pass@8 at T = 1 per level,
+# and the hinted context's greedy accuracy at every level (the teacher must read the hint).
+GATE_PASS_AT_K = {"A": (0.10, 0.35), "B": (0.02, 0.10), "C": (0.0, 0.01)}
+GATE_HINTED_GREEDY = 0.95
+
+
+def gate(figures: dict[str, dict]) -> dict:
+    """Each criterion of the gate, met or not, from per-level evaluation figures."""
+    checks = {}
+    for level, (low, high) in GATE_PASS_AT_K.items():
+        checks[f"{level}_pass_at_k_in_[{low},{high}]"] = low <= figures[level]["pass_at_k"] <= high
+        checks[f"{level}_hinted_greedy_>=_{GATE_HINTED_GREEDY}"] = figures[level]["hinted_greedy"] >= GATE_HINTED_GREEDY
+    return {"passed": all(checks.values()), "checks": checks}
 
 
 def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: set[str], seed: int):
@@ -45,6 +72,31 @@ def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: 
     hinted = lambda p: HINT_TEMPLATE.format(prompt=p.prompt, answer=p.answer)  # noqa: E731
     rows = [(p.prompt, p.answer) for p in easy] + [(hinted(p), p.answer) for p in easy + hard]
     rows += [(p.prompt, p.answer) for p in hard[: round(hard_plain_share * len(hard))]]
+    return rows
+
+
+def ladder_warmup_rows(num_easy: int, num_hinted: int, plain_rows: dict[str, int], exclude: set[str], seed: int,
+                       easy_plain_max_terms: int = EASY_DIFFICULTY.max_terms):
+    """Easy rows (hinted, and plain up to `easy_plain_max_terms` terms), every ladder level hinted, and
+    `plain_rows[level]` plain rows per level.
+
+    Plain easy rows of three terms teach a 3-term skill that transfers to level C (attempts 1-2 of the gate in
+    PROTOCOL-ladder.md); `easy_plain_max_terms=2` keeps every 3-term problem hinted only.
+    """
+    unknown = set(plain_rows) - set(LADDER)
+    if unknown:
+        raise ValueError(f"plain_rows names unknown levels {sorted(unknown)}; levels are {list(LADDER)}")
+    too_many = {level: n for level, n in plain_rows.items() if not 0 <= n <= num_hinted}
+    if too_many:
+        raise ValueError(f"plain_rows must lie in [0, num_hinted={num_hinted}] per level, got {too_many}")
+    easy = make_problems(EASY_DIFFICULTY, num_easy, WARMUP_EASY_SEED + seed, exclude)
+    hinted = lambda p: HINT_TEMPLATE.format(prompt=p.prompt, answer=p.answer)  # noqa: E731
+    rows = [(p.prompt, p.answer) for p in easy if p.expression.count(" ") // 2 + 1 <= easy_plain_max_terms]
+    rows += [(hinted(p), p.answer) for p in easy]
+    for level, difficulty in LADDER.items():
+        problems = make_problems(difficulty, num_hinted, ladder_seed("warmup", level) + seed, exclude)
+        rows += [(hinted(p), p.answer) for p in problems]
+        rows += [(p.prompt, p.answer) for p in problems[: plain_rows.get(level, 0)]]
     return rows
 
 
@@ -67,14 +119,9 @@ def encode_batch(tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return ids, mask, labels
 
 
-def train(args) -> dict:
-    torch.manual_seed(args.seed)
+def fit(model, tokenizer, rows, args) -> float:
+    """Supervised warm-up on shuffled `rows`; returns the seconds it took."""
     shuffle = random.Random(args.seed)
-    tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(policy_config(tokenizer, hidden_size=args.hidden, layers=args.layers))
-    sets = rl_and_held_out(args.num_rl, args.num_held_out)
-    exclude = {p.expression for p in sets.held_out + sets.rl}
-    rows = warmup_rows(args.num_easy, args.num_hard, args.hard_plain_share, exclude, args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     start, order = time.perf_counter(), []
@@ -91,18 +138,37 @@ def train(args) -> dict:
         schedule.step()
         if step % 200 == 0 or step == args.steps - 1:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
-    train_seconds = time.perf_counter() - start
-    figures = evaluate(model, tokenizer, sets.held_out, k=args.k, temperature=args.temperature, seed=args.seed,
-                       hinted=True)
-    rl_figures = evaluate(model, tokenizer, sets.rl[: args.num_held_out], k=args.k, temperature=args.temperature,
-                          seed=args.seed, hinted=True)
+    return time.perf_counter() - start
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(policy_config(tokenizer, hidden_size=args.hidden, layers=args.layers))
+    evaluation = dict(k=args.k, temperature=args.temperature, seed=args.seed, hinted=True)
+    if args.ladder:
+        sets = ladder_sets()
+        exclude = {p.expression for split in sets.values() for problems in split.values() for p in problems}
+        rows = ladder_warmup_rows(args.num_easy, args.num_hinted, args.plain_rows, exclude, args.seed,
+                                  args.easy_plain_max_terms)
+        train_seconds = fit(model, tokenizer, rows, args)
+        held_out = {level: evaluate(model, tokenizer, problems, **evaluation) for level, problems in sets["held_out"].items()}
+        figures = {"held_out": held_out, "gate": gate(held_out)}
+    else:
+        sets = rl_and_held_out(args.num_rl, args.num_held_out)
+        exclude = {p.expression for p in sets.held_out + sets.rl}
+        rows = warmup_rows(args.num_easy, args.num_hard, args.hard_plain_share, exclude, args.seed)
+        train_seconds = fit(model, tokenizer, rows, args)
+        figures = {
+            "held_out": evaluate(model, tokenizer, sets.held_out, **evaluation),
+            "rl_set_sample": evaluate(model, tokenizer, sets.rl[: args.num_held_out], **evaluation),
+        }
     record = {
         "args": vars(args) | {"out": str(args.out)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "warmup_rows": len(rows),
         "train_seconds": round(train_seconds, 1),
-        "held_out": figures,
-        "rl_set_sample": rl_figures,
+        **figures,
     }
     print(json.dumps(record, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,9 +178,22 @@ def train(args) -> dict:
     return record
 
 
+def _level_counts(text: str) -> tuple[str, int]:
+    level, _, count = text.partition("=")
+    if not count.isdigit():
+        raise argparse.ArgumentTypeError(f"--plain-rows entries are LEVEL=COUNT (e.g. A=1000), got {text!r}")
+    return level, int(count)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default {DEFAULT_OUT} ({DEFAULT_LADDER_OUT} with --ladder), in the working directory")
+    parser.add_argument("--ladder", action="store_true", help="make the difficulty ladder's checkpoint (issue 12)")
+    parser.add_argument("--num-hinted", type=int, default=2000, help="--ladder: hinted warm-up problems per level")
+    parser.add_argument("--easy-plain-max-terms", type=int, default=EASY_DIFFICULTY.max_terms,
+                        help="--ladder: plain easy rows only up to this many terms (the rest hinted only)")
+    parser.add_argument("--plain-rows", type=_level_counts, nargs="*", default=[], help="--ladder: LEVEL=COUNT ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -130,6 +209,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    args.out = args.out or (DEFAULT_LADDER_OUT if args.ladder else DEFAULT_OUT)
+    args.plain_rows = dict(args.plain_rows)
     torch.set_num_threads(args.threads)
     return args
 

@@ -9,6 +9,13 @@ runners may share one `--out` (say one per core, with different `--arms`); `meta
 share (git revision, package versions, configuration) and a runner with other settings is refused. After
 the runs, `analyze` writes `<out>/summary.json` (with `meta.json` and the seeds of every arm) and the plots
 from `runs.jsonl` alone.
+
+`--ladder mixed|C` runs the difficulty-ladder experiment (issue 12, PROTOCOL-ladder.md) instead: RL problems
+from the ladder's training split (every level, or level C only), and each evaluation point records, per
+level of `--eval-split` (held_out, or validation for pilots), the plain figures and the hinted greedy
+accuracy under `levels`; `analyze_ladder` summarises those.
+
+    python -m prodsample.benchmarks.claim.run --ladder mixed --policy benchmarks/claim/ladder-policy --out DIR
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from . import analyze
-from .make_policy import DEFAULT_OUT as DEFAULT_POLICY
-from .task import rl_and_held_out
+from . import analyze, analyze_ladder
+from .make_policy import POLICY as DEFAULT_POLICY
+from .task import TRAINING_SETS, ladder_sets, rl_and_held_out, training_problems
+from .evaluate import evaluate
 from .train import ARMS, RunConfig, config_dict, run
 
 PACKAGES = ("torch", "transformers", "reasoning-gym", "tokenizers", "numpy")
@@ -60,6 +68,8 @@ def shared_meta(args, config: RunConfig) -> dict:
         "policy": str(args.policy),
         "num_rl": args.num_rl,
         "num_held_out": args.num_held_out,
+        "ladder": args.ladder,
+        "eval_split": args.eval_split if args.ladder else None,
         "config": config_dict(config),
         "cpu_count": os.cpu_count(),
     }
@@ -70,7 +80,8 @@ def check_or_write_meta(out: Path, meta: dict) -> None:
     path = out / "meta.json"
     if path.exists():
         recorded = json.loads(path.read_text())
-        differing = [key for key in ("num_rl", "num_held_out", "config", "policy") if recorded[key] != meta[key]]
+        keys = ("num_rl", "num_held_out", "config", "policy", "ladder", "eval_split")
+        differing = [key for key in keys if recorded.get(key) != meta[key]]
         if differing:
             raise SystemExit(f"{out} holds a comparison with other {differing}; use another --out")
         return
@@ -87,13 +98,31 @@ def append_lines(path: Path, records: list[dict]) -> None:
         os.close(fd)
 
 
+def problems_and_evaluation(args, config: RunConfig, tokenizer):
+    """The RL problems, the function that gives an evaluation point's figures for a model, and the one that gives
+    what only the final point records (the ladder's validation figures, which choices during the study read)."""
+    sampled = dict(k=config.eval_k, temperature=config.temperature, seed=10_000)
+    if args.ladder is None:
+        sets = rl_and_held_out(args.num_rl, args.num_held_out)
+        return sets.rl, lambda model: evaluate(model, tokenizer, sets.held_out, **sampled), lambda model: {}
+    sets = ladder_sets()
+
+    def levels(model, split):
+        return {level: evaluate(model, tokenizer, problems, hinted=True, **sampled)
+                for level, problems in sets[split].items()}
+
+    final_extra = (lambda model: {}) if args.eval_split == "validation" else (
+        lambda model: {"validation_levels": levels(model, "validation")})
+    return training_problems(sets, args.ladder), lambda model: {"levels": levels(model, args.eval_split)}, final_extra
+
+
 def run_all(args) -> None:
     torch.set_num_threads(args.threads)
     config = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)})
-    sets = rl_and_held_out(args.num_rl, args.num_held_out)
     args.out.mkdir(parents=True, exist_ok=True)
     check_or_write_meta(args.out, shared_meta(args, config))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.policy)
+    rl_set, evaluate_policy, evaluate_final = problems_and_evaluation(args, config, tokenizer)
     runs_path, done = args.out / "runs.jsonl", finished_runs(args.out / "runs.jsonl")
     for seed in args.seeds:  # seed-major, so an interrupted comparison has every arm at the early seeds
         for arm in args.arms:
@@ -107,14 +136,20 @@ def run_all(args) -> None:
             def on_eval(record, shard=shard, records=records):
                 records.append(record | {"load_average": os.getloadavg()[0]})
                 append_lines(shard, records[-1:])
-                print(f"{arm} s{seed} step {record['step']} rollouts {record['rollouts']} "
-                      f"pass1 {record['greedy_pass1']:.3f} mean@k {record['mean_at_k']:.3f} {record['seconds']}s", flush=True)
+                print(f"{arm} s{seed} step {record['step']} rollouts {record['rollouts']} {progress(record)} "
+                      f"{record['seconds']}s", flush=True)
 
             model = LlamaForCausalLM.from_pretrained(args.policy)
-            run(arm, seed, config, model, tokenizer, sets.rl, sets.held_out, on_eval)
-            records[-1]["final"] = True
+            run(arm, seed, config, model, tokenizer, rl_set, evaluate_policy, on_eval)
+            records[-1] |= evaluate_final(model) | {"final": True}
             append_lines(runs_path, records)
-    analyze.write_summary(args.out)
+    (analyze if args.ladder is None else analyze_ladder).write_summary(args.out)
+
+
+def progress(record: dict) -> str:
+    """The primary figures of an evaluation point, for the log."""
+    levels = record.get("levels", {"": record})
+    return " ".join(f"{level}:pass1 {f['greedy_pass1']:.3f} mean@k {f['mean_at_k']:.3f}" for level, f in levels.items())
 
 
 def parse_args(argv=None):
@@ -125,6 +160,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-rl", type=int, default=2000)
     parser.add_argument("--num-held-out", type=int, default=500)
+    parser.add_argument("--ladder", choices=sorted(TRAINING_SETS), default=None,
+                        help="the difficulty-ladder experiment on this training set (issue 12)")
+    parser.add_argument("--eval-split", choices=["held_out", "validation"], default="held_out",
+                        help="--ladder: the split evaluation points measure (validation for pilots)")
     defaults = RunConfig()
     for f in dataclasses.fields(RunConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))

@@ -1,4 +1,4 @@
-"""The task, its three disjoint problem sets, the character tokenizer and the tiny policy's architecture.
+"""The task, its disjoint problem sets, the character tokenizer and the tiny policy's architecture.
 
 Family: reasoning-gym `chain_sum` (integer sums and differences), answered directly with no reasoning
 trace, so a rollout is a handful of tokens and thousands of GRPO steps fit in a CPU budget. A problem is
@@ -8,6 +8,10 @@ shown as its bare expression, e.g. the plain prompt `"58 - 91 + 7="`; the hinted
 
 Problem sets come from reasoning-gym with separate seeds and are made disjoint by string: the held-out set
 is drawn first, then the RL set excludes its expressions, then the warm-up excludes both.
+
+The difficulty ladder (issue 12, `LADDER`) uses the same family at three levels, each with three splits
+(held-out, validation, training) drawn in that order from seeds of their own, each excluding the ones
+drawn before it; the ladder's warm-up excludes all of them.
 """
 
 from __future__ import annotations
@@ -104,6 +108,41 @@ def rl_and_held_out(num_rl: int, num_held_out: int) -> ProblemSets:
     held_out = make_problems(RL_DIFFICULTY, num_held_out, HELD_OUT_SEED)
     rl = make_problems(RL_DIFFICULTY, num_rl, RL_SEED, exclude={p.expression for p in held_out})
     return ProblemSets(held_out, rl)
+
+
+# The difficulty ladder of issue 12: A is the claim experiment's RL difficulty; B widens the terms, C adds one.
+LADDER = {
+    "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
+    "B": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
+    "C": Difficulty(min_terms=3, max_terms=3, min_digits=2, max_digits=2),
+}
+LADDER_SPLITS = ("held_out", "validation", "train")  # drawn in this order, each excluding the ones before
+LADDER_SEEDS = {"held_out": 11_000, "validation": 12_000, "train": 13_000, "warmup": 14_000}  # + 100·level index
+LADDER_SIZES = {"held_out": 500, "validation": 500, "train": 2000}  # per level; the warm-up excludes these
+TRAINING_SETS = {"mixed": ("A", "B", "C"), "C": ("C",)}  # primary: every level at once, no curriculum
+
+
+def ladder_seed(split: str, level: str) -> int:
+    return LADDER_SEEDS[split] + 100 * list(LADDER).index(level)
+
+
+def ladder_sets(sizes: dict[str, int] = LADDER_SIZES) -> dict[str, dict[str, list[Problem]]]:
+    """split → level → problems, disjoint by string across splits (levels cannot share an expression)."""
+    sets: dict[str, dict[str, list[Problem]]] = {split: {} for split in LADDER_SPLITS}
+    for level, difficulty in LADDER.items():
+        drawn: set[str] = set()
+        for split in LADDER_SPLITS:
+            problems = make_problems(difficulty, sizes[split], ladder_seed(split, level), exclude=drawn)
+            drawn |= {p.expression for p in problems}
+            sets[split][level] = problems
+    return sets
+
+
+def training_problems(sets: dict[str, dict[str, list[Problem]]], training_set: str) -> list[Problem]:
+    """The RL problems of one training set; level-major, which the runner's seeded shuffle mixes."""
+    if training_set not in TRAINING_SETS:
+        raise ValueError(f"training_set must be one of {sorted(TRAINING_SETS)}, got {training_set!r}")
+    return [p for level in TRAINING_SETS[training_set] for p in sets["train"][level]]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

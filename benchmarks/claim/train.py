@@ -14,20 +14,28 @@ This loop doubles as the short custom-loop example for the framework-free contro
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from prodsample.controller import GuidanceController
-from prodsample.grpo import group_advantages, grpo_loss
+from prodsample.grpo import (
+    DistillCoefficient,
+    baseline_keeping_advantages,
+    group_advantages,
+    grpo_loss,
+    self_distill_kl_loss,
+)
 from prodsample.importance import OFF_POLICY_MODES, off_policy_weights
 from prodsample.rollout import GuidedRollout
-from prodsample.schedules import Adaptive, Constant, Linear, Schedule
+from prodsample.schedules import Adaptive, Constant, Linear, Piecewise, Schedule
 
 from .evaluate import completions_rewards, evaluate
-from prodsample.hf import guided_generate
+from prodsample.hf import build_contexts, guided_generate
 from .task import HINT_TEMPLATE, MAX_NEW_TOKENS, Problem
 
 
@@ -38,14 +46,21 @@ class Arm:
     guidance: "plain" (λ = 1 throughout), "annealed" (λ linear from `lam_start` to 1), "probe" (plain first,
         all-fail groups resampled at the annealed λ: Guide-GRPO), "history" (annealed λ only for prompts not
         yet solved plainly: `Adaptive(mode="history")`), "star" (λ = 0 throughout).
-    off_policy: a key of `prodsample.importance.OFF_POLICY_MODES`.
-    objective: "grpo", or "star" (maximum likelihood on the rewarded rollouts under the plain prompt).
+    off_policy: a key of `prodsample.importance.OFF_POLICY_MODES` (per-token weights on the "grpo" objective).
+    objective: "grpo" (group advantages, token mean), "baseline_keeping" (self-normalised sequence-level π/q
+        weights with the baseline taken under them, `prodsample.grpo.baseline_keeping_advantages`; each
+        rollout's token sum over MAX_NEW_TOKENS), or "star" (maximum likelihood on the rewarded rollouts under
+        the plain prompt).
+    self_distill: add β·KL(π(·|prompt, o<t) ‖ sg π(·|prompt ⊕ hint, o<t)) on every rollout's positions, β from
+        `RunConfig.distill_coef` linearly to 0 at the last step. The full-vocabulary KL (the vocabulary has 19
+        tokens), so guided rollouts need no token weight; the hinted forward is teacher-forced on the rollout.
     group_multiplier: rollouts per prompt as a multiple of the shared G.
     """
 
     guidance: str = "plain"
     off_policy: str = "none"
     objective: str = "grpo"
+    self_distill: bool = False
     group_multiplier: int = 1
 
 
@@ -57,6 +72,9 @@ ARMS: dict[str, Arm] = {
     "guide_grpo": Arm(guidance="probe"),
     "star": Arm(guidance="star", objective="star"),
     "adaptive": Arm(guidance="history"),
+    "annealed_bk": Arm(guidance="annealed", objective="baseline_keeping"),
+    "self_distill_plain": Arm(self_distill=True),
+    "self_distill_annealed": Arm(guidance="annealed", self_distill=True),
 }
 
 
@@ -73,17 +91,30 @@ class RunConfig:
     clip_eps: float = 0.2
     lam_start: float = 0.5
     anneal_fraction: float = 0.5  # λ reaches 1 at this fraction of the steps
+    anneal_hold_fraction: float = 0.0  # λ stays at lam_start up to this fraction, then rises linearly
     eval_every: int = 200
     eval_k: int = 8
     threads: int = 1
+    distill_coef: float = 1.0  # β at step 0 of the self_distill arms, linear to 0 at the last step (not piloted yet)
+    bk_truncate: float = math.inf  # c of the baseline-keeping weights: w̃ cut at c/G, renormalised (inf: not cut)
 
     @property
     def anneal_steps(self) -> int:
         return max(1, round(self.anneal_fraction * self.steps))
 
+    @property
+    def hold_steps(self) -> int:
+        return round(self.anneal_hold_fraction * self.steps)
+
 
 def make_schedule(arm: Arm, config: RunConfig) -> Schedule:
-    annealed = Linear(start=config.lam_start, end_step=config.anneal_steps)
+    if config.hold_steps >= config.anneal_steps:
+        raise ValueError(f"anneal_hold_fraction ({config.anneal_hold_fraction}) must be below anneal_fraction "
+                         f"({config.anneal_fraction})")
+    annealed = (
+        Piecewise(points=((0, config.lam_start), (config.hold_steps, config.lam_start), (config.anneal_steps, 1.0)))
+        if config.hold_steps else Linear(start=config.lam_start, end_step=config.anneal_steps)
+    )
     return {
         "plain": lambda: Constant(lam=1.0),
         "annealed": lambda: annealed,
@@ -93,12 +124,17 @@ def make_schedule(arm: Arm, config: RunConfig) -> Schedule:
     }[arm.guidance]()
 
 
-def plain_logprobs(model, rollout: GuidedRollout, pad_id: int, temperature: float) -> torch.Tensor:
-    """Teacher-forced log π_θ(o_t | plain prompt, o<t) at `temperature`, `[R, L]`, with gradient."""
-    width = max(map(len, rollout.prompt_ids))
+def vocabulary_logprobs(
+    model, contexts: list[list[int]], rollout: GuidedRollout, pad_id: int, temperature: float
+) -> torch.Tensor:
+    """Teacher-forced log π_θ(· | context, o<t) at `temperature` over the vocabulary, `[R, L, V]`, with gradient.
+
+    `contexts` holds one prompt per rollout: `rollout.prompt_ids` (plain) or the hinted prompts.
+    """
+    width = max(map(len, contexts))
     prompts = torch.full((len(rollout), width), pad_id)
     prompt_mask = torch.zeros((len(rollout), width), dtype=torch.long)
-    for row, ids in enumerate(rollout.prompt_ids):
+    for row, ids in enumerate(contexts):
         prompts[row, width - len(ids) :] = torch.tensor(ids)
         prompt_mask[row, width - len(ids) :] = 1
     input_ids = torch.cat([prompts, rollout.completion_ids], dim=1)
@@ -106,41 +142,61 @@ def plain_logprobs(model, rollout: GuidedRollout, pad_id: int, temperature: floa
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     predicting = logits[:, width - 1 : -1].float() / temperature
-    return torch.log_softmax(predicting, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(predicting, dim=-1)
+
+
+def token_logprobs(vocabulary: torch.Tensor, rollout: GuidedRollout) -> torch.Tensor:
+    """The sampled tokens' entries of `[R, L, V]` log-probs, `[R, L]`."""
+    return vocabulary.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
 class StepStats:
-    """Counters since the start of the run, and per-step figures for the log."""
+    """Counters since the start of the run, and figures for the log averaged over what they count.
+
+    A rollout figure is a mean over every rollout since the last flush, a group figure over every group, so
+    a step that generates twice (Guide-GRPO's probe batch and its smaller resample batch) counts each batch
+    by its size, not as two equal halves.
+    """
 
     rollouts: int = 0
     row_tokens: int = 0
-    recent: list[dict] = field(default_factory=list)
+    totals: dict[str, list[float]] = field(default_factory=dict)  # figure → [weighted sum, weight]
 
-    def add(self, rollout: GuidedRollout, rewards: torch.Tensor, group_size: int, lam_mean: float) -> None:
+    def record(self, name: str, total: float, weight: float) -> None:
+        """Add `total` (a sum over `weight` items) to the figure `name`."""
+        entry = self.totals.setdefault(name, [0.0, 0.0])
+        entry[0] += total
+        entry[1] += weight
+
+    def add(self, rollout: GuidedRollout, rewards: torch.Tensor, group_size: int, lams: list[float]) -> None:
+        """One generated batch: `rewards` `[R]` in groups of `group_size`, `lams` one λ per group."""
         lengths = rollout.completion_mask.sum(dim=1)
         self.rollouts += len(rollout)
         self.row_tokens += int((lengths * (1 + rollout.guided.long())).sum())
         groups = rewards.view(-1, group_size)
         guided, plain = rewards[rollout.guided], rewards[~rollout.guided]
-        self.recent.append({
-            "reward": rewards.mean().item(),
-            "guided_reward": guided.mean().item() if len(guided) else None,
-            "plain_reward": plain.mean().item() if len(plain) else None,
-            "guided_share": rollout.guided.float().mean().item(),
-            "informative_groups": (groups.std(dim=1) > 0).float().mean().item(),
-            "all_fail_groups": (groups.max(dim=1).values == 0).float().mean().item(),
-            "lam_mean": lam_mean,
-        })
+        self.record("reward", rewards.sum().item(), len(rewards))
+        self.record("guided_reward", guided.sum().item(), len(guided))
+        self.record("plain_reward", plain.sum().item(), len(plain))
+        self.record("guided_share", rollout.guided.sum().item(), len(rollout))
+        self.record("informative_groups", (groups.std(dim=1) > 0).sum().item(), len(groups))
+        self.record("all_fail_groups", (groups.max(dim=1).values == 0).sum().item(), len(groups))
+        self.record("lam_mean", sum(lams), len(lams))
 
     def flush(self) -> dict:
-        """Means of the per-step figures since the last flush."""
-        summary = {}
-        for key in self.recent[0] if self.recent else ():
-            values = [s[key] for s in self.recent if s[key] is not None]
-            summary[key] = sum(values) / len(values) if values else None
-        self.recent = []
+        """Each figure's mean since the last flush (None where it counted nothing)."""
+        summary = {name: total / weight if weight else None for name, (total, weight) in self.totals.items()}
+        self.totals = {}
         return summary
+
+
+class Batch(NamedTuple):
+    """One step's training data: the rollouts, their rewards `[R]`, and the problem of each group."""
+
+    rollout: GuidedRollout
+    rewards: torch.Tensor
+    problems: list[Problem]  # indexed by `rollout.group_ids`
 
 
 class GRPORun:
@@ -156,6 +212,9 @@ class GRPORun:
             self.optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
         )
         self.guidance = OFF_POLICY_MODES[arm.off_policy]
+        self.distill = None
+        if arm.self_distill:
+            self.distill = DistillCoefficient(config.distill_coef, Linear(start=0.0, end_step=config.steps))
         self.order: list[int] = []
         self.shuffle = random.Random(seed)
         self.stats = StepStats()
@@ -173,11 +232,11 @@ class GRPORun:
             seed=(self.seed * 1_000_003 + step) * 2 + salt, hint_template=HINT_TEMPLATE,
         )
         rewards = completions_rewards(self.model, self.tokenizer, problems, rollout)
-        self.stats.add(rollout, rewards, self.group_size, sum(lams) / len(lams))
+        self.stats.add(rollout, rewards, self.group_size, lams)
         return rollout, rewards
 
     @torch.no_grad()
-    def rollouts(self, step: int) -> tuple[GuidedRollout, torch.Tensor]:
+    def rollouts(self, step: int) -> Batch:
         problems = self.next_problems()
         keys = [p.expression for p in problems]
         lams = self.controller.lambdas(step, keys)
@@ -192,39 +251,71 @@ class GRPORun:
                 self.controller.record(step, [keys[i] for i in needy], guided_lams,
                                        extra_rewards.view(-1, self.group_size).tolist())
                 joined = GuidedRollout.concat([rollout, extra], pad_token_id=self.tokenizer.pad_token_id)
-                return joined, torch.cat([rewards, extra_rewards])
+                return Batch(joined, torch.cat([rewards, extra_rewards]), problems + [problems[i] for i in needy])
         self.controller.record(step, keys, lams, group_rewards)
-        return rollout, rewards
+        return Batch(rollout, rewards, problems)
 
-    def loss(self, rollout: GuidedRollout, rewards: torch.Tensor) -> torch.Tensor:
+    def policy_loss(self, logprobs: torch.Tensor, rollout: GuidedRollout, rewards: torch.Tensor) -> torch.Tensor:
+        """The arm's objective on `[R, L]` log π_θ(o_t | plain prompt)."""
         mask = rollout.completion_mask
-        logprobs = plain_logprobs(self.model, rollout, self.tokenizer.pad_token_id, self.config.temperature)
         if self.arm.objective == "star":
             keep = mask & (rewards > 0).unsqueeze(1)
             return -(logprobs * keep).sum() / keep.sum().clamp_min(1)
+        if self.arm.objective == "baseline_keeping":
+            # π_old and q as the generator recorded them, from the same logits: at λ = 1 the ratio is exactly 1
+            # (the generator is the trained model in float32, so π_old = π_θ up to rounding).
+            weighted = baseline_keeping_advantages(rewards, rollout.plain_logprobs, rollout.logprobs, mask,
+                                                   self.group_size, truncate=self.config.bk_truncate)
+            rewarded = rewards > 0
+            rewarded_weight = (self.group_size * weighted.weights[rewarded]).sum().item()
+            self.stats.record("rewarded_weight", rewarded_weight, int(rewarded.sum()))
+            return grpo_loss(logprobs, logprobs.detach(), weighted.loss_weights, mask, clip_eps=self.config.clip_eps,
+                             max_new_tokens=MAX_NEW_TOKENS)
         weights = None
         if self.guidance is not None:
             weights = off_policy_weights(rollout.logprobs, rollout.plain_logprobs, mask, guidance=self.guidance).weights
         advantages = group_advantages(rewards, self.group_size)
         return grpo_loss(logprobs, logprobs.detach(), advantages, mask, weights=weights, clip_eps=self.config.clip_eps)
 
+    def hinted_contexts(self, batch: Batch) -> list[list[int]]:
+        """The hinted prompt of each rollout's problem, as token ids."""
+        problems = batch.problems
+        _, hinted = build_contexts(self.tokenizer, [p.prompt for p in problems], [p.answer for p in problems], HINT_TEMPLATE)
+        return [hinted[group] for group in batch.rollout.group_ids.tolist()]
+
+    def loss(self, batch: Batch, step: int) -> torch.Tensor:
+        rollout, pad_id, temperature = batch.rollout, self.tokenizer.pad_token_id, self.config.temperature
+        vocabulary = vocabulary_logprobs(self.model, rollout.prompt_ids, rollout, pad_id, temperature)
+        loss = self.policy_loss(token_logprobs(vocabulary, rollout), rollout, batch.rewards)
+        beta = self.distill.value(step) if self.distill is not None else 0.0
+        if beta > 0:
+            with torch.no_grad():  # the teacher: the same weights under the hinted prompt, no gradient
+                teacher = vocabulary_logprobs(self.model, self.hinted_contexts(batch), rollout, pad_id, temperature)
+            distill = self_distill_kl_loss(vocabulary, teacher, rollout.completion_mask, max_new_tokens=MAX_NEW_TOKENS)
+            self.stats.record("distill_kl", distill.item() * MAX_NEW_TOKENS, 1)  # per rollout, summed over its tokens
+            self.stats.record("distill_coef", beta, 1)
+            loss = loss + beta * distill
+        return loss
+
     def step(self, step: int) -> None:
-        rollout, rewards = self.rollouts(step)
-        loss = self.loss(rollout, rewards)
+        loss = self.loss(self.rollouts(step), step)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         self.lr_schedule.step()
 
 
-def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, held_out, on_eval) -> None:
-    """Train one arm from `model` (modified in place), calling `on_eval(record)` at every evaluation point."""
+def run(arm_name: str, seed: int, config: RunConfig, model, tokenizer, rl_set, evaluate_policy, on_eval) -> None:
+    """Train one arm from `model` (modified in place), calling `on_eval(record)` at every evaluation point.
+
+    `evaluate_policy(model)` returns the figures an evaluation point records (see `run.py`).
+    """
     torch.manual_seed(seed)
     trainer = GRPORun(ARMS[arm_name], config, seed, model, tokenizer, rl_set)
     start = time.perf_counter()
     for step in range(config.steps + 1):
         if step % config.eval_every == 0 or step == config.steps:
-            figures = evaluate(model, tokenizer, held_out, k=config.eval_k, temperature=config.temperature, seed=10_000)
+            figures = evaluate_policy(model)
             on_eval({
                 "arm": arm_name, "seed": seed, "step": step, "rollouts": trainer.stats.rollouts,
                 "row_tokens": trainer.stats.row_tokens, "seconds": round(time.perf_counter() - start, 1),

@@ -78,3 +78,9 @@ class GuidanceController:
         controller = cls(schedule_from_dict(state["schedule"]), success_threshold=state["success_threshold"])
         controller.records = {key: PromptRecord(*values) for key, values in state["records"].items()}
         return controller
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore, in place, what `state_dict` saved (schedule, threshold and records): whoever holds this
+        controller sees the restored one, as a trainer resuming from a checkpoint needs."""
+        restored = GuidanceController.from_state_dict(state)
+        self.schedule, self.success_threshold, self.records = restored.schedule, restored.success_threshold, restored.records

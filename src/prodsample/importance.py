@@ -30,10 +30,12 @@ import torch
 
 __all__ = [
     "OFF_POLICY_MODES",
+    "OFF_POLICY_MODE_NAMES",
     "ImportanceConfig",
     "OffPolicyWeights",
     "importance_weights",
     "off_policy_weights",
+    "off_policy_mode_weights",
     "effective_sample_size",
     "kl_q_pi",
 ]
@@ -63,14 +65,17 @@ class ImportanceConfig:
 
 
 # The named off-policy modes a trainer chooses between, as guidance-weight configs. "none" is the original
-# recipe (train on guided rollouts as if on-policy; the bias vanishes as λ → 1). Loss-level shapings that
-# are not weights (LUFFY's π/(π+γ)) live with the loss that applies them.
+# recipe (train on guided rollouts as if on-policy; the bias vanishes as λ → 1).
 OFF_POLICY_MODES: dict[str, ImportanceConfig | None] = {
     "none": None,
     "token_truncate": ImportanceConfig("token", "truncate", cap=2.0),
     "sequence_mask": ImportanceConfig("sequence", "mask", cap=2.0),
     "geometric": ImportanceConfig("geometric", "truncate", cap=2.0),
 }
+
+# Every mode `off_policy_mode_weights` takes: the weight configs above, plus LUFFY's policy shaping, which is
+# not an importance ratio but enters a fixed loss (TRL's) as the weight of its gradient at θ = θ_old.
+OFF_POLICY_MODE_NAMES = (*OFF_POLICY_MODES, "luffy_shaping")
 
 
 class OffPolicyWeights(NamedTuple):
@@ -178,3 +183,59 @@ def off_policy_weights(
     changed = (guidance_weights != guidance_raw) | (engine_weights != engine_raw)
     clipped = changed[real].double().mean() if real.any() else torch.tensor(0.0, dtype=torch.float64)
     return OffPolicyWeights(weights, guidance_weights, engine_weights, clipped, effective_sample_size(weights, mask))
+
+
+def off_policy_mode_weights(
+    mode: str,
+    logprobs: torch.Tensor,
+    plain_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    guided: torch.Tensor,
+    trainer_logprobs: torch.Tensor | None = None,
+    *,
+    engine: ImportanceConfig = ImportanceConfig(),
+    luffy_gamma: float = 0.1,
+) -> OffPolicyWeights:
+    """Per-token stop-gradient weights `[B, T]` for one of `OFF_POLICY_MODE_NAMES`, engine mismatch included.
+
+    The guidance weight is π_engine/q under the mode's `OFF_POLICY_MODES` config; "none" uses weight 1 (the
+    rollout is treated as drawn from π_engine), and "luffy_shaping" weights the tokens of guided rollouts
+    (`guided`, bool `[B]`) by γ·π/(π+γ)², which makes the gradient of a PPO ratio term at θ = θ_old equal the
+    gradient of LUFFY's shaped objective A·π_θ/(π_θ+γ). The engine weight π_trainer/π_engine (when
+    `trainer_logprobs` is given, i.e. a separate engine sampled) multiplies every mode.
+
+    Example:
+        >>> import torch
+        >>> from prodsample.importance import off_policy_mode_weights
+        >>> logq, logpi = torch.tensor([[-0.1, -0.2]]), torch.tensor([[-1.1, -0.2]])
+        >>> mask, guided = torch.ones(1, 2), torch.tensor([True])
+        >>> off_policy_mode_weights("token_truncate", logq, logpi, mask, guided).weights
+        tensor([[0.3679, 1.0000]])
+        >>> off_policy_mode_weights("none", logq, logpi, mask, guided).weights
+        tensor([[1., 1.]])
+    """
+    if mode not in OFF_POLICY_MODE_NAMES:
+        raise ValueError(f"off_policy must be one of {OFF_POLICY_MODE_NAMES}, got {mode!r}")
+    guidance = OFF_POLICY_MODES.get(mode)
+    # Modes without a guidance ratio pass log π_engine as the sampling log-prob: their guidance weight is 1 and
+    # only the engine weight (and its clipping statistics) remains.
+    weights = off_policy_weights(
+        logprobs if guidance is not None else plain_logprobs,
+        plain_logprobs,
+        mask,
+        trainer_logprobs,
+        guidance=guidance or ImportanceConfig(),
+        engine=engine,
+    )
+    if mode != "luffy_shaping":
+        return weights
+    # LUFFY shapes the trained policy's probability: π_trainer when an engine sampled, else the engine's
+    # (which is then the trained model).
+    probability = (plain_logprobs if trainer_logprobs is None else trainer_logprobs).exp()
+    shaping = torch.where(
+        guided.bool().unsqueeze(1), luffy_gamma * probability / (probability + luffy_gamma) ** 2, 1.0
+    ) * mask
+    combined = weights.weights * shaping
+    return weights._replace(
+        weights=combined, guidance=shaping, effective_sample_size=effective_sample_size(combined, mask)
+    )

@@ -21,8 +21,10 @@ log-probs. `GuidedGRPOTrainer` is `GRPOTrainer` with four small overrides, becau
 - the guidance controller records each group's rewards, and its state checkpoints and resumes with the trainer;
 - the guidance metrics go to `trainer._metrics`, so they reach `report_to` averaged like TRL's own.
 
-The framework-free pieces (`prodsample.controller`, `prodsample.importance`, `prodsample.hf`) do the work;
-this module only adapts them to TRL's contracts. See docs/trl.md for each mode's math and the metrics.
+The two hand each generation batch's state to each other in one object, `GuidedBatch`, and compute every
+group statistic on its view over all processes, `GatheredBatch`. The framework-free pieces
+(`prodsample.controller`, `prodsample.importance`, `prodsample.metrics`, `prodsample.hf`) do the work; this
+module only adapts them to TRL's contracts. See docs/trl.md for each mode's math and the metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,22 +49,19 @@ from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
 from .hf import check_tokenizer_matches, guided_generate
-from .importance import (
-    OFF_POLICY_MODES,
-    ImportanceConfig,
-    OffPolicyWeights,
-    effective_sample_size,
-    kl_q_pi,
-    off_policy_weights,
-)
+from .importance import OFF_POLICY_MODE_NAMES, ImportanceConfig, OffPolicyWeights, off_policy_mode_weights
+from .metrics import guidance_metrics
 from .prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
 from .rollout import GuidedRollout
-from .schedules import Schedule
+from .schedules import Schedule, schedule_from_dict
 
 __all__ = [
     "DEFAULT_OFF_POLICY_MODE",
     "TRL_OFF_POLICY_MODES",
     "ROLLOUT_BACKENDS",
+    "GuidedBatch",
+    "GatheredBatch",
+    "gather_batch",
     "GuidedRolloutFunc",
     "guided_rollout_func",
     "GuidedGRPOTrainer",
@@ -78,8 +78,9 @@ __all__ = [
 # learned worse than "none" on the same rollouts; docs/trl.md gives the figures.
 DEFAULT_OFF_POLICY_MODE = "none"
 
-# The core's weight modes, plus LUFFY's policy shaping applied as a weight (see `off_policy_mode_weights`).
-TRL_OFF_POLICY_MODES = (*OFF_POLICY_MODES, "luffy_shaping")
+# Every mode of `prodsample.importance.off_policy_mode_weights`: the core's weight modes, plus LUFFY's
+# policy shaping applied as a weight.
+TRL_OFF_POLICY_MODES = OFF_POLICY_MODE_NAMES
 
 CHECKPOINT_FILE = "prodsample_guidance.json"
 
@@ -127,11 +128,6 @@ def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Off-policy weights
-# ---------------------------------------------------------------------------------------------------------
-
-
 def engine_importance_config(args) -> ImportanceConfig:
     """TRL's engine-mismatch settings (`vllm_importance_sampling_mode`, `..._clip_max`, `..._clip_min`) as a
     `prodsample.importance.ImportanceConfig`, so the engine weight is the one TRL would have applied."""
@@ -146,115 +142,8 @@ def engine_importance_config(args) -> ImportanceConfig:
     return ImportanceConfig(level, constraint, cap=math.inf if cap is None else cap, floor=floor)
 
 
-def off_policy_mode_weights(
-    mode: str,
-    logprobs: torch.Tensor,
-    plain_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    guided: torch.Tensor,
-    trainer_logprobs: torch.Tensor | None = None,
-    *,
-    engine: ImportanceConfig = ImportanceConfig(),
-    luffy_gamma: float = 0.1,
-) -> OffPolicyWeights:
-    """Per-token stop-gradient weights `[B, T]` for one of `TRL_OFF_POLICY_MODES`, engine mismatch included.
-
-    The guidance weight (π_engine/q under the mode's `ImportanceConfig`) comes from `prodsample.importance`;
-    "none" uses weight 1 (the rollout is treated as drawn from π_engine), and "luffy_shaping" weights the tokens
-    of guided rollouts by γ·π/(π+γ)², which makes the gradient of TRL's ratio term at θ = θ_old equal the
-    gradient of LUFFY's shaped objective A·π_θ/(π_θ+γ). The engine weight π_trainer/π_engine (when
-    `trainer_logprobs` is given, i.e. a separate engine sampled) multiplies every mode.
-    """
-    if mode not in TRL_OFF_POLICY_MODES:
-        raise ValueError(f"off_policy must be one of {TRL_OFF_POLICY_MODES}, got {mode!r}")
-    guidance = OFF_POLICY_MODES.get(mode)
-    # Modes without a guidance ratio pass log π_engine as the sampling log-prob: their guidance weight is 1 and
-    # only the engine weight (and its clipping statistics) remains.
-    weights = off_policy_weights(
-        logprobs if guidance is not None else plain_logprobs,
-        plain_logprobs,
-        mask,
-        trainer_logprobs,
-        guidance=guidance or ImportanceConfig(),
-        engine=engine,
-    )
-    if mode != "luffy_shaping":
-        return weights
-    # LUFFY shapes the trained policy's probability: π_trainer when an engine sampled, else the engine's
-    # (which is then the trained model).
-    probability = (plain_logprobs if trainer_logprobs is None else trainer_logprobs).exp()
-    shaping = torch.where(
-        guided.bool().unsqueeze(1), luffy_gamma * probability / (probability + luffy_gamma) ** 2, 1.0
-    ) * mask
-    combined = weights.weights * shaping
-    return weights._replace(
-        weights=combined, guidance=shaping, effective_sample_size=effective_sample_size(combined, mask)
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _mean_or_nan(values: torch.Tensor) -> float:
-    values = values.double()
-    values = values[~torch.isnan(values)]
-    return float(values.mean()) if values.numel() else math.nan
-
-
-def guidance_metrics(
-    *,
-    lam: torch.Tensor,
-    guided: torch.Tensor,
-    desynced: torch.Tensor,
-    leaked: torch.Tensor,
-    rewards: torch.Tensor,
-    group_size: int,
-    success_threshold: float,
-    logprobs: torch.Tensor,
-    plain_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    weights: torch.Tensor,
-    clipped_fraction: float,
-) -> dict[str, float]:
-    """The per-step guidance metrics of a batch of R rollouts (prompt-major groups of `group_size`).
-
-    Per-rollout tensors are `[R]`, per-token ones `[R, L]`. A reward is a success when above
-    `success_threshold`; NaN rewards (unscorable rollouts) are left out. Means over an empty set are NaN,
-    which TRL's logger drops from its averages.
-    """
-    guided, desynced, leaked, mask = guided.bool(), desynced.bool(), leaked.bool(), mask.bool()
-    lengths = mask.sum(dim=1).double()
-    groups = rewards.double().view(-1, group_size)
-    scored = ~torch.isnan(groups)
-    successes = (groups > success_threshold) & scored
-    failures = (groups <= success_threshold) & scored
-    high = torch.where(scored, groups, -math.inf).amax(dim=1)
-    low = torch.where(scored, groups, math.inf).amin(dim=1)
-    return {
-        "guidance/lambda_mean": float(lam.double().mean()),
-        "guidance/lambda_std": float(lam.double().std(unbiased=False)),
-        "guidance/guided_fraction": _mean_or_nan(guided),
-        "guidance/reward_guided": _mean_or_nan(rewards.double()[guided]),
-        "guidance/reward_plain": _mean_or_nan(rewards.double()[~guided]),
-        "guidance/groups_informative": _mean_or_nan(high > low),
-        "guidance/groups_all_fail": _mean_or_nan(~successes.any(dim=1) & scored.any(dim=1)),
-        "guidance/groups_all_pass": _mean_or_nan(~failures.any(dim=1) & scored.any(dim=1)),
-        "guidance/kl_q_pi": float(kl_q_pi(logprobs, plain_logprobs, mask)),
-        "guidance/is_weight_mean": _mean_or_nan(weights.double()[mask]),
-        "guidance/is_clipped_fraction": clipped_fraction,
-        "guidance/is_ess": float(effective_sample_size(weights, mask)),
-        "guidance/length_guided": _mean_or_nan(lengths[guided]),
-        "guidance/length_plain": _mean_or_nan(lengths[~guided]),
-        "guidance/hint_leakage_guided": _mean_or_nan(leaked[guided]),
-        "guidance/hint_leakage_plain": _mean_or_nan(leaked[~guided]),
-        "guidance/desynced_fraction": _mean_or_nan(desynced),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The rollout function
+# The per-batch object
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -263,28 +152,252 @@ def prompt_key(prompt) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
+@dataclass
+class GuidedBatch:
+    """One generation batch of guided rollouts on this process, handed explicitly from stage to stage.
+
+    `GuidedGRPOTrainer` opens it from the batch's dataset rows before TRL generates. TRL calls the rollout
+    function with the prompts and the trainer only: the rollout function asks the trainer for the batch of
+    those prompts (`trainer.guided_batch(prompts)`), reads the answers and records the rollout it sampled.
+    The trainer's reward step records TRL's rewards on it the same way. Once TRL has scored the batch, the
+    trainer gathers it over processes (`gather_batch`) and weights, records and logs from that one view.
+
+    Why a store keyed by the prompts: the prompts are what TRL itself carries to each stage (to the rollout
+    function and to `_calculate_rewards`), so a stage reaches this batch and no other, and a batch lives only
+    while TRL generates and scores it. TRL's other channel, the rollout function's extra fields, runs one
+    way, to the reward functions (which get `lam`, `guided` and `plain_logprobs` that way): it can bring
+    neither the answers to the rollout function nor TRL's rewards, computed inside its step, to the trainer.
+
+    Attributes:
+        prompt_keys: `prompt_key` of each prompt entry (one entry per rollout, in TRL's order).
+        answers: each prompt entry's answer (the hint).
+        rollout: the `GuidedRollout` sampled for these entries, once the rollout function recorded it.
+        rewards: float `[N]`, TRL's total (weighted) reward of every rollout of the generation batch on every
+            process (TRL scores the gathered batch), NaN where unscorable, once the reward step recorded it.
+    """
+
+    prompt_keys: list[str]
+    answers: list[str]
+    rollout: GuidedRollout | None = None
+    rewards: torch.Tensor | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], answer_column: str) -> GuidedBatch:
+        """The batch of TRL's generation rows (dataset rows with a "prompt" and an answer in `answer_column`)."""
+        answers = []
+        for i, row in enumerate(rows):
+            answer = row.get(answer_column)
+            if answer is None or not str(answer).strip():
+                raise ValueError(
+                    f"row {i} of the batch has no answer in column {answer_column!r} (answer_column); its columns "
+                    f"are {sorted(row)}"
+                )
+            answers.append(str(answer))
+        return cls([prompt_key(row["prompt"]) for row in rows], answers)
+
+    def record_rollout(self, rollout: GuidedRollout) -> None:
+        if self.rollout is not None:
+            raise RuntimeError("this generation batch already has its rollout: one rollout_func call per batch")
+        if len(rollout) != len(self.prompt_keys):
+            raise ValueError(f"the rollout has {len(rollout)} rows for the batch's {len(self.prompt_keys)} prompts")
+        self.rollout = rollout
+
+    def record_rewards(self, rewards: torch.Tensor) -> None:
+        if self.rollout is None or self.rewards is not None:
+            raise RuntimeError("the rewards of a generation batch are recorded once, after its rollout")
+        self.rewards = rewards
+
+
+class _OpenBatches:
+    """This process's `GuidedBatch`es between opening and scoring, keyed by their prompts' keys."""
+
+    def __init__(self):
+        self._batches: dict[tuple[str, ...], GuidedBatch] = {}
+
+    @contextmanager
+    def open(self, batch: GuidedBatch) -> Iterator[None]:
+        key = tuple(batch.prompt_keys)
+        if key in self._batches:
+            raise RuntimeError("a generation batch of the same prompts is already open on this process")
+        self._batches[key] = batch
+        try:
+            yield
+        finally:
+            del self._batches[key]
+
+    def find(self, prompts: Sequence) -> GuidedBatch:
+        batch = self._batches.get(tuple(prompt_key(prompt) for prompt in prompts))
+        if batch is None:
+            raise RuntimeError(
+                "no generation batch of these prompts is open: the rollout function runs only inside "
+                "GuidedGRPOTrainer's generation step, on the prompts TRL hands it"
+            )
+        return batch
+
+
+@dataclass(frozen=True)
+class GatheredBatch:
+    """A generation batch over every process, in TRL's global order: where group statistics are computed.
+
+    A group is `group_size` consecutive rollouts and can straddle two processes, so everything computed per
+    group (the controller's records, the metrics, the off-policy weights, and any weight normalised within a
+    group, such as self-normalised sequence weights) is computed on this view; `local` takes this process's
+    rows back. Per-rollout tensors are `[N]`, per-token ones `[N, W]` (W: the widest process's completions;
+    0 past each rollout's end).
+
+    Attributes:
+        prompt_keys: N prompt keys.
+        group_size: G, rollouts per group.
+        rewards: TRL's total reward, NaN where unscorable.
+        lam, guided, desynced, leaked: each rollout's λ, whether it was guided, lost guidance (vLLM), or
+            restated the hint (`prodsample.prompts.hint_leakage`).
+        logprobs: log q; plain_logprobs: log π_engine (both recorded at sampling).
+        trainer_logprobs: log π_old as the trainer recomputed it, or None when the engine is the trained model.
+        mask: completion tokens.
+        process_rows: this process's rows.
+    """
+
+    prompt_keys: list[str]
+    group_size: int
+    rewards: torch.Tensor
+    lam: torch.Tensor
+    guided: torch.Tensor
+    desynced: torch.Tensor
+    leaked: torch.Tensor
+    logprobs: torch.Tensor
+    plain_logprobs: torch.Tensor
+    trainer_logprobs: torch.Tensor | None
+    mask: torch.Tensor
+    process_rows: slice
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a gathered tensor (TRL's `process_slice`)."""
+        return tensor[self.process_rows]
+
+    def group_keys(self) -> list[str]:
+        """One prompt key per group; raises unless every group's rollouts share their prompt."""
+        size = self.group_size
+        groups = [self.prompt_keys[start : start + size] for start in range(0, len(self.prompt_keys), size)]
+        if any(group != [group[0]] * size for group in groups):
+            raise RuntimeError("TRL's generation batch is not made of contiguous groups of num_generations")
+        return [group[0] for group in groups]
+
+    def off_policy_weights(self, mode: str, engine: ImportanceConfig, luffy_gamma: float) -> OffPolicyWeights:
+        """`off_policy_mode_weights` of every rollout."""
+        return off_policy_mode_weights(
+            mode,
+            self.logprobs,
+            self.plain_logprobs,
+            self.mask,
+            self.guided,
+            self.trainer_logprobs,
+            engine=engine,
+            luffy_gamma=luffy_gamma,
+        )
+
+    def record(self, controller: GuidanceController, step: int) -> None:
+        """Each group's λ (the smallest of its rollouts') and rewards, into the controller."""
+        lam, rewards = self.lam.view(-1, self.group_size), self.rewards.view(-1, self.group_size)
+        controller.record(step, self.group_keys(), lam.amin(dim=1).tolist(), rewards.tolist())
+
+    def metrics(self, weights: OffPolicyWeights, success_threshold: float) -> dict[str, float]:
+        """`prodsample.metrics.guidance_metrics` of the whole batch (computed on CPU: float64 everywhere)."""
+        return guidance_metrics(
+            lam=self.lam.cpu(),
+            guided=self.guided.cpu(),
+            desynced=self.desynced.cpu(),
+            leaked=self.leaked.cpu(),
+            rewards=self.rewards.cpu(),
+            group_size=self.group_size,
+            success_threshold=success_threshold,
+            logprobs=self.logprobs.cpu(),
+            plain_logprobs=self.plain_logprobs.cpu(),
+            mask=self.mask.cpu(),
+            weights=weights.weights.cpu(),
+            clipped_fraction=float(weights.clipped_fraction),
+        )
+
+
+def _gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-rollout tensor over processes, in TRL's global (group-contiguous) order."""
+    flags = tensor.dtype == torch.bool
+    tensor = tensor.to(accelerator.device, torch.uint8 if flags else tensor.dtype)
+    if tensor.dim() > 1:
+        tensor = accelerator.pad_across_processes(tensor, dim=1)
+    gathered = accelerator.gather(tensor)
+    return gathered.bool() if flags else gathered
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value=0) -> torch.Tensor:
+    """Right-pad `[R, L]` to `[R, width]` (TRL may pad completions wider than the rollout's longest)."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def gather_batch(
+    accelerator, batch: GuidedBatch, *, group_size: int, width: int, leaked: torch.Tensor, trainer_logprobs=None
+) -> GatheredBatch:
+    """`batch` over every process, its per-token tensors first right-padded to TRL's completion width `width`.
+
+    `leaked` is bool `[R]` for this process's rollouts; `trainer_logprobs` TRL's π_old `[R, width]` or None.
+    """
+    rollout, rewards = batch.rollout, batch.rewards
+    if rollout is None or rewards is None:
+        raise RuntimeError("a generation batch is gathered after its rollout and rewards are recorded")
+
+    def tokens(tensor: torch.Tensor, fill=0) -> torch.Tensor:
+        return _gather_rows(accelerator, _pad_columns(tensor, width, fill))
+
+    first = accelerator.process_index * len(rollout)
+    return GatheredBatch(
+        prompt_keys=gather_object(batch.prompt_keys),
+        group_size=group_size,
+        rewards=rewards,
+        lam=_gather_rows(accelerator, rollout.lam),
+        guided=_gather_rows(accelerator, rollout.guided),
+        desynced=_gather_rows(accelerator, rollout.desynced),
+        leaked=_gather_rows(accelerator, leaked),
+        logprobs=tokens(rollout.logprobs),
+        plain_logprobs=tokens(rollout.plain_logprobs),
+        trainer_logprobs=None if trainer_logprobs is None else tokens(trainer_logprobs),
+        mask=tokens(rollout.completion_mask, False),
+        process_rows=slice(first, first + len(rollout)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rollout function
+# ---------------------------------------------------------------------------------------------------------
+
+
 def _rollout_seed(*parts) -> int:
     """A keyed-noise seed that differs per (run seed, mode, step, process, call) and repeats on resume."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, the range guided_generate draws from
 
 
-@dataclass
-class GuidedBatch:
-    """What the rollout function generated on this process: the rollouts and, per rollout, its prompt's key
-    and answer."""
+def _copies_per_prompt(prompts: Sequence) -> int:
+    """How many consecutive copies each prompt has, when every prompt has the same number; else 1.
 
-    rollout: GuidedRollout
-    prompt_keys: list[str]
-    answers: list[str]
+    Equal copies are sampled as `num_generations` of one prompt, so they share their contexts' prefill.
+    """
+    runs = [1]
+    for previous, current in zip(prompts, prompts[1:]):
+        if current == previous:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs[0] if len(set(runs)) == 1 else 1
 
 
 class GuidedRolloutFunc:
     """TRL's `rollout_func` for answer-guided rollouts. Build it with `guided_rollout_func`.
 
+    TRL calls it with this process's prompt entries (its slice of the generation batch) and the trainer. It
+    takes those entries' `GuidedBatch` from the trainer, sets λ per group with the controller, samples with
+    the backend at the trainer's sampling settings, records the rollout on the batch and returns TRL's fields.
+
     Attributes:
         controller: the `GuidanceController` (schedule + per-prompt records) that sets λ per group.
-        last_batch: the `GuidedBatch` of the latest call, which `GuidedGRPOTrainer` reads after scoring.
     """
 
     def __init__(
@@ -305,20 +418,28 @@ class GuidedRolloutFunc:
         self.hint_template = hint_template
         self.guided_per_group = guided_per_group
         self.luffy_gamma = luffy_gamma
-        self.last_batch: GuidedBatch | None = None
         self._calls_key: tuple[str, int] | None = None  # (mode, step) of the latest call
         self._calls = 0  # calls before the latest one at that (mode, step): eval runs several per step
 
-    def _generate(self, trainer, prompts, answers, lam, num_generations, seed) -> GuidedRollout:
+    def __call__(self, prompts: list, trainer) -> dict[str, list]:
+        if not isinstance(trainer, GuidedGRPOTrainer):
+            raise TypeError(
+                "guided rollouts need prodsample.trl.GuidedGRPOTrainer (it reads the answers, applies the off-policy "
+                f"weights and checkpoints the schedule), got {type(trainer).__name__}"
+            )
+        batch = trainer.guided_batch(prompts)
+        training = trainer.model.training
+        copies = _copies_per_prompt(prompts)
+        firsts = range(0, len(prompts), copies)
         backend = ROLLOUT_BACKENDS[self.backend] if isinstance(self.backend, str) else self.backend
         args = trainer.args
-        return backend(
+        rollout = backend(
             trainer,
-            prompts,
-            answers,
-            lam=lam,
-            num_generations=num_generations,
-            seed=seed,
+            [prompts[i] for i in firsts],
+            [batch.answers[i] for i in firsts],
+            lam=self.rollout_lambdas(trainer, prompts, training),
+            num_generations=copies,
+            seed=self._seed(trainer, training),
             max_new_tokens=args.max_completion_length,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -326,6 +447,16 @@ class GuidedRolloutFunc:
             min_p=args.min_p,
             hint_template=self.hint_template,
         )
+        batch.record_rollout(rollout)
+        return {
+            "prompt_ids": rollout.prompt_ids,
+            "completion_ids": rollout.completion_lists(),
+            "logprobs": rollout.token_lists("logprobs"),
+            # Extra fields reach the reward functions (as keyword arguments) next to the dataset's columns.
+            "lam": rollout.lam.tolist(),
+            "guided": rollout.guided.tolist(),
+            "plain_logprobs": rollout.token_lists("plain_logprobs"),
+        }
 
     def rollout_lambdas(self, trainer, prompts: Sequence, training: bool) -> list[float]:
         """λ for each prompt entry: the controller's per-group λ in training, 1 in evaluation (the plain policy).
@@ -345,55 +476,11 @@ class GuidedRolloutFunc:
             ]
         return lams
 
-    def __call__(self, prompts: list, trainer) -> dict[str, list]:
-        if not isinstance(trainer, GuidedGRPOTrainer):
-            raise TypeError(
-                "guided rollouts need prodsample.trl.GuidedGRPOTrainer (it reads the answers, applies the off-policy "
-                f"weights and checkpoints the schedule), got {type(trainer).__name__}"
-            )
-        rows = trainer.generation_rows
-        if rows is None or len(rows) != len(prompts):
-            raise RuntimeError("the rollout function was called outside GuidedGRPOTrainer's generation step")
-        answers = []
-        for i, row in enumerate(rows):
-            answer = row.get(self.answer_column)
-            if answer is None or not str(answer).strip():
-                raise ValueError(
-                    f"row {i} of the batch has no answer in column {self.answer_column!r} (answer_column); its columns "
-                    f"are {sorted(row)}"
-                )
-            answers.append(str(answer))
-        training = trainer.model.training
-        lams = self.rollout_lambdas(trainer, prompts, training)
-
-        # Consecutive copies of a prompt share their context's prefill when every run has the same length.
-        runs = [1]
-        for previous, current in zip(prompts, prompts[1:]):
-            if current == previous:
-                runs[-1] += 1
-            else:
-                runs.append(1)
-        num_generations = runs[0] if len(set(runs)) == 1 else 1
-        firsts = range(0, len(prompts), num_generations)
-
+    def _seed(self, trainer, training: bool) -> int:
         mode, step = ("train" if training else "eval"), trainer.state.global_step
         self._calls = self._calls + 1 if self._calls_key == (mode, step) else 0
         self._calls_key = (mode, step)
-        seed = _rollout_seed(trainer.args.seed, mode, step, trainer.accelerator.process_index, self._calls)
-
-        rollout = self._generate(
-            trainer, [prompts[i] for i in firsts], [answers[i] for i in firsts], lams, num_generations, seed
-        )
-        self.last_batch = GuidedBatch(rollout, [prompt_key(p) for p in prompts], answers)
-        return {
-            "prompt_ids": rollout.prompt_ids,
-            "completion_ids": rollout.completion_lists(),
-            "logprobs": rollout.token_lists("logprobs"),
-            # Extra fields reach the reward functions (as keyword arguments) next to the dataset's columns.
-            "lam": rollout.lam.tolist(),
-            "guided": rollout.guided.tolist(),
-            "plain_logprobs": rollout.token_lists("plain_logprobs"),
-        }
+        return _rollout_seed(trainer.args.seed, mode, step, trainer.accelerator.process_index, self._calls)
 
 
 def guided_rollout_func(
@@ -503,22 +590,68 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         )
 
 
-def _pad_columns(tensor: torch.Tensor, width: int, value=0) -> torch.Tensor:
-    """Right-pad `[R, L]` to `[R, width]` (TRL may pad completions wider than the rollout's longest)."""
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+def _check_answers(dataset, name: str, column: str) -> None:
+    """Every row of a map-style dataset has an answer (iterable ones are checked batch by batch)."""
+    column_names = getattr(dataset, "column_names", None)
+    if not isinstance(column_names, list) or not hasattr(dataset, "__getitem__"):
+        return
+    if column not in column_names:
+        raise ValueError(f"{name} has no {column!r} column (answer_column); its columns are {column_names}")
+    for index, answer in enumerate(dataset[column]):
+        if answer is None or not str(answer).strip():
+            raise ValueError(f"{name} row {index} has no answer in column {column!r}")
+
+
+def _warn_if_never_plain(schedule: Schedule, max_steps: int) -> None:
+    if schedule.end_step is None:
+        warnings.warn(
+            "the schedule never reaches lam = 1: the policy keeps training on guided rollouts and never learns "
+            "without the answer's help",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif max_steps > 0 and schedule.end_step > max_steps:
+        warnings.warn(
+            f"the schedule reaches lam = 1 at step {schedule.end_step} but training stops at max_steps={max_steps}: "
+            "the policy never trains without the answer's help",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _save_guidance(folder: str, controller: GuidanceController) -> None:
+    with open(os.path.join(folder, CHECKPOINT_FILE), "w") as file:
+        json.dump({"controller": controller.state_dict()}, file)
+
+
+def _restore_guidance(checkpoint: str, controller: GuidanceController) -> None:
+    """Load a checkpoint's controller state into `controller` (its schedule wins over the configured one)."""
+    path = os.path.join(checkpoint, CHECKPOINT_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint was not written by GuidedGRPOTrainer, so the schedule and the "
+            "controller's records cannot resume where they were"
+        )
+    with open(path) as file:
+        state = json.load(file)["controller"]
+    saved = schedule_from_dict(state["schedule"])
+    if saved != controller.schedule:
+        warnings.warn(
+            f"resuming with the checkpoint's schedule {saved} instead of {controller.schedule}", UserWarning, stacklevel=3
+        )
+    controller.load_state_dict(state)
 
 
 class GuidedGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` trained on answer-guided rollouts from a `guided_rollout_func`.
 
-    Takes GRPOTrainer's arguments unchanged; `rollout_func` must come from `guided_rollout_func`. After TRL
-    scores a generation batch, the trainer multiplies each token's advantage by the off-policy weight of the
-    rollout function's mode (π_trainer/π_engine included when a vLLM engine sampled), records every group's
-    rewards in the controller, and logs the `guidance/*` metrics. The controller's state is saved in each
-    checkpoint (`prodsample_guidance.json`) and restored by `train(resume_from_checkpoint=...)`.
-
-    Attributes:
-        generation_rows: the dataset rows of the batch being generated (the rollout function reads answers here).
+    Takes GRPOTrainer's arguments unchanged; `rollout_func` must come from `guided_rollout_func`. Each
+    generation batch is one `GuidedBatch`, opened from its rows, that the rollout function and the reward
+    step record into. After TRL scores the batch, the trainer gathers it over processes, multiplies each
+    token's advantage by the off-policy weight of the rollout function's mode (π_trainer/π_engine included
+    when a vLLM engine sampled), records every group's rewards in the controller, and logs the `guidance/*`
+    metrics. The controller's state is saved in each checkpoint (`prodsample_guidance.json`) and restored by
+    `train(resume_from_checkpoint=...)`.
     """
 
     def __init__(
@@ -543,168 +676,91 @@ class GuidedGRPOTrainer(GRPOTrainer):
         if args is None:  # GRPOTrainer built its default config
             _check_guided_args(self.args, rollout_func)
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
-        self.engine_config = engine_importance_config(self.args) if self.use_vllm else None
-        self.generation_rows: list[dict] | None = None
-        self._batch_rewards: torch.Tensor | None = None
+        self.engine_config = engine_importance_config(self.args) if self.use_vllm else ImportanceConfig()
+        self._open_batches = _OpenBatches()
         check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
-        self._check_answers(self.train_dataset, "train_dataset")
-        self._check_answers(self.eval_dataset, "eval_dataset")
-        self._warn_if_never_plain()
+        _check_answers(self.train_dataset, "train_dataset", rollout_func.answer_column)
+        _check_answers(self.eval_dataset, "eval_dataset", rollout_func.answer_column)
+        _warn_if_never_plain(rollout_func.controller.schedule, self.args.max_steps)
 
-    def _warn_if_never_plain(self) -> None:
-        end_step, max_steps = self.rollout_func.controller.schedule.end_step, self.args.max_steps
-        if end_step is None:
-            warnings.warn(
-                "the schedule never reaches lam = 1: the policy keeps training on guided rollouts and never learns "
-                "without the answer's help",
-                UserWarning,
-                stacklevel=3,
-            )
-        elif max_steps > 0 and end_step > max_steps:
-            warnings.warn(
-                f"the schedule reaches lam = 1 at step {end_step} but training stops at max_steps={max_steps}: "
-                "the policy never trains without the answer's help",
-                UserWarning,
-                stacklevel=3,
-            )
+    def guided_batch(self, prompts: Sequence) -> GuidedBatch:
+        """The open `GuidedBatch` of these prompts: how the rollout function reaches its batch."""
+        return self._open_batches.find(prompts)
 
-    def _check_answers(self, dataset, name: str) -> None:
-        """Every row of a map-style dataset has an answer (iterable ones are checked batch by batch)."""
-        column_names = getattr(dataset, "column_names", None)
-        if not isinstance(column_names, list) or not hasattr(dataset, "__getitem__"):
-            return
-        column = self.rollout_func.answer_column
-        if column not in column_names:
-            raise ValueError(f"{name} has no {column!r} column (answer_column); its columns are {column_names}")
-        for index, answer in enumerate(dataset[column]):
-            if answer is None or not str(answer).strip():
-                raise ValueError(f"{name} row {index} has no answer in column {column!r}")
-
-    # -- after scoring: weights, controller, metrics --------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        batch = GuidedBatch.from_rows(inputs, self.rollout_func.answer_column)
+        with self._open_batches.open(batch):
+            output = super()._generate_and_score_completions(inputs)
+        gathered = self._gather(batch, output)
+        weights = gathered.off_policy_weights(self.rollout_func.off_policy, self.engine_config, self.rollout_func.luffy_gamma)
+        width = output["completion_ids"].shape[1]
+        output["advantages"] = output["advantages"].unsqueeze(1) * gathered.local(weights.weights)[:, :width]
+        if self.use_vllm:
+            # TRL's own ratio (π_old over the sampling log-probs, i.e. over q) would correct the guidance a second
+            # time; the weights above already hold the engine correction.
+            output["importance_sampling_ratio"] = torch.ones_like(output["importance_sampling_ratio"])
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            gathered.record(self.rollout_func.controller, self.state.global_step)
+        for name, value in gathered.metrics(weights, self.rollout_func.controller.success_threshold).items():
+            self._metrics[mode][name].append(value)
+        return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         # TRL's total reward (gathered over processes); NaN where every reward function returned None.
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        self._batch_rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), math.nan)
+        rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), math.nan)
+        self._open_batches.find(prompts).record_rewards(rewards)
         return rewards_per_func
 
-    def _generate_and_score_completions(self, inputs):
-        self.generation_rows = inputs
-        try:
-            output = super()._generate_and_score_completions(inputs)
-        finally:
-            self.generation_rows = None
-        batch = self.rollout_func.last_batch
-        rollout, device = batch.rollout, output["advantages"].device
-        width = output["completion_ids"].shape[1]
-        mask = _pad_columns(rollout.completion_mask, width, False).to(device)
-        logprobs = _pad_columns(rollout.logprobs, width).to(device)
-        plain_logprobs = _pad_columns(rollout.plain_logprobs, width).to(device)
-        # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
-        trainer_logprobs = output["old_per_token_logps"] if self.use_vllm else None
-        weights = off_policy_mode_weights(
-            self.rollout_func.off_policy,
-            logprobs,
-            plain_logprobs,
-            mask,
-            rollout.guided.to(device),
-            trainer_logprobs,
-            engine=self.engine_config or ImportanceConfig(),
-            luffy_gamma=self.rollout_func.luffy_gamma,
+    def _gather(self, batch: GuidedBatch, output: dict) -> GatheredBatch:
+        texts = self.processing_class.batch_decode(batch.rollout.completion_lists(), skip_special_tokens=True)
+        return gather_batch(
+            self.accelerator,
+            batch,
+            group_size=self.num_generations if self.model.training else self.num_generations_eval,
+            width=output["completion_ids"].shape[1],
+            leaked=torch.tensor(hint_leakage(texts, batch.answers, self.rollout_func.hint_template)),
+            # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
+            trainer_logprobs=output["old_per_token_logps"] if self.use_vllm else None,
         )
-        output["advantages"] = output["advantages"].unsqueeze(1) * weights.weights
-        if self.use_vllm:
-            # TRL's own ratio (π_old over the sampling log-probs, i.e. over q) would correct the guidance a second
-            # time; the weights above already hold the engine correction.
-            output["importance_sampling_ratio"] = torch.ones_like(output["importance_sampling_ratio"])
-        self._record_guidance(batch, logprobs, plain_logprobs, mask, weights)
-        return output
-
-    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a per-rollout tensor over processes, in TRL's global (group-contiguous) order."""
-        flags = tensor.dtype == torch.bool
-        tensor = tensor.to(self.accelerator.device, torch.uint8 if flags else tensor.dtype)
-        if tensor.dim() > 1:
-            tensor = self.accelerator.pad_across_processes(tensor, dim=1)
-        gathered = self.accelerator.gather(tensor)
-        return gathered.bool() if flags else gathered
-
-    def _record_guidance(self, batch: GuidedBatch, logprobs, plain_logprobs, mask, weights: OffPolicyWeights) -> None:
-        mode = "train" if self.model.training else "eval"
-        rollout = batch.rollout
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        texts = self.processing_class.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
-        leaked = torch.tensor(hint_leakage(texts, batch.answers, self.rollout_func.hint_template))
-        lam = self._gather_rows(rollout.lam)
-        rewards = self._batch_rewards
-        token_count = mask.sum().double()
-        clipped_tokens = weights.clipped_fraction.double() * token_count
-        clipped, tokens = self._gather_rows(torch.stack([clipped_tokens, token_count]).unsqueeze(0)).sum(0)
-
-        if mode == "train":
-            keys = gather_object(batch.prompt_keys)
-            groups = [keys[start : start + group_size] for start in range(0, len(keys), group_size)]
-            if any(group != [group[0]] * group_size for group in groups):
-                raise RuntimeError("TRL's generation batch is not made of contiguous groups of num_generations")
-            self.rollout_func.controller.record(
-                self.state.global_step,
-                [group[0] for group in groups],
-                lam.view(-1, group_size).amin(dim=1).tolist(),
-                rewards.view(-1, group_size).tolist(),
-            )
-        metrics = guidance_metrics(
-            lam=lam.cpu(),
-            guided=self._gather_rows(rollout.guided).cpu(),
-            desynced=self._gather_rows(rollout.desynced).cpu(),
-            leaked=self._gather_rows(leaked).cpu(),
-            rewards=rewards.cpu(),
-            group_size=group_size,
-            success_threshold=self.rollout_func.controller.success_threshold,
-            logprobs=self._gather_rows(logprobs).cpu(),
-            plain_logprobs=self._gather_rows(plain_logprobs).cpu(),
-            mask=self._gather_rows(mask).cpu(),
-            weights=self._gather_rows(weights.weights).cpu(),
-            clipped_fraction=float(clipped / tokens) if tokens > 0 else 0.0,
-        )
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
-
-    # -- checkpoints ----------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            with open(os.path.join(folder, CHECKPOINT_FILE), "w") as file:
-                json.dump({"controller": self.rollout_func.controller.state_dict()}, file)
+            _save_guidance(os.path.join(self._get_output_dir(trial=trial), checkpoint), self.rollout_func.controller)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, CHECKPOINT_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was not written by GuidedGRPOTrainer, so the schedule and the "
-                "controller's records cannot resume where they were"
-            )
-        with open(path) as file:
-            restored = GuidanceController.from_state_dict(json.load(file)["controller"])
-        current = self.rollout_func.controller
-        if restored.schedule != current.schedule:
-            warnings.warn(
-                f"resuming with the checkpoint's schedule {restored.schedule} instead of {current.schedule}",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.rollout_func.controller = restored
+        if checkpoint is not None:
+            _restore_guidance(checkpoint, self.rollout_func.controller)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Held-out evaluation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _verify(verifier, trainer, rows: list[dict], rollout: GuidedRollout, repeats: int) -> list[float | None]:
+    """`verifier`'s reward for each rollout, called as TRL calls a reward function (`repeats` rollouts per row)."""
+    rows = [row for row in rows for _ in range(repeats)]
+    texts = trainer.processing_class.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
+    prompts = [row["prompt"] for row in rows]
+    completions = (
+        [[{"role": "assistant", "content": text}] for text in texts]
+        if is_conversational({"prompt": prompts[0]})
+        else texts
+    )
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    return verifier(
+        prompts=prompts,
+        completions=completions,
+        completion_ids=rollout.completion_lists(),
+        trainer_state=trainer.state,
+        **columns,
+    )
 
 
 class HeldOutEvalCallback(TrainerCallback):
@@ -760,23 +816,7 @@ class HeldOutEvalCallback(TrainerCallback):
         self.eval_on_start = eval_on_start
         self.history: list[dict] = []
 
-    def _solved(self, rows: list[dict], rollout: GuidedRollout, repeats: int) -> list[bool]:
-        rows = [row for row in rows for _ in range(repeats)]
-        texts = self.trainer.processing_class.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
-        prompts = [row["prompt"] for row in rows]
-        completions = (
-            [[{"role": "assistant", "content": text}] for text in texts]
-            if is_conversational({"prompt": prompts[0]})
-            else texts
-        )
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        rewards = self.verifier(
-            prompts=prompts,
-            completions=completions,
-            completion_ids=rollout.completion_lists(),
-            trainer_state=self.trainer.state,
-            **columns,
-        )
+    def _solved(self, rewards: list[float | None]) -> list[bool]:
         return [reward is not None and float(reward) > self.success_threshold for reward in rewards]
 
     def evaluate(self) -> dict[str, float]:
@@ -805,8 +845,8 @@ class HeldOutEvalCallback(TrainerCallback):
                     seed=_rollout_seed(self.seed, "heldout", accelerator.process_index, start),
                     **common,
                 )
-                greedy += self._solved(rows, plain, 1)
-                solved = self._solved(rows, drawn, self.num_samples)
+                greedy += self._solved(_verify(self.verifier, trainer, rows, plain, 1))
+                solved = self._solved(_verify(self.verifier, trainer, rows, drawn, self.num_samples))
                 sampled += [sum(solved[i : i + self.num_samples]) for i in range(0, len(solved), self.num_samples)]
         greedy, sampled = gather_object(greedy), gather_object(sampled)
         k = self.num_samples

@@ -9,10 +9,10 @@ through `LLM.collective_rpc`. Requests without the tag pass through untouched.
 
 `GuidedLLM` wraps an engine (one it builds, or an existing `vllm.LLM`, e.g. the one TRL syncs weights
 into) and returns the same `GuidedRollout` as `prodsample.hf.guided_generate`, with identical tokens under
-the same seed (same contexts, same keyed noise r = i·G + g, t). It admits pairs between engine steps only
-as far as the engine can prefill them in one step and hold them to the end without preemption, so both
-rows of a pair enter together and stay in step; a pair that falls out of step anyway is detected,
-continues on-policy and is flagged `desynced` (see `prodsample.pairing`).
+the same seed (same contexts, same keyed noise r = i·G + g, t). Its driver (`prodsample.pacing`, engine-free)
+admits pairs between engine steps only as far as the engine can prefill them in one step and hold them to
+the end without preemption, so both rows of a pair enter together and stay in step; a pair that falls out
+of step anyway is detected, continues on-policy and is flagged `desynced` (see `prodsample.pairing`).
 
 Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
   `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
@@ -31,9 +31,7 @@ import dataclasses
 import os
 import uuid
 import weakref
-from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,9 +41,19 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from .pairing import DesyncCause, GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
+from .pacing import (
+    EngineLimits,
+    EngineRequest,
+    FinishedRequest,
+    GenerationStats,
+    PacedDriver,
+    RolloutDriver,
+    RolloutRequests,
+    settle,
+)
+from .pairing import GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import GuidedRollout
+from .rollout import PER_TOKEN_RECORDS, GuidedRollout
 from .settings import SamplingSettings
 
 if TYPE_CHECKING:
@@ -58,6 +66,7 @@ __all__ = [
     "ProductLogitsProcessorV1",
     "ProductLogitsProcessorV2",
     "build_engine",
+    "engine_limits",
     "DEFAULT_ENGINE_KWARGS",
 ]
 
@@ -256,53 +265,43 @@ def build_engine(model: str | os.PathLike, **engine_kwargs) -> vllm.LLM:
         return LLM(str(model), **kwargs)
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """What one engine step can take: requests, prefill tokens, and KV-cache blocks."""
+def engine_limits(llm: vllm.LLM) -> EngineLimits:
+    """What one step of `llm`'s engine can take: its scheduler's and KV cache's sizes."""
+    config = llm.llm_engine.vllm_config
+    return EngineLimits(
+        max_num_seqs=config.scheduler_config.max_num_seqs,
+        max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+        kv_blocks=config.cache_config.num_gpu_blocks,
+        block_size=config.cache_config.block_size,
+    )
 
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    kv_blocks: int
-    block_size: int
 
-    @classmethod
-    def of(cls, llm: vllm.LLM) -> EngineLimits:
-        config = llm.llm_engine.vllm_config
-        return cls(
-            max_num_seqs=config.scheduler_config.max_num_seqs,
-            max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
-            kv_blocks=config.cache_config.num_gpu_blocks or 0,
-            block_size=config.cache_config.block_size,
+class _SteppedLLM:
+    """`prodsample.pacing.SteppedEngine` over a `vllm.LLM`'s V1 `LLMEngine`. Requests ask vLLM's own sampler
+    for greedy (so it can only keep the token the processor forces) and return their tokens once, finished."""
+
+    def __init__(self, llm: vllm.LLM) -> None:
+        self.llm = llm
+
+    def limits(self) -> EngineLimits:
+        return engine_limits(self.llm)
+
+    def add_request(self, request: EngineRequest) -> None:
+        params = SamplingParams(
+            max_tokens=request.max_new_tokens, temperature=0.0, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY, extra_args=request.tag.to_extra_args(),
         )
+        self.llm.llm_engine.add_request(request.request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
 
-    def blocks(self, prompt_len: int, max_new_tokens: int) -> int:
-        return -(-(prompt_len + max_new_tokens) // self.block_size)
+    def step(self) -> list[FinishedRequest]:
+        return [FinishedRequest(o.request_id, o.outputs[0].token_ids) for o in self.llm.llm_engine.step() if o.finished]
 
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self.llm.llm_engine.abort_request(list(request_ids))
 
-@dataclass
-class _Unit:
-    """The requests of one rollout, submitted together: (guide, plain), or plain alone when λ = 1."""
-
-    rollout: int
-    name: str  # the tag's rollout field
-    requests: list[tuple[str, list[int], SamplingParams]]
-    prompt_tokens: int
-    blocks: int
-
-
-@dataclass
-class GenerationStats:
-    """What the last `GuidedLLM.generate` did."""
-
-    rollouts: int = 0
-    paired: int = 0  # rollouts with λ < 1 (two requests)
-    desynced: int = 0
-    causes: Counter = field(default_factory=Counter)  # DesyncCause value → rollouts
-    engine_steps: int = 0
-
-    @property
-    def desync_rate(self) -> float:
-        return self.desynced / self.paired if self.paired else 0.0
+    def has_unfinished_requests(self) -> bool:
+        # the frontend's count: LLMEngine.has_unfinished_requests may synchronise data-parallel ranks
+        return self.llm.llm_engine.get_num_unfinished_requests() > 0
 
 
 class GuidedLLM:
@@ -315,6 +314,7 @@ class GuidedLLM:
             VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send back records, and may let a pair's requests
             arrive in different steps (flagged, never silent).
         tokenizer: the tokenizer that renders prompts (default: the engine's).
+        driver: what admits the requests and steps the engine (default: `prodsample.pacing.PacedDriver`).
 
     Example:
         >>> guided = GuidedLLM("path/to/model", dtype="float32")  # doctest: +SKIP
@@ -322,7 +322,10 @@ class GuidedLLM:
         ...                            max_new_tokens=64, seed=0)  # doctest: +SKIP
     """
 
-    def __init__(self, llm: vllm.LLM | str | os.PathLike, *, tokenizer=None, **engine_kwargs) -> None:
+    def __init__(
+        self, llm: vllm.LLM | str | os.PathLike, *, tokenizer=None, driver: RolloutDriver | None = None,
+        **engine_kwargs,
+    ) -> None:
         if isinstance(llm, (str, os.PathLike)):
             llm = build_engine(llm, **engine_kwargs)
         elif engine_kwargs:
@@ -331,6 +334,7 @@ class GuidedLLM:
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
+        self.driver = PacedDriver() if driver is None else driver
         self.instance_id = llm.llm_engine.vllm_config.instance_id
         self.last_stats: GenerationStats | None = None
         self._check_processor_loaded()
@@ -388,84 +392,21 @@ class GuidedLLM:
             for p, a in zip(prompts, answers)
         ]
         call = uuid.uuid4().hex[:12]
-        limits = EngineLimits.of(self.llm)
-        units = [
-            self._unit(call, r, plain_ids[r // num_generations], guide_ids[r // num_generations], lams[r], seed,
-                       settings, max_new_tokens, limits)
+        requests = [
+            _rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
+                              lams[r], seed, settings, max_new_tokens, self.tokenizer.eos_token_id)
             for r in range(rollouts)
         ]
-        stats = GenerationStats(rollouts=rollouts, paired=sum(l < 1 for l in lams))
-        outputs = self._run(units, limits, stats)
-        records = self._take([f"{call}-{r}" for r in range(rollouts)])
-        result = self._assemble(call, units, outputs, records, plain_ids, lams, num_generations, stats)
-        self.last_stats = stats
-        return result
-
-    def _unit(self, call, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, limits) -> _Unit:
-        contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
-        contexts.append((Role.PLAIN, plain_ids))  # guide first: see the README, "Keeping pairs in step"
-        requests = []
-        for role, ids in contexts:
-            tag = GuidanceTag(
-                rollout=f"{call}-{r}", role=role, rollout_index=r, seed=seed,
-                release_token=self.tokenizer.eos_token_id, settings=dataclasses.replace(settings, lam=lam),
-            )
-            params = SamplingParams(
-                max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
-                output_kind=RequestOutputKind.FINAL_ONLY, extra_args=tag.to_extra_args(),
-            )
-            requests.append((f"prodsample-{call}-{r}-{role.value}", ids, params))
-        return _Unit(
-            rollout=r,
-            name=f"{call}-{r}",
-            requests=requests,
-            prompt_tokens=sum(len(ids) for _, ids in contexts),
-            blocks=sum(limits.blocks(len(ids), max_new_tokens) for _, ids in contexts),
-        )
-
-    def _run(self, units: list[_Unit], limits: EngineLimits, stats: GenerationStats) -> dict[str, list[int]]:
-        """Step the engine, admitting rollouts between steps only as far as the next step can prefill all
-        their requests at once (no partial prefill) and the KV cache can hold every admitted request at
-        full length (no preemption). Returns completion token ids by request id."""
-        engine = self.llm.llm_engine
-        waiting = deque(units)
-        in_flight: dict[str, _Unit] = {}  # request id → its rollout
-        finished: dict[str, list[int]] = {}
+        names = [rollout.name for rollout in requests]
         try:
-            while waiting or in_flight:
-                self._admit(engine, waiting, in_flight, limits)
-                for output in engine.step():
-                    if output.finished and output.request_id in in_flight:
-                        finished[output.request_id] = list(output.outputs[0].token_ids)
-                        del in_flight[output.request_id]
-                stats.engine_steps += 1
+            driven = self.driver.run(_SteppedLLM(self.llm), requests)
         except BaseException:
-            engine.abort_request(list(in_flight))
-            self._take([unit.name for unit in units])  # drop whatever the processor holds for them
+            self._take(names)  # drop whatever the processor holds for them
             raise
-        return finished
-
-    @staticmethod
-    def _admit(engine, waiting: deque, in_flight: dict[str, _Unit], limits: EngineLimits) -> None:
-        seqs = len(in_flight)
-        step_tokens = seqs  # each running request decodes one token next step
-        blocks = sum(unit.blocks for unit in {unit.rollout: unit for unit in in_flight.values()}.values())
-        while waiting:
-            unit = waiting[0]
-            fits = (
-                seqs + len(unit.requests) <= limits.max_num_seqs
-                and step_tokens + unit.prompt_tokens <= limits.max_num_batched_tokens
-                and blocks + unit.blocks <= limits.kv_blocks
-            )
-            if not fits and seqs > 0:
-                return  # wait for running rollouts to finish (a rollout too big for an empty engine goes alone)
-            waiting.popleft()
-            for request_id, ids, params in unit.requests:
-                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = unit
-            seqs += len(unit.requests)
-            step_tokens += unit.prompt_tokens
-            blocks += unit.blocks
+        outcomes = settle(requests, driven.completions, self._take(names))
+        self.last_stats = GenerationStats.of(outcomes, driven.engine_steps)
+        rows = [(outcome.completion, outcome.record, outcome.desynced) for outcome in outcomes]
+        return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
 
     def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
         records: dict[str, RolloutRecord] = {}
@@ -474,32 +415,22 @@ class GuidedLLM:
                 records.setdefault(name, RolloutRecord(*raw))
         return records
 
-    def _assemble(self, call, units, outputs, records, plain_ids, lams, num_generations, stats) -> GuidedRollout:
-        rows = []
-        for unit in units:
-            name = f"{call}-{unit.rollout}"
-            completion = outputs[f"prodsample-{call}-{unit.rollout}-plain"]
-            record = records.get(name)
-            if record is None:
-                raise RuntimeError(f"no prodsample records for rollout {unit.rollout}: the processor did not see it")
-            if record.tokens[: len(completion)] != completion:
-                raise RuntimeError(
-                    f"rollout {unit.rollout}: the engine returned other tokens than prodsample drew; something "
-                    "after the prodsample logits processor changes the logits of tagged requests"
-                )
-            paired = lams[unit.rollout] < 1
-            cause = record.cause
-            if paired and cause is None and outputs[f"prodsample-{call}-{unit.rollout}-guide"] != completion:
-                cause = DesyncCause.OUTPUTS_DIFFER.value
-            if cause is not None:
-                stats.desynced += 1
-                stats.causes[cause] += 1
-            rows.append((completion, record, cause is not None))
-        return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
-
     def _pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
+
+
+def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, eos) -> RolloutRequests:
+    contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
+    contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
+    requests = []
+    for role, ids in contexts:
+        tag = GuidanceTag(
+            rollout=name, role=role, rollout_index=r, seed=seed, release_token=eos,
+            settings=dataclasses.replace(settings, lam=lam),
+        )
+        requests.append(EngineRequest(ids, max_new_tokens, tag))
+    return RolloutRequests(tuple(requests))
 
 
 def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
@@ -513,9 +444,7 @@ def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> Guid
     return GuidedRollout.from_lists(
         prompt_ids=[plain_ids[r // num_generations] for r in range(len(rows))],
         completions=completions,
-        logprobs=per_token("logprobs"),
-        plain_logprobs=per_token("plain_logprobs"),
-        guide_logprobs=per_token("guide_logprobs"),
+        **{name: per_token(name) for name in PER_TOKEN_RECORDS},
         lam=lams,
         group_ids=torch.arange(len(rows)) // num_generations,
         pad_token_id=pad_token_id,
