@@ -27,7 +27,7 @@ Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 import uuid
 import weakref
@@ -53,7 +53,8 @@ from .pacing import (
 )
 from .pairing import GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import GuidedRollout
+from .rollout import PER_TOKEN_RECORDS, GuidedRollout
+from .settings import SamplingSettings
 
 if TYPE_CHECKING:
     import vllm
@@ -380,8 +381,8 @@ class GuidedLLM:
         Sets `last_stats`."""
         check_prompts_and_answers(prompts, answers)
         rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        lams = _lam_per_rollout(lam, len(prompts), num_generations)
-        settings = _sampling_settings(temperature, top_k, top_p, min_p)
+        settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+        lams = settings.lam_per_rollout(len(prompts), num_generations).tolist()
         _positive_int(max_new_tokens, "max_new_tokens")
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
 
@@ -404,7 +405,7 @@ class GuidedLLM:
             raise
         outcomes = settle(requests, driven.completions, self._take(names))
         self.last_stats = GenerationStats.of(outcomes, driven.engine_steps)
-        rows = [(outcome.completion, outcome.record, outcome.paired, outcome.desynced) for outcome in outcomes]
+        rows = [(outcome.completion, outcome.record, outcome.desynced) for outcome in outcomes]
         return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
 
     def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
@@ -424,39 +425,30 @@ def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_ne
     contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
     requests = []
     for role, ids in contexts:
-        tag = GuidanceTag.checked(
-            rollout=name, role=role, rollout_index=r, seed=seed, lam=lam, release_token=eos, **settings,
+        tag = GuidanceTag(
+            rollout=name, role=role, rollout_index=r, seed=seed, release_token=eos,
+            settings=dataclasses.replace(settings, lam=lam),
         )
         requests.append(EngineRequest(ids, max_new_tokens, tag))
     return RolloutRequests(tuple(requests))
 
 
 def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
-    count = len(rows)
-    width = max((len(completion) for completion, *_ in rows), default=0)
-    completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((count, width), dtype=torch.bool)
-    logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
-    for r, (completion, record, _paired, _desynced) in enumerate(rows):
-        length = len(completion)
-        completion_ids[r, :length] = torch.tensor(completion, dtype=torch.int64)
-        mask[r, :length] = True
-        logprobs[r, :length] = torch.tensor(record.logprobs[:length])
-        plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
-        guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
-    paired = torch.tensor([p for _, _, p, _ in rows], dtype=torch.bool)
-    desynced = torch.tensor([d for *_, d in rows], dtype=torch.bool)
-    return GuidedRollout(
-        prompt_ids=[list(plain_ids[r // num_generations]) for r in range(count)],
-        completion_ids=completion_ids,
-        completion_mask=mask,
-        logprobs=logprobs,
-        plain_logprobs=plain_logprobs,
-        guide_logprobs=guide_logprobs,
-        lam=torch.tensor(lams, dtype=torch.float32),
-        guided=paired & ~desynced,
-        desynced=desynced,
-        group_ids=torch.arange(count) // num_generations,
+    """The rollouts of (completion, record, desynced) rows, prompt-major."""
+    completions = [completion for completion, _, _ in rows]
+    records = [record for _, record, _ in rows]
+
+    def per_token(name: str) -> list[list[float]]:
+        return [getattr(record, name)[: len(completion)] for completion, record in zip(completions, records)]
+
+    return GuidedRollout.from_lists(
+        prompt_ids=[plain_ids[r // num_generations] for r in range(len(rows))],
+        completions=completions,
+        **{name: per_token(name) for name in PER_TOKEN_RECORDS},
+        lam=lams,
+        group_ids=torch.arange(len(rows)) // num_generations,
+        pad_token_id=pad_token_id,
+        desynced=[desynced for _, _, desynced in rows],
     )
 
 
@@ -467,28 +459,3 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
-    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
-    if torch.as_tensor(lam).dim() == 0:
-        values = values * prompts * num_generations
-    elif len(values) == prompts:
-        values = [v for v in values for _ in range(num_generations)]
-    elif len(values) != prompts * num_generations:
-        raise ValueError(
-            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
-            f"got {len(values)} values"
-        )
-    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
-    return values
-
-
-def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
-    """The tag's sampling fields, checked here so that bad values never reach the engine."""
-    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
-                "min_p": min_p or 0.0}
-    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
-                                  **settings)
-    return {name: getattr(checked, name) for name in settings}
