@@ -1,0 +1,482 @@
+"""Pairs kept by the engine: a vLLM V1 scheduler that admits, preempts and finishes the two requests of a
+guided rollout together.
+
+A guided rollout runs as two requests (`prodsample.pairing`), and stays in step only if both enter the same
+engine step whole and neither runs a step without the other. vLLM's scheduler knows nothing of pairs: it
+admits requests one at a time as they arrive, cuts a prompt where the step's token budget ends, and preempts
+one request at a time. `PairedScheduler` keeps vLLM's `schedule()` and decides, before each call, which
+requests it may see:
+
+- admission: the first request of a pair waits in the queue until its partner arrives; a pair enters only
+  when the step can prefill both whole (tokens, request slots, KV blocks), and nothing queued between the
+  two may take what the second needs. After a pair that must wait, everything queued later waits too
+  (first come, first served, as vLLM's own queue);
+- preemption: when the running requests need more KV blocks than are free, it preempts whole pairs from
+  the back of the running queue before vLLM would preempt single requests;
+- decoding: a running pair is scheduled only if the step's token budget covers both of its requests;
+- finishing: aborting one request of a pair aborts the other (its client gets an `abort` finish).
+
+The requests held back stay in vLLM's queues between steps (counted, abortable), and are taken out only for
+the duration of `schedule()`.
+
+Two cases it cannot keep in step, and what it does:
+- a lone request whose partner has not arrived after `pair_timeout_s` runs alone; the pairing records its
+  rollout as desynced (cause `partner_absent`, or `out_of_step` if the partner arrives later);
+- a pair whose prompts together exceed what one step prefills (`max_num_batched_tokens`, or a prompt
+  longer than `long_prefill_token_threshold`) or whose KV blocks exceed the cache is refused: both requests
+  finish with an error and the server log says why. A preempted pair that has grown past that limit runs
+  as two single requests (chunked by vLLM, flagged by the pairing).
+
+Desync detection in `prodsample.pairing` stays the safety net: anything this scheduler fails to prevent is
+flagged, never silent.
+
+Use: `vllm serve MODEL --scheduler-cls prodsample.vllm_scheduler.PairedScheduler`, or
+`scheduler_cls=SCHEDULER_CLS` in engine arguments (`prodsample.vllm.build_engine` sets it). Settings go in
+vLLM's additional config: `--additional-config '{"prodsample": {"pair_timeout_s": 10}}'`. Requires the
+"fcfs" policy, one data-parallel engine per server (vLLM's data-parallel balancing routes each request on
+its own and could split a pair) and no KV connector.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import Request, RequestStatus
+
+from .pairing import GuidanceTag, Role
+
+__all__ = ["PairedScheduler", "PairedAsyncScheduler", "PairStats", "SCHEDULER_CLS", "DEFAULT_PAIR_TIMEOUT_S"]
+
+SCHEDULER_CLS = "prodsample.vllm_scheduler.PairedScheduler"
+CONFIG_KEY = "prodsample"  # vllm_config.additional_config[CONFIG_KEY]: this scheduler's settings
+DEFAULT_PAIR_TIMEOUT_S = 10.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairStats:
+    """What the scheduler did with pairs since it started."""
+
+    pairs: int = 0  # pairs whose two requests both arrived
+    released_alone: int = 0  # requests run alone: partner missing after the timeout, or arrived after that
+    refused: int = 0  # pairs refused: one step cannot prefill them whole
+    split_after_preemption: int = 0  # preempted pairs grown past one step's prefill, resumed as two singles
+    preempted: int = 0  # pairs preempted whole
+    partner_aborts: int = 0  # requests aborted because their partner was
+
+
+@dataclass
+class _Share:
+    """Tokens, request slots and KV blocks: what a step has left, or what requests take of it."""
+
+    tokens: int = 0
+    seats: int = 0
+    blocks: int = 0
+
+    def __add__(self, other: _Share) -> _Share:
+        return _Share(self.tokens + other.tokens, self.seats + other.seats, self.blocks + other.blocks)
+
+    def __sub__(self, other: _Share) -> _Share:
+        return _Share(self.tokens - other.tokens, self.seats - other.seats, self.blocks - other.blocks)
+
+    def covers(self, other: _Share) -> bool:
+        return self.tokens >= other.tokens and self.seats >= other.seats and self.blocks >= other.blocks
+
+
+def _pair_timeout(vllm_config) -> float:
+    settings = (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+    unknown = set(settings) - {"pair_timeout_s"}
+    if unknown:
+        raise ValueError(
+            f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}; known: ['pair_timeout_s']"
+        )
+    timeout = settings.get("pair_timeout_s", DEFAULT_PAIR_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"additional_config[{CONFIG_KEY!r}]['pair_timeout_s'] must be a number >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_supported(vllm_config) -> None:
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1:
+        raise ValueError(
+            "PairedScheduler needs data_parallel_size = 1: vLLM's data-parallel balancing routes each request on its "
+            f"own and could send the two requests of a pair to different engines (got {parallel.data_parallel_size}); "
+            "scale with one server per replica instead"
+        )
+    scheduler = vllm_config.scheduler_config
+    if scheduler.policy != "fcfs":
+        raise ValueError(f"PairedScheduler supports the 'fcfs' scheduling policy only, got {scheduler.policy!r}")
+    if scheduler.max_num_seqs < 2:
+        raise ValueError(
+            f"PairedScheduler needs max_num_seqs >= 2 (a pair is two requests), got {scheduler.max_num_seqs}"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            "PairedScheduler does not support KV connectors (kv_transfer_config): they load KV asynchronously"
+        )
+
+
+class _PairKeeping:
+    """The pair logic, mixed into vLLM's `Scheduler` or `AsyncScheduler` (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _check_supported(self.vllm_config)
+        self.pair_timeout_s = _pair_timeout(self.vllm_config)
+        self.pair_stats = PairStats()
+        self._members: dict[str, dict[Role, Request]] = {}  # rollout → its requests that arrived
+        self._rollout_of: dict[str, str] = {}  # request id → rollout, for requests of pairs (λ < 1)
+        self._deadlines: dict[str, float] = {}  # rollout → when its lone request runs alone
+        self._alone: set[str] = set()  # request ids that run as single requests (flagged by the pairing)
+        self._unreported: list[Request] = []  # finished here, not by a step: their clients still wait
+
+    # -- arrival and departure -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        known = request.request_id in self.requests
+        super().add_request(request)
+        if known:
+            return  # a streaming update of a request already here
+        try:
+            tag = GuidanceTag.from_extra_args(request.sampling_params.extra_args if request.sampling_params else None)
+        except ValueError as error:  # the frontend validates tags; this only catches engines fed directly
+            logger.error("prodsample: request %s has a malformed tag, refused: %s", request.request_id, error)
+            self._finish_here([request], RequestStatus.FINISHED_ERROR)
+            return
+        if tag is None or not tag.paired:
+            return
+        members = self._members.setdefault(tag.rollout, {})
+        if tag.role in members:
+            logger.error("prodsample: two requests claim the %s role of rollout %r; refused %s",
+                         tag.role.value, tag.rollout, request.request_id)
+            self._finish_here([request], RequestStatus.FINISHED_ERROR)
+            return
+        members[tag.role] = request
+        self._rollout_of[request.request_id] = tag.rollout
+        if len(members) == 1:
+            self._deadlines[tag.rollout] = time.monotonic() + self.pair_timeout_s
+            return
+        self._deadlines.pop(tag.rollout, None)
+        partner = members[Role.GUIDE if tag.role is Role.PLAIN else Role.PLAIN]
+        if partner.request_id in self._alone:
+            self._alone.add(request.request_id)  # too late: its partner already runs alone
+            self.pair_stats.released_alone += 1
+            return
+        self.pair_stats.pairs += 1
+        reason = self._never_fits(partner, request)
+        if reason is not None:
+            logger.warning("prodsample: refused the pair of rollout %r: %s", tag.rollout, reason)
+            self.pair_stats.refused += 1
+            self._finish_here([partner, request], RequestStatus.FINISHED_ERROR)
+
+    def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
+        """vLLM's finish, and the partner of each finished request of a pair aborted with it."""
+        if request_ids is None:
+            return super().finish_requests(None, finished_status)
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        partners = []
+        for request_id in ids:
+            request = self.requests.get(request_id)
+            partner = None if request is None or request.is_finished() else self._partner(request)
+            if partner is not None and partner.request_id not in ids and not partner.is_finished():
+                partners.append(partner)
+        finished = super().finish_requests(ids, finished_status)
+        if partners:
+            self.pair_stats.partner_aborts += len(partners)
+            self._finish_here(partners, RequestStatus.FINISHED_ABORTED)
+        return finished
+
+    def _finish_here(self, requests: Sequence[Request], status: RequestStatus) -> None:
+        """Finish requests no client asked to finish; their finish reaches the clients with the next step."""
+        self._unreported.extend(super().finish_requests([r.request_id for r in requests], status))
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        self._forget(request)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _forget(self, request: Request) -> None:
+        self._alone.discard(request.request_id)
+        rollout = self._rollout_of.pop(request.request_id, None)
+        if rollout is None:
+            return
+        members = self._members.get(rollout, {})
+        for role, member in list(members.items()):
+            if member is request:
+                del members[role]
+        if not members:
+            self._members.pop(rollout, None)
+            self._deadlines.pop(rollout, None)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request in self._unreported:
+            finish = EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+                events=request.take_events(), trace_headers=request.trace_headers,
+            )
+            if request.client_index in outputs:
+                outputs[request.client_index].outputs.append(finish)
+            else:
+                outputs[request.client_index] = EngineCoreOutputs(outputs=[finish])
+        self._unreported.clear()
+        return outputs
+
+    # -- pairs -----------------------------------------------------------------------------------------
+
+    def _partner(self, request: Request) -> Request | None:
+        """The other request of `request`'s pair, if both arrived and they still run as a pair."""
+        rollout = self._rollout_of.get(request.request_id)
+        if rollout is None or request.request_id in self._alone:
+            return None
+        members = self._members[rollout]
+        if len(members) < 2:
+            return None
+        return members[Role.GUIDE] if members[Role.PLAIN] is request else members[Role.PLAIN]
+
+    def _waits_for_partner(self, request: Request) -> bool:
+        return (
+            request.request_id in self._rollout_of
+            and request.request_id not in self._alone
+            and self._partner(request) is None
+        )
+
+    def _release_overdue(self) -> None:
+        now = time.monotonic()
+        for rollout, deadline in list(self._deadlines.items()):
+            if now < deadline:
+                continue
+            del self._deadlines[rollout]
+            for request in self._members[rollout].values():
+                self._alone.add(request.request_id)
+                self.pair_stats.released_alone += 1
+                logger.warning(
+                    "prodsample: request %s of rollout %r runs alone: its partner did not arrive within %.3g s (its "
+                    "rollout is flagged desynced)", request.request_id, rollout, self.pair_timeout_s,
+                )
+
+    # -- what a step can take --------------------------------------------------------------------------
+
+    def _step_capacity(self) -> _Share:
+        """Tokens, request slots and KV blocks of an empty step."""
+        tokens = min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens)
+        blocks = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # one null block
+        return _Share(tokens, self.max_num_active_reqs, blocks - self.kv_cache_manager.watermark_blocks)
+
+    def _never_fits(self, *pair: Request) -> str | None:
+        """Why `pair` cannot be prefilled whole in one step even on an empty engine (None: it can)."""
+        capacity = self._step_capacity()
+        tokens = [request.num_tokens for request in pair]
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        if threshold > 0 and max(tokens) > threshold:
+            return f"a prompt of {max(tokens)} tokens exceeds long_prefill_token_threshold = {threshold}"
+        if sum(tokens) > capacity.tokens:
+            return (f"its prompts hold {sum(tokens)} tokens together, more than one step prefills "
+                    f"(max_num_batched_tokens = {capacity.tokens}); raise --max-num-batched-tokens")
+        blocks = sum(self._blocks(request, request.num_tokens) for request in pair)
+        if blocks > capacity.blocks:
+            return f"its prompts need {blocks} KV-cache blocks, the cache holds {capacity.blocks}"
+        return None
+
+    def _tokens_this_step(self, request: Request) -> int:
+        """An upper bound on the tokens vLLM schedules for `request` in the next step."""
+        if request.status == RequestStatus.RUNNING:
+            if (
+                request.num_output_placeholders > 0
+                and request.num_computed_tokens + 2 - request.num_output_placeholders
+                >= request.num_prompt_tokens + request.max_tokens
+            ):
+                return 0  # async scheduling: its last token is already in flight
+            tokens = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        else:
+            tokens = request.num_tokens - request.num_computed_tokens
+        room = self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step
+        return max(0, min(tokens, room))
+
+    def _blocks(self, request: Request, tokens: int) -> int:
+        """KV blocks vLLM allocates for `tokens` more tokens of `request` (no prefix-cache hit assumed, so
+        an upper bound), as `KVCacheManager.allocate_slots` counts them."""
+        if tokens == 0:
+            return 0
+        computed = request.num_computed_tokens
+        return self.kv_cache_manager.coordinator.get_num_blocks_to_allocate(
+            request_id=request.request_id,
+            num_tokens=min(computed + tokens + self.num_lookahead_tokens, self.max_model_len),
+            new_computed_blocks=self.kv_cache_manager.empty_kv_cache_blocks.blocks,
+            num_encoder_tokens=0,
+            total_computed_tokens=computed,
+            num_local_computed_tokens=computed,
+            num_tokens_main_model=computed + tokens,
+            prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
+        )
+
+    def _share(self, request: Request, tokens: int, *, admitting: bool) -> _Share:
+        """What `request` takes of a step: slots and KV blocks count when it is admitted; a running request's
+        blocks are seen to by `_preempt_whole_pairs`."""
+        return _Share(tokens, 1, self._blocks(request, tokens)) if admitting else _Share(tokens)
+
+    # -- the step --------------------------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        self._release_overdue()
+        preempted = self._preempt_whole_pairs()
+        left, held_running = self._walk(self.running, self._running_budget(), admitting=False)
+        left.tokens -= sum(self._tokens_this_step(request) for request in self.kv_holding_waiting)
+        if preempted:
+            held_waiting = list(self.waiting)  # as vLLM: no admission in a step that preempts
+        else:
+            free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
+            left.blocks = free - sum(self._running_blocks(self.running, held_running))
+            left.seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
+            _, held_waiting = self._walk(list(self.waiting), left, admitting=True)
+        running, waiting = list(self.running), list(self.waiting)
+        held_ids = {request.request_id for request in held_running}
+        self.running = [request for request in running if request.request_id not in held_ids]
+        if held_waiting:
+            self.waiting.remove_requests(held_waiting)
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            # vLLM appends what it admits to the running queue and puts what it preempts first in the waiting one
+            self.running = _restored(running, self.running, held_running, fresh_first=False)
+            restored = _restored(waiting, list(self.waiting), held_waiting, fresh_first=True)
+            self.waiting.clear()
+            self.waiting.extend(restored)
+
+    def _running_budget(self) -> _Share:
+        return _Share(tokens=self._step_capacity().tokens)
+
+    def _running_blocks(self, running: Sequence[Request], held: Sequence[Request]) -> list[int]:
+        held_ids = {request.request_id for request in held}
+        return [self._blocks(r, self._tokens_this_step(r)) for r in running if r.request_id not in held_ids]
+
+    def _preempt_whole_pairs(self) -> bool:
+        """Preempt from the back of the running queue, a pair at a time, until the running requests this step
+        takes have their KV blocks. Returns whether anything was preempted."""
+        preempted = False
+        while self.running:
+            _, held = self._walk(self.running, self._running_budget(), admitting=False)
+            if sum(self._running_blocks(self.running, held)) <= self.kv_cache_manager.block_pool.get_num_free_blocks():
+                return preempted
+            victim = self.running[-1]
+            partner = self._partner(victim)
+            victims = [victim] + ([partner] if partner is not None and partner in self.running else [])
+            victims.sort(key=self.running.index, reverse=True)  # each goes first in the queue: earlier one last
+            self.running = [request for request in self.running if request not in victims]
+            now = time.monotonic()
+            for request in victims:
+                self._preempt_request(request, now, drop_stale_output=self.requires_kv_delivery)
+            if len(victims) == 2:
+                self.pair_stats.preempted += 1
+            preempted = True
+        return preempted
+
+    def _walk(self, queue: Sequence[Request], left: _Share, *, admitting: bool) -> tuple[_Share, list[Request]]:
+        """Walk `queue` in vLLM's order, taking from `left` what vLLM would give each request. Returns what is
+        left and the requests to hold out of this step so that no pair is split: a pair goes only whole, and
+        a request between the two of a pair may not take what the second needs. `admitting`: `queue` is the
+        waiting queue (slots and KV blocks count, lone requests wait, and after a pair that has to wait
+        everything later waits); otherwise the running queue (tokens only: preemption sees to the blocks)."""
+        in_queue = {request.request_id for request in queue}
+        held: list[Request] = []
+        held_ids: set[str] = set()
+        reserved = _Share()  # set aside for second requests of pairs whose first was taken
+        second_of_taken: dict[str, _Share] = {}
+        blocked = False
+
+        def hold(*requests: Request) -> None:
+            held.extend(requests)
+            held_ids.update(request.request_id for request in requests)
+
+        for request in queue:
+            if request.request_id in held_ids:
+                continue
+            if request.request_id in second_of_taken:
+                reserved -= second_of_taken.pop(request.request_id)
+                continue
+            partner = self._partner(request)
+            if partner is not None and admitting and not self._fits_one_step(request, partner):
+                partner = None  # both run as single requests from now on
+            if partner is not None and partner.request_id in in_queue:
+                shares = [self._share(r, self._tokens_this_step(r), admitting=admitting) for r in (request, partner)]
+                if blocked or not (self._ready(request) and self._ready(partner)):
+                    hold(request, partner)
+                elif left.covers(shares[0] + shares[1]):
+                    left -= shares[0] + shares[1]
+                    reserved += shares[1]
+                    second_of_taken[partner.request_id] = shares[1]
+                else:
+                    hold(request, partner)
+                    blocked = admitting
+                continue
+            if admitting and (blocked or self._waits_for_partner(request) or left.seats < 1):
+                hold(request)
+                continue
+            tokens = min(self._tokens_this_step(request), left.tokens + reserved.tokens)
+            share = self._share(request, tokens, admitting=admitting)
+            if tokens > left.tokens or (admitting and share.blocks > left.blocks):
+                if reserved.tokens or reserved.blocks:
+                    hold(request)  # it would take what a pair's second request needs
+                    continue
+                if admitting and share.blocks > left.blocks:
+                    hold(request)  # vLLM stops at the first request it cannot place
+                    blocked = True
+                    continue
+            left -= share
+        return left, held
+
+    def _fits_one_step(self, first: Request, second: Request) -> bool:
+        """Whether a waiting pair can still be prefilled whole; a preempted pair that has grown past one
+        step runs on as two single requests from here (flagged by the pairing)."""
+        reason = self._never_fits(first, second)
+        if reason is None:
+            return True
+        logger.warning("prodsample: the preempted pair of requests %s and %s runs on as two single requests: %s",
+                       first.request_id, second.request_id, reason)
+        self._alone.update((first.request_id, second.request_id))
+        self.pair_stats.split_after_preemption += 1
+        return False
+
+    def _ready(self, request: Request) -> bool:
+        """Whether vLLM would consider a waiting request at all this step (it skips, and goes on past, one
+        that is blocked or still has output of a preempted step in flight)."""
+        if request.status == RequestStatus.RUNNING:
+            return True
+        if self._is_blocked_waiting_status(request.status):
+            return False
+        return not (request.num_stale_output_tokens and not request.drop_stale_output)
+
+
+def _restored(
+    before: Sequence[Request], after: Sequence[Request], held: Sequence[Request], *, fresh_first: bool
+) -> list[Request]:
+    """A queue after `schedule()` with the held requests back in their places: those of `before` still
+    queued or held, in their order, and the requests the step put in (`fresh`) before or after them."""
+    before_ids = {request.request_id for request in before}
+    kept = {request.request_id for request in after} | {request.request_id for request in held}
+    fresh = [request for request in after if request.request_id not in before_ids]
+    old = [request for request in before if request.request_id in kept]
+    return fresh + old if fresh_first else old + fresh
+
+
+class PairedScheduler(_PairKeeping, Scheduler):
+    """vLLM's synchronous `Scheduler` keeping pairs together (module docstring). The name to give vLLM
+    (`SCHEDULER_CLS`): under async scheduling, constructing it yields a `PairedAsyncScheduler`."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        if cls is PairedScheduler and vllm_config.scheduler_config.async_scheduling:
+            return PairedAsyncScheduler(*args, **kwargs)
+        return super().__new__(cls)
+
+
+class PairedAsyncScheduler(_PairKeeping, AsyncScheduler):
+    """vLLM's `AsyncScheduler` keeping pairs together (module docstring)."""
