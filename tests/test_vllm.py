@@ -2,10 +2,12 @@
 
 - `guided`: GuidedLLM with its default settings. Same tokens as `prodsample.hf.guided_generate`, records
   equal to `prodsample.hf.score`, a chi-square test that the draws follow q, untagged requests untouched.
-- `stressed`: a KV cache of a few blocks and a prefill budget smaller than the prompts, every pair
-  submitted at once (no pacing), and a read-only observer (tests/vllm_observer.py) logging where each
-  request stands at every step. Preemptions and prefill chunks happen; every rollout the observer saw fall
-  out of step is flagged, no other, and every recorded log-prob is what was drawn.
+- `stressed`: vLLM's own scheduler, a KV cache of a few blocks and a prefill budget smaller than the
+  prompts, every pair submitted at once (no pacing), and a read-only observer (tests/vllm_observer.py)
+  logging where each request stands at every step. Preemptions and prefill chunks happen; every rollout the
+  observer saw fall out of step is flagged, no other, and every recorded log-prob is what was drawn.
+- `paired_stressed`: the same small KV cache under prodsample's scheduler (GuidedLLM's default): preemptions
+  happen, and no pair falls out of step.
 """
 
 import pytest
@@ -19,7 +21,7 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
-from prodsample.pacing import PacedDriver  # noqa: E402
+from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
@@ -172,6 +174,7 @@ def test_untagged_requests_pass_through(guided, hf):
 
 def test_wrapping_an_existing_engine_gives_the_same_rollouts(guided):
     again = GuidedLLM(guided.llm)
+    assert isinstance(again.driver, AdmitAll), "the engine runs prodsample's scheduler: everything is added at once"
     a = guided.generate(PROMPTS[:3], ANSWERS[:3], lam=0.5, num_generations=4, max_new_tokens=12, seed=3)
     b = again.generate(PROMPTS[:3], ANSWERS[:3], lam=0.5, num_generations=4, max_new_tokens=12, seed=3)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
@@ -223,13 +226,20 @@ class Unpaced(PacedDriver):
         return len(waiting)
 
 
+SMALL_CACHE = dict(max_model_len=256, block_size=32, num_gpu_blocks_override=24, disable_log_stats=False,
+                   logits_processors=["tests.vllm_observer:StepObserver"])
+
+
 @pytest.fixture(scope="session")
 def stressed(model_dir):
-    llm = build_engine(
-        model_dir, max_model_len=256, block_size=32, num_gpu_blocks_override=24, max_num_batched_tokens=96,
-        logits_processors=["tests.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
-    )
+    llm = build_engine(model_dir, max_num_batched_tokens=96, scheduler_cls=None, **SMALL_CACHE, **ENGINE)
+    assert type(GuidedLLM(llm).driver) is PacedDriver, "vLLM's own scheduler: the driver paces"
     return GuidedLLM(llm, driver=Unpaced())
+
+
+@pytest.fixture(scope="session")
+def paired_stressed(model_dir):
+    return GuidedLLM(build_engine(model_dir, max_num_batched_tokens=256, **SMALL_CACHE, **ENGINE))
 
 
 def preemptions(llm) -> float:
@@ -288,3 +298,29 @@ def test_benchmark_command_at_toy_size(tmp_path):
     assert summary["desync"]["pairs"] == 4 and summary["time_per_token_ratio_guided_over_plain"]["median"] > 0
     assert summary["command"].startswith("prodsample vllm --model tiny") and summary["git"]["revision"]
     assert (out / "runs.csv").read_text().startswith("round,kind,")
+
+
+def test_the_pair_scheduler_keeps_pairs_in_step_through_preemptions(paired_stressed, hf):
+    """The load that desyncs pairs under vLLM's scheduler (`test_preemptions_are_detected...`), all added at
+    once: prodsample's scheduler preempts and resumes whole pairs, and no rollout falls out of step."""
+    prompts, answers, generations = PROMPTS[:6], ANSWERS[:6], 4
+    before = preemptions(paired_stressed.llm)
+    rollout, observed, _ = observe(paired_stressed, prompts, answers, lam=0.5, num_generations=generations,
+                                   max_new_tokens=48, seed=7, temperature=1.0)
+    assert preemptions(paired_stressed.llm) > before, "the small KV cache forced preemptions"
+    assert not observed.any() and not rollout.desynced.any() and bool(rollout.guided.all())
+    assert paired_stressed.last_stats.desynced == 0
+    assert records_match_score(rollout, hf, per_rollout(prompts, generations), per_rollout(answers, generations)) <= TOL
+
+
+def test_a_pair_one_step_cannot_prefill_is_refused(paired_stressed):
+    """Guide and plain prompts of about 220 tokens each against a budget of 256 tokens a step: GuidedLLM
+    refuses before sending; sent anyway, the engine's scheduler refuses it."""
+    long_prompt = "x" * 200  # the tokenizer is character-level
+    with pytest.raises(ValueError, match="max_num_batched_tokens = 256"):
+        paired_stressed.generate([long_prompt], ["1"], lam=0.5, max_new_tokens=4)
+    unchecked = GuidedLLM(paired_stressed.llm, driver=Unpaced())
+    with pytest.raises(RuntimeError, match="finish reason 'error'"):
+        unchecked.generate([long_prompt], ["1"], lam=0.5, max_new_tokens=4)
+    again = paired_stressed.generate(PROMPTS[:2], ANSWERS[:2], lam=0.5, max_new_tokens=4, seed=0)
+    assert again.guided.all(), "the engine serves the next call"

@@ -9,10 +9,13 @@ through `LLM.collective_rpc`. Requests without the tag pass through untouched.
 
 `GuidedLLM` wraps an engine (one it builds, or an existing `vllm.LLM`, e.g. the one TRL syncs weights
 into) and returns the same `GuidedRollout` as `prodsample.hf.guided_generate`, with identical tokens under
-the same seed (same contexts, same keyed noise r = i·G + g, t). Its driver (`prodsample.pacing`, engine-free)
-admits pairs between engine steps only as far as the engine can prefill them in one step and hold them to
-the end without preemption, so both rows of a pair enter together and stay in step; a pair that falls out
-of step anyway is detected, continues on-policy and is flagged `desynced` (see `prodsample.pairing`).
+the same seed (same contexts, same keyed noise r = i·G + g, t). An engine it builds runs prodsample's
+scheduler (`prodsample.vllm_scheduler.PairedScheduler`), which admits, preempts and finishes the two
+requests of a pair together, so every rollout is added at once (`prodsample.pacing.AdmitAll`). On an engine
+built by others with vLLM's own scheduler, its driver (`prodsample.pacing.PacedDriver`) admits pairs between
+engine steps only as far as the engine can prefill them in one step and hold them to the end without
+preemption. Either way, a pair that falls out of step is detected, continues on-policy and is flagged
+`desynced` (see `prodsample.pairing`).
 
 Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
   `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
@@ -42,6 +45,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProc
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from .pacing import (
+    AdmitAll,
     EngineLimits,
     EngineRequest,
     FinishedRequest,
@@ -54,6 +58,7 @@ from .pacing import (
 from .pairing import GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
 from .rollout import GuidedRollout
+from .vllm_scheduler import SCHEDULER_CLS, keeps_pairs
 
 if TYPE_CHECKING:
     import vllm
@@ -69,10 +74,10 @@ __all__ = [
     "DEFAULT_ENGINE_KWARGS",
 ]
 
-# What GuidedLLM changes from vLLM's defaults when it builds its engine: a prefill budget that takes many
-# pairs in one step (pairs wait rather than split when it runs out). The engine core also runs in-process
-# (see `build_engine`), so requests added between steps all arrive before the next step.
-DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"max_num_batched_tokens": 16384}
+# What GuidedLLM changes from vLLM's defaults when it builds its engine: the scheduler that keeps pairs
+# together, and a prefill budget that takes many pairs in one step (pairs wait rather than split when it runs
+# out). The engine core also runs in-process (see `build_engine`), so each `step()` is one scheduler step.
+DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"max_num_batched_tokens": 16384, "scheduler_cls": SCHEDULER_CLS}
 
 
 # -- request validation (frontend) ----------------------------------------------------------------------
@@ -293,7 +298,14 @@ class _SteppedLLM:
         self.llm.llm_engine.add_request(request.request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
 
     def step(self) -> list[FinishedRequest]:
-        return [FinishedRequest(o.request_id, o.outputs[0].token_ids) for o in self.llm.llm_engine.step() if o.finished]
+        finished = [output for output in self.llm.llm_engine.step() if output.finished]
+        failed = [output.request_id for output in finished if output.outputs[0].finish_reason == "error"]
+        if failed:
+            raise RuntimeError(
+                f"the engine failed requests {failed[:4]} (finish reason 'error'; prodsample's scheduler refuses a "
+                "pair that one step cannot prefill, and says why in the log)"
+            )
+        return [FinishedRequest(output.request_id, output.outputs[0].token_ids) for output in finished]
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.llm.llm_engine.abort_request(list(request_ids))
@@ -313,7 +325,9 @@ class GuidedLLM:
             VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send back records, and may let a pair's requests
             arrive in different steps (flagged, never silent).
         tokenizer: the tokenizer that renders prompts (default: the engine's).
-        driver: what admits the requests and steps the engine (default: `prodsample.pacing.PacedDriver`).
+        driver: what admits the requests and steps the engine (default: `prodsample.pacing.AdmitAll` when the
+            engine runs `prodsample.vllm_scheduler.PairedScheduler`, as one `GuidedLLM` builds does, else
+            `prodsample.pacing.PacedDriver`).
 
     Example:
         >>> guided = GuidedLLM("path/to/model", dtype="float32")  # doctest: +SKIP
@@ -333,7 +347,9 @@ class GuidedLLM:
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
-        self.driver = PacedDriver() if driver is None else driver
+        if driver is None:
+            driver = AdmitAll() if keeps_pairs(llm.llm_engine.vllm_config) else PacedDriver()
+        self.driver = driver
         self.instance_id = llm.llm_engine.vllm_config.instance_id
         self.last_stats: GenerationStats | None = None
         self._check_processor_loaded()

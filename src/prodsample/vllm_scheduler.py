@@ -52,7 +52,14 @@ from vllm.v1.request import Request, RequestStatus
 
 from .pairing import GuidanceTag, Role
 
-__all__ = ["PairedScheduler", "PairedAsyncScheduler", "PairStats", "SCHEDULER_CLS", "DEFAULT_PAIR_TIMEOUT_S"]
+__all__ = [
+    "PairedScheduler",
+    "PairedAsyncScheduler",
+    "PairStats",
+    "keeps_pairs",
+    "SCHEDULER_CLS",
+    "DEFAULT_PAIR_TIMEOUT_S",
+]
 
 SCHEDULER_CLS = "prodsample.vllm_scheduler.PairedScheduler"
 CONFIG_KEY = "prodsample"  # vllm_config.additional_config[CONFIG_KEY]: this scheduler's settings
@@ -396,7 +403,10 @@ class _PairKeeping:
             held.extend(requests)
             held_ids.update(request.request_id for request in requests)
 
-        for request in queue:
+        for index, request in enumerate(queue):
+            if blocked and admitting and not reserved.tokens:
+                hold(*(r for r in queue[index:] if r.request_id not in held_ids))  # first come, first served
+                break
             if request.request_id in held_ids:
                 continue
             if request.request_id in second_of_taken:
@@ -465,6 +475,11 @@ def _restored(
     fresh = [request for request in after if request.request_id not in before_ids]
     old = [request for request in before if request.request_id in kept]
     return fresh + old if fresh_first else old + fresh
+
+
+def keeps_pairs(vllm_config) -> bool:
+    """Whether an engine of this config runs a scheduler that keeps pairs together (this module's)."""
+    return issubclass(vllm_config.scheduler_config.get_scheduler_cls(), _PairKeeping)
 
 
 class PairedScheduler(_PairKeeping, Scheduler):
