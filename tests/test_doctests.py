@@ -7,7 +7,7 @@ import pytest
 
 MODULES = [
     "prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.grpo",
-    "prodsample.metrics", "prodsample.benchmarks.tiny",
+    "prodsample.metrics", "prodsample.benchmarks.tiny", "prodsample.guided_call",
 ]
 
 

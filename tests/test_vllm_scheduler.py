@@ -113,7 +113,7 @@ def test_the_class_vllm_loads_builds_the_variant_of_the_configured_scheduling(ba
     [
         (dict(timeout=-1.0), r"\['pair_timeout_s'\] must be a number >= 0"),
         (dict(timeout="5"), r"\['pair_timeout_s'\] must be a number >= 0"),
-        (dict(pair_timeout=1.0), "unknown keys"),
+        (dict(pair_timeout=1.0), r"unknown keys \['pair_timeout'\]; known: \['pair_timeout_s', 'record_ttl_s'\]"),
         (dict(seqs=1), "max_num_seqs >= 2"),
     ],
 )

@@ -30,9 +30,8 @@ Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import os
-import uuid
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,6 +43,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from .guided_call import GuidedCall, pad_token_id
 from .pacing import (
     AdmitAll,
     EngineLimits,
@@ -52,13 +52,12 @@ from .pacing import (
     GenerationStats,
     PacedDriver,
     RolloutDriver,
-    RolloutRequests,
     settle,
 )
-from .pairing import GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from .pairing import GuidanceTag, PairedSampler, RequestKey, RolloutRecord, RowView
+from .prompts import DEFAULT_HINT_TEMPLATE
 from .rollout import GuidedRollout
-from .vllm_scheduler import SCHEDULER_CLS, keeps_pairs
+from .vllm_scheduler import SCHEDULER_CLS, EngineSettings, keeps_pairs
 
 if TYPE_CHECKING:
     import vllm
@@ -69,6 +68,7 @@ __all__ = [
     "ProductLogitsProcessor",
     "ProductLogitsProcessorV1",
     "ProductLogitsProcessorV2",
+    "RecordsExtension",
     "build_engine",
     "engine_limits",
     "DEFAULT_ENGINE_KWARGS",
@@ -126,7 +126,7 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler()
+    sampler = PairedSampler(record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
@@ -237,6 +237,31 @@ def _take_records(_worker, instance_id: str, rollouts: list[str]) -> dict[str, t
     for sampler in list(_SAMPLERS.get(instance_id, ())):
         records.update({name: tuple(record) for name, record in sampler.take(rollouts).items()})
     return records
+
+
+class RecordsExtension:
+    """The records for a server's clients: `vllm serve ... --worker-extension-cls prodsample.vllm.RecordsExtension`
+    mixes these methods into every engine worker, and with VLLM_SERVER_DEV_MODE=1 the server's
+    `/collective_rpc` endpoint calls them by name (`prodsample.client` does). That endpoint passes only
+    strings in and stringifies what is not a dict or list out, and its JSON encoder refuses NaN (a record's
+    guide log-probs after a desync), so records travel as a JSON string with NaN literals."""
+
+    def prodsample_take_records(self, rollouts_json: str) -> str:
+        """`json.dumps` of {rollout: RolloutRecord as a list} for the named rollouts, forgetting them."""
+        rollouts = json.loads(rollouts_json)
+        if not isinstance(rollouts, list) or not all(isinstance(name, str) for name in rollouts):
+            raise ValueError(f"prodsample_take_records expects a JSON list of rollout names, got {rollouts_json!r}")
+        return json.dumps(_take_records(self, self.vllm_config.instance_id, rollouts))
+
+    def prodsample_engine_info(self) -> dict[str, Any]:
+        """What a client checks before sending: the processor loaded once, the pair scheduler, the budgets."""
+        config = self.vllm_config
+        return {
+            "samplers": _count_samplers(self, config.instance_id),
+            "keeps_pairs": keeps_pairs(config),
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_model_len": config.model_config.max_model_len,
+        }
 
 
 # -- the wrapper ------------------------------------------------------------------------------------------
@@ -394,34 +419,19 @@ class GuidedLLM:
         """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.hf.guided_generate` returns
         them and with its tokens under the same `seed`. `lam`: a float, one per prompt or one per rollout.
         Sets `last_stats`."""
-        check_prompts_and_answers(prompts, answers)
-        rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        lams = _lam_per_rollout(lam, len(prompts), num_generations)
-        settings = _sampling_settings(temperature, top_k, top_p, min_p)
-        _positive_int(max_new_tokens, "max_new_tokens")
-        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-
-        plain_ids = [render_prompt(self.tokenizer, p) for p in prompts]
-        guide_ids = [
-            render_prompt(self.tokenizer, add_hint(p, a, hint_template)) if any(l < 1 for l in lams) else None
-            for p, a in zip(prompts, answers)
-        ]
-        call = uuid.uuid4().hex[:12]
-        requests = [
-            _rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
-                              lams[r], seed, settings, max_new_tokens, self.tokenizer.eos_token_id)
-            for r in range(rollouts)
-        ]
-        names = [rollout.name for rollout in requests]
+        call = GuidedCall.plan(
+            self.tokenizer, prompts, answers, lam=lam, num_generations=num_generations,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            seed=seed, hint_template=hint_template,
+        )
         try:
-            driven = self.driver.run(_SteppedLLM(self.llm), requests)
+            driven = self.driver.run(_SteppedLLM(self.llm), call.rollouts)
         except BaseException:
-            self._take(names)  # drop whatever the processor holds for them
+            self._take(call.names)  # drop whatever the processor holds for them
             raise
-        outcomes = settle(requests, driven.completions, self._take(names))
+        outcomes = settle(call.rollouts, driven.completions, self._take(call.names))
         self.last_stats = GenerationStats.of(outcomes, driven.engine_steps)
-        rows = [(outcome.completion, outcome.record, outcome.paired, outcome.desynced) for outcome in outcomes]
-        return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
+        return call.rollout(outcomes, pad_token_id(self.tokenizer))
 
     def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
         records: dict[str, RolloutRecord] = {}
@@ -429,82 +439,3 @@ class GuidedLLM:
             for name, raw in worker_records.items():
                 records.setdefault(name, RolloutRecord(*raw))
         return records
-
-    def _pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
-
-
-def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, eos) -> RolloutRequests:
-    contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
-    contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
-    requests = []
-    for role, ids in contexts:
-        tag = GuidanceTag.checked(
-            rollout=name, role=role, rollout_index=r, seed=seed, lam=lam, release_token=eos, **settings,
-        )
-        requests.append(EngineRequest(ids, max_new_tokens, tag))
-    return RolloutRequests(tuple(requests))
-
-
-def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
-    count = len(rows)
-    width = max((len(completion) for completion, *_ in rows), default=0)
-    completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((count, width), dtype=torch.bool)
-    logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
-    for r, (completion, record, _paired, _desynced) in enumerate(rows):
-        length = len(completion)
-        completion_ids[r, :length] = torch.tensor(completion, dtype=torch.int64)
-        mask[r, :length] = True
-        logprobs[r, :length] = torch.tensor(record.logprobs[:length])
-        plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
-        guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
-    paired = torch.tensor([p for _, _, p, _ in rows], dtype=torch.bool)
-    desynced = torch.tensor([d for *_, d in rows], dtype=torch.bool)
-    return GuidedRollout(
-        prompt_ids=[list(plain_ids[r // num_generations]) for r in range(count)],
-        completion_ids=completion_ids,
-        completion_mask=mask,
-        logprobs=logprobs,
-        plain_logprobs=plain_logprobs,
-        guide_logprobs=guide_logprobs,
-        lam=torch.tensor(lams, dtype=torch.float32),
-        guided=paired & ~desynced,
-        desynced=desynced,
-        group_ids=torch.arange(count) // num_generations,
-    )
-
-
-# -- argument checks ---------------------------------------------------------------------------------------
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
-    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
-    if torch.as_tensor(lam).dim() == 0:
-        values = values * prompts * num_generations
-    elif len(values) == prompts:
-        values = [v for v in values for _ in range(num_generations)]
-    elif len(values) != prompts * num_generations:
-        raise ValueError(
-            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
-            f"got {len(values)} values"
-        )
-    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
-    return values
-
-
-def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
-    """The tag's sampling fields, checked here so that bad values never reach the engine."""
-    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
-                "min_p": min_p or 0.0}
-    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
-                                  **settings)
-    return {name: getattr(checked, name) for name in settings}

@@ -32,7 +32,7 @@ flagged, never silent.
 
 Use: `vllm serve MODEL --scheduler-cls prodsample.vllm_scheduler.PairedScheduler`, or
 `scheduler_cls=SCHEDULER_CLS` in engine arguments (`prodsample.vllm.build_engine` sets it). Settings go in
-vLLM's additional config: `--additional-config '{"prodsample": {"pair_timeout_s": 10}}'`. Requires the
+vLLM's additional config (`EngineSettings`). Requires the
 "fcfs" policy, one data-parallel engine per server (vLLM's data-parallel balancing routes each request on
 its own and could split a pair) and no KV connector.
 """
@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -57,6 +57,7 @@ __all__ = [
     "PairedAsyncScheduler",
     "PairStats",
     "keeps_pairs",
+    "EngineSettings",
     "SCHEDULER_CLS",
     "DEFAULT_PAIR_TIMEOUT_S",
 ]
@@ -64,6 +65,7 @@ __all__ = [
 SCHEDULER_CLS = "prodsample.vllm_scheduler.PairedScheduler"
 CONFIG_KEY = "prodsample"  # vllm_config.additional_config[CONFIG_KEY]: this scheduler's settings
 DEFAULT_PAIR_TIMEOUT_S = 10.0
+DEFAULT_RECORD_TTL_S = 600.0
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +100,30 @@ class _Share:
         return self.tokens >= other.tokens and self.seats >= other.seats and self.blocks >= other.blocks
 
 
-def _pair_timeout(vllm_config) -> float:
-    settings = (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-    unknown = set(settings) - {"pair_timeout_s"}
-    if unknown:
-        raise ValueError(
-            f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}; known: ['pair_timeout_s']"
-        )
-    timeout = settings.get("pair_timeout_s", DEFAULT_PAIR_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"additional_config[{CONFIG_KEY!r}]['pair_timeout_s'] must be a number >= 0, got {timeout!r}")
-    return float(timeout)
+@dataclass(frozen=True)
+class EngineSettings:
+    """prodsample's settings for an engine, in vLLM's additional config:
+    `--additional-config '{"prodsample": {"pair_timeout_s": 10, "record_ttl_s": 600}}'`.
+
+    pair_timeout_s: how long the scheduler holds the first request of a pair for its partner.
+    record_ttl_s: how long the logits processor keeps the records of a rollout no step has seen (finished,
+        and not taken by a client); see `prodsample.pairing.PairedSampler`.
+    """
+
+    pair_timeout_s: float = DEFAULT_PAIR_TIMEOUT_S
+    record_ttl_s: float = DEFAULT_RECORD_TTL_S
+
+    @classmethod
+    def of(cls, vllm_config) -> EngineSettings:
+        settings = (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        known = [f.name for f in fields(cls)]
+        unknown = set(settings) - set(known)
+        if unknown:
+            raise ValueError(f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}; known: {known}")
+        for name, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"additional_config[{CONFIG_KEY!r}][{name!r}] must be a number >= 0, got {value!r}")
+        return cls(**{name: float(value) for name, value in settings.items()})
 
 
 def _check_supported(vllm_config) -> None:
@@ -138,7 +153,7 @@ class _PairKeeping:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _check_supported(self.vllm_config)
-        self.pair_timeout_s = _pair_timeout(self.vllm_config)
+        self.pair_timeout_s = EngineSettings.of(self.vllm_config).pair_timeout_s
         self.pair_stats = PairStats()
         self._members: dict[str, dict[Role, Request]] = {}  # rollout → its requests that arrived
         self._rollout_of: dict[str, str] = {}  # request id → rollout, for requests of pairs (λ < 1)

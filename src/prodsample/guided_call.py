@@ -1,0 +1,164 @@
+"""One guided-generation call as engine requests, and its rollouts back, with no engine in sight.
+
+`GuidedCall.plan` checks a call's arguments, renders the plain and hinted prompts and tags the two requests
+of each rollout (`prodsample.pacing.RolloutRequests`); `GuidedCall.rollout` turns what became of each
+rollout (`prodsample.pacing.RolloutOutcome`) into the `GuidedRollout` every backend returns. Shared by the
+in-process engine wrapper (`prodsample.vllm.GuidedLLM`) and the server client (`prodsample.client`), which
+differ only in how the requests reach an engine.
+
+Example (shapes only; the tiny tokenizer needs the `hf` extra):
+    >>> from prodsample.benchmarks.tiny import tiny_tokenizer
+    >>> call = GuidedCall.plan(tiny_tokenizer(), ["2+3?"], ["5"], lam=0.5, num_generations=2, max_new_tokens=8,
+    ...                        seed=0)
+    >>> [[request.tag.role.value for request in rollout.requests] for rollout in call.rollouts]
+    [['guide', 'plain'], ['guide', 'plain']]
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .pacing import EngineRequest, RolloutOutcome, RolloutRequests
+from .pairing import GuidanceTag, Role
+from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from .rollout import GuidedRollout
+
+__all__ = ["GuidedCall", "pad_token_id"]
+
+
+@dataclass(frozen=True)
+class GuidedCall:
+    """The requests of one call, prompt-major (rollout r = i·G + g), and what `rollout` needs to read them back."""
+
+    rollouts: list[RolloutRequests]
+    plain_ids: list[list[int]]  # per prompt
+    lams: list[float]  # per rollout
+    num_generations: int
+
+    @classmethod
+    def plan(
+        cls,
+        tokenizer,
+        prompts: Sequence,
+        answers: Sequence[str],
+        *,
+        lam,
+        num_generations: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        hint_template: str = DEFAULT_HINT_TEMPLATE,
+    ) -> GuidedCall:
+        """The requests of `prodsample.vllm.GuidedLLM.generate`'s arguments; bad ones raise ValueError naming
+        them. Rollout names are unique per call (a random prefix), so calls can share an engine."""
+        check_prompts_and_answers(prompts, answers)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
+        rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
+        lams = _lam_per_rollout(lam, len(prompts), num_generations)
+        settings = _sampling_settings(temperature, top_k, top_p, min_p)
+        _positive_int(max_new_tokens, "max_new_tokens")
+        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+
+        plain_ids = [render_prompt(tokenizer, p) for p in prompts]
+        guide_ids = [
+            render_prompt(tokenizer, add_hint(p, a, hint_template)) if any(l < 1 for l in lams) else None
+            for p, a in zip(prompts, answers)
+        ]
+        call = uuid.uuid4().hex[:12]
+        requests = [
+            _rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
+                              lams[r], seed, settings, max_new_tokens, tokenizer.eos_token_id)
+            for r in range(rollouts)
+        ]
+        return cls(requests, plain_ids, lams, num_generations)
+
+    @property
+    def names(self) -> list[str]:
+        return [rollout.name for rollout in self.rollouts]
+
+    def rollout(self, outcomes: Sequence[RolloutOutcome], pad_token_id: int) -> GuidedRollout:
+        """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order."""
+        count = len(outcomes)
+        width = max((len(outcome.completion) for outcome in outcomes), default=0)
+        completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((count, width), dtype=torch.bool)
+        logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
+        for r, outcome in enumerate(outcomes):
+            length, record = len(outcome.completion), outcome.record
+            completion_ids[r, :length] = torch.tensor(outcome.completion, dtype=torch.int64)
+            mask[r, :length] = True
+            logprobs[r, :length] = torch.tensor(record.logprobs[:length])
+            plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
+            guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
+        paired = torch.tensor([outcome.paired for outcome in outcomes], dtype=torch.bool)
+        desynced = torch.tensor([outcome.desynced for outcome in outcomes], dtype=torch.bool)
+        return GuidedRollout(
+            prompt_ids=[list(self.plain_ids[r // self.num_generations]) for r in range(count)],
+            completion_ids=completion_ids,
+            completion_mask=mask,
+            logprobs=logprobs,
+            plain_logprobs=plain_logprobs,
+            guide_logprobs=guide_logprobs,
+            lam=torch.tensor(self.lams, dtype=torch.float32),
+            guided=paired & ~desynced,
+            desynced=desynced,
+            group_ids=torch.arange(count) // self.num_generations,
+        )
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, or its EOS where it has none."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
+def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, eos) -> RolloutRequests:
+    contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
+    contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
+    requests = []
+    for role, ids in contexts:
+        tag = GuidanceTag.checked(
+            rollout=name, role=role, rollout_index=r, seed=seed, lam=lam, release_token=eos, **settings,
+        )
+        requests.append(EngineRequest(ids, max_new_tokens, tag))
+    return RolloutRequests(tuple(requests))
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
+    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
+    if torch.as_tensor(lam).dim() == 0:
+        values = values * prompts * num_generations
+    elif len(values) == prompts:
+        values = [v for v in values for _ in range(num_generations)]
+    elif len(values) != prompts * num_generations:
+        raise ValueError(
+            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
+            f"got {len(values)} values"
+        )
+    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+    return values
+
+
+def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
+    """The tag's sampling fields, checked here so that bad values never reach the engine."""
+    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
+                "min_p": min_p or 0.0}
+    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
+                                  **settings)
+    return {name: getattr(checked, name) for name in settings}
