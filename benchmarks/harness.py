@@ -14,6 +14,7 @@ import torch
 from .errors import UsageError
 from .models import DTYPES, EMBEDDED_DEFAULT, LoadedModel, default_device, load_model
 
+# Relative to the working directory: a clone's benchmarks/results/ when run from its root (as with-env.sh does).
 RESULTS = Path("benchmarks") / "results"
 
 
@@ -36,7 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_output_argument(parser: argparse.ArgumentParser, default_name: str) -> None:
     parser.add_argument(
         "--out", type=Path, default=None,
-        help=f"result directory; a rerun with the same settings continues it (default: {RESULTS}/{default_name}-<model>)",
+        help=f"result directory; a rerun with the same settings continues it (default: {RESULTS}/{default_name}-<model>, "
+        "in the working directory)",
     )
 
 

@@ -392,7 +392,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-sweep", action="store_true", help="skip the GPU block/warps sweep")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="results root: writes kernel-cpu/ and kernel-gpu/ (with --quick: kernel-*-quick/) under it")
+                        help="results root: writes kernel-cpu/ and kernel-gpu/ (with --quick: kernel-*-quick/) under it "
+                        "(default: %(default)s, in the working directory)")
     parser.add_argument("--measure-compile", type=int, metavar="V", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -6,7 +6,7 @@
   so it works offline. transformers dequantises the GGUF to float32 on load (about 40 s on a 2-core CPU);
   the first load writes the result as an ordinary safetensors checkpoint under
   `${PRODSAMPLE_CACHE:-~/.cache/prodsample}/models/` and later loads read that (about 1 s).
-- `tiny`: the randomly initialised tiny Llama with a character tokenizer (`prodsample.benchmarks.tiny`), for
+- `tiny`: the randomly initialised tiny Llama with a character tokenizer (`prodsample.testing`), for
   toy runs and CI; `tiny-qwen2` for its Qwen2 twin.
 - anything else: a hub id or a local path, given to `AutoModelForCausalLM.from_pretrained`.
 """
@@ -54,7 +54,7 @@ def load_model(name: str = EMBEDDED_DEFAULT, *, device: str | None = None, dtype
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = device or default_device()
     if name in TINY_ARCHS:
-        from .tiny import tiny_model, tiny_tokenizer
+        from prodsample.testing import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = tiny_model(tokenizer, arch=TINY_ARCHS[name], seed=seed, dtype=DTYPES[dtype])

@@ -54,7 +54,7 @@ def model_directory(name: str) -> Path:
 
         return smollm2_checkpoint()  # saved in float32; the engine casts to --dtype
     if name == "tiny":
-        from .tiny import save_tiny
+        from prodsample.testing import save_tiny
 
         # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16
         return save_tiny(Path(tempfile.mkdtemp(prefix="prodsample-tiny-")), arch="llama", seed=1, heads=2)

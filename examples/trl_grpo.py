@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.schedules import Linear
 from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, HeldOutEvalCallback, guided_rollout_func
 

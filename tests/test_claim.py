@@ -68,6 +68,7 @@ def test_concat_rollouts_pads_and_keeps_groups_apart(tiny_policy):
     assert joined.completion_lists()[:2] == first.completion_lists()
 
 
+@pytest.mark.slow
 def test_pipeline_smoke_every_arm(tmp_path):
     """Warm-up → every arm for two steps → summary and plot, at toy sizes (seconds)."""
     policy = tmp_path / "policy"
@@ -88,7 +89,9 @@ def test_pipeline_smoke_every_arm(tmp_path):
     assert summary["arms"]["plain_2g"]["total_rollouts"] == 2 * summary["arms"]["plain"]["total_rollouts"]
     run.run_all(run.parse_args(toy))  # resuming a finished comparison runs nothing again
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(records)
-    assert analyze.summarise(analyze.load_runs(out))["target_greedy_pass1"] == summary["target_greedy_pass1"]
+    # The target is plain's final greedy pass@1 (PROTOCOL.md; one seed here), read from the records directly.
+    plain_final = next(r for r in records if r["arm"] == "plain" and r.get("final"))
+    assert summary["target_greedy_pass1"] == plain_final["greedy_pass1"]
 
 
 def test_exploratory_figures_follow_the_records():

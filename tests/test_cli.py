@@ -131,6 +131,7 @@ def test_generate_decodes_exactly_the_requested_tokens_with_eos_switched_off():
     assert unswitched.completion_ids.shape == (2, 1)
 
 
+@pytest.mark.slow
 def test_quick_runs_both_parts(tmp_path):
     assert cli.main(["quick", "--model", "tiny", "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert RunDir(tmp_path / "reward").kind() == "reward" and RunDir(tmp_path / "generate").kind() == "generate"
@@ -186,6 +187,7 @@ def test_own_parser_commands_reach_their_harness(command, option, capsys):
     assert exit_info.value.code == 0 and option in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh process imports the whole harness
 def test_console_script_is_installed():
     path = shutil.which("prodsample")
     assert path is not None

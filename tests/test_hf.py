@@ -6,12 +6,12 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.hf import ProductLogitsProcessor, build_contexts, guided_generate, score
 from prodsample.noise import exponential_noise, row_keys
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE
 
-from .reference import log_softmax64
+from .helpers.reference import log_softmax64
 
 PROMPTS = ["What is 12+7?", "Add 3 and 4", "9*9="]  # different lengths: left padding is exercised
 ANSWERS = ["19", "7", "81"]
@@ -161,6 +161,7 @@ def test_seeded_generation_reproduces(llama, tokenizer):
     assert not torch.equal(first.completion_ids, other.completion_ids)
 
 
+@pytest.mark.slow
 def test_processor_and_guided_generate_draw_from_the_same_distribution(llama, tokenizer):
     """Two-sample chi-square on the first two tokens: generate's multinomial vs keyed noise."""
     draws, temperature, lam = 3000, 1.3, 0.5

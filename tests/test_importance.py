@@ -79,9 +79,23 @@ def test_kl_q_pi_is_the_mean_log_ratio_over_real_tokens():
     assert float(kl_q_pi(q, pi, torch.tensor([[1, 1, 0]]))) == pytest.approx(0.5)
 
 
-def test_named_modes_are_valid_configs():
-    assert OFF_POLICY_MODES["none"] is None
-    assert {m.level for m in OFF_POLICY_MODES.values() if m} == {"token", "sequence", "geometric"}
+# Each named mode's weights on LOG_RATIO and MASK, from its formula in docs/trl.md ("Off-policy modes").
+NAMED_MODE_WEIGHTS = {
+    "none": None,  # the original recipe: no weights at all
+    "token_truncate": [[1.0, math.exp(-1), 2.0, 0.0], [2.0, math.exp(-0.5), 0.0, 0.0]],  # min(exp(r_t), 2)
+    "sequence_mask": [[0.0] * 4, [math.exp(0.5)] * 2 + [0.0] * 2],  # exp(Σ r) if ≤ 2, else 0: e^1 > 2 is dropped
+    "geometric": [[math.exp(1 / 3)] * 3 + [0.0], [math.exp(0.25)] * 2 + [0.0] * 2],  # min(exp(mean r), 2)
+}
+
+
+@pytest.mark.parametrize("mode", sorted(NAMED_MODE_WEIGHTS))
+def test_each_named_mode_gives_its_documented_weights(mode):
+    assert set(OFF_POLICY_MODES) == set(NAMED_MODE_WEIGHTS), "a named mode without expected weights here"
+    config, expected = OFF_POLICY_MODES[mode], NAMED_MODE_WEIGHTS[mode]
+    if expected is None:
+        assert config is None
+        return
+    torch.testing.assert_close(importance_weights(LOG_RATIO, MASK, config), torch.tensor(expected))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from prodsample import noise, product_sample
 from prodsample.kernels.compiled import compiled_fused_sample
 from prodsample.sampling import mixed_logits, reference_fused_sample
 
-from .reference import chi_square_pvalue, product_distribution
+from .helpers.kernel_inputs import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys
+from .helpers.reference import chi_square_pvalue, product_distribution
 
 # |compiled − reference| ≤ VALUE_RTOL·(1 + s), s = the row's largest finite |logit|·τ: Inductor fuses and
 # reorders the reference's float32 arithmetic (vectorised exp/log, cascade sums).
@@ -22,12 +23,11 @@ VALUE_RTOL = 1e-5
 ALPHA = 1e-3
 DRAWS = 5_000  # more than the interpreted kernel's 400; each draw is a row padded to MIN_COMPILED_VOCAB
 
-# Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
-
-def noise_keys(rows: int, seed: int = 0) -> torch.Tensor:
-    return noise.row_keys(torch.full((rows,), seed), torch.arange(rows), torch.full((rows,), 5))
+pytestmark = [
+    pytest.mark.slow,  # every test needs the compiled graph, and its first compile in a process takes seconds
+    # Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 def race_values64(plain, guide, lam, temperature, threshold, keys) -> torch.Tensor:
@@ -39,30 +39,6 @@ def race_values64(plain, guide, lam, temperature, threshold, keys) -> torch.Tens
     z = torch.where(kept, z, -math.inf)
     log_noise = noise.log_exponential_noise(keys, plain.shape[1]).double()
     return torch.where((temperature == 0).unsqueeze(1), z, z - log_noise)
-
-
-def fused_inputs(draw, rows: int, vocab: int):
-    """The arguments of a fused backend, drawn to reach every code path: λ ∈ {0, 1} or inside, greedy rows,
-    −inf logits, a per-row threshold, half-precision inputs, ties. Shared with the Triton kernel's tests."""
-    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    scale = draw(st.sampled_from([0.0, 1.0, 4.0, 30.0]))  # 0: every logit equal, all ties
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    plain = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
-    guide = (scale * torch.randn(rows, vocab, generator=generator)).to(dtype)
-    mask_rate = draw(st.sampled_from([0.0, 0.3, 0.9]))
-    plain = plain.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
-    guide = guide.masked_fill(torch.rand(rows, vocab, generator=generator) < mask_rate, -math.inf)
-    shared = torch.randint(0, vocab, (rows, 1), generator=generator)  # one token every context keeps
-    plain.scatter_(1, shared, 0.0)
-    guide.scatter_(1, shared, 0.0)
-    lam = torch.tensor([draw(st.sampled_from([0.0, 1.0]) | st.floats(1e-3, 1 - 1e-3)) for _ in range(rows)])
-    temperature = torch.tensor([draw(st.sampled_from([0.0, 1.0]) | st.floats(0.3, 2.0)) for _ in range(rows)])
-    threshold = None
-    if draw(st.booleans()):
-        z = mixed_logits(plain, guide, lam, temperature)
-        keep = torch.randint(1, vocab + 1, (rows, 1), generator=generator)
-        threshold = torch.sort(z, dim=1, descending=True).values.gather(1, keep - 1).squeeze(1)
-    return plain, guide, lam, temperature, threshold, noise_keys(rows, draw(st.integers(0, 2**40)))
 
 
 @st.composite
@@ -131,16 +107,6 @@ def test_degenerate_shapes():
         torch.full((2, 3), -math.inf), torch.zeros(2, 3), torch.full((2,), 0.5), torch.ones(2), None, noise_keys(2)
     )
     assert masked.token_ids.tolist() == [0, 0], "padding must not move a fully masked row's token (the core refuses it)"
-
-
-def chi_square_logits():
-    """Plain and guide disagree (the product differs from either); one token masked in the plain context."""
-    plain = torch.tensor([2.0, 1.5, 0.0, -1.0, 0.5, -0.5, 1.0, -math.inf])
-    guide = torch.tensor([-1.0, 0.5, 2.0, 1.5, 0.0, 1.0, -0.5, 0.3])
-    return plain, guide
-
-
-CHI_SQUARE_FILTERS = [dict(temperature=0.8), dict(temperature=1.2, top_k=5)]
 
 
 @pytest.mark.parametrize("filters", CHI_SQUARE_FILTERS, ids=["tempered", "top_k"])

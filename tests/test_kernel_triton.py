@@ -1,5 +1,6 @@
-"""The fused Triton kernel under TRITON_INTERPRET=1: float64 definitions, the reference's tokens, edge cases,
-the distribution, and an ahead-of-time compile for Hopper (sm_90)."""
+"""The fused Triton kernel: float64 definitions, the reference's tokens, edge cases, the distribution, and an
+ahead-of-time compile for Hopper (sm_90). It runs natively on CUDA, and under TRITON_INTERPRET=1 on CPU
+tensors elsewhere (tests/conftest.py chooses before any @triton.jit function exists)."""
 
 from __future__ import annotations
 
@@ -21,20 +22,31 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 from prodsample import noise, product_sample  # noqa: E402
 from prodsample.kernels import product_sample as kernel  # noqa: E402
-from prodsample.sampling import mixed_logits, reference_fused_sample  # noqa: E402
+from prodsample.sampling import ProductSample, mixed_logits, reference_fused_sample  # noqa: E402
 
-from .reference import chi_square_pvalue, product_distribution  # noqa: E402
-from .test_kernel_compiled import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys  # noqa: E402
+from .helpers.kernel_inputs import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys  # noqa: E402
+from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
 
 # |kernel − float64| ≤ VALUE_RTOL·(1 + s), s = the row's largest finite |logit|·τ: float32 sums of ~V terms
 # each rounded at ~6e-8 relative, with margin.
 VALUE_RTOL = 1e-5
-# log E may differ from torch's by a few float32 ulps: the interpreter's log is numpy's, torch's is its own.
+# log E may differ from torch's by a few float32 ulps: the kernel's log is numpy's (interpreted) or the GPU's.
 NOISE_ULPS = 4
 ALPHA = 1e-3  # chi-square significance
 KERNEL_DRAWS = 400  # interpreter time bounds the draws; the negative control below shows the test's power at it
 
-pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="needs TRITON_INTERPRET=1 (no GPU here)")
+INTERPRETED = triton.knobs.runtime.interpret
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")  # where the kernel's inputs live
+
+pytestmark = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU tensors"
+)
+
+
+def run_kernel(plain, guide, *settings, **launch) -> ProductSample:
+    """The kernel on logits moved to DEVICE (it moves the per-row settings itself); outputs back on the CPU."""
+    out = kernel.triton_fused_sample(plain.to(DEVICE), guide.to(DEVICE), *settings, **launch)
+    return ProductSample(*(x.cpu() for x in out))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,6 +54,9 @@ def patch_language_once_per_launch():
     """Speed only: Triton's interpreter re-patches triton.language on every nested @triton.jit call (~3 ms,
     mostly inspect.getmembers), although a launch's first patch of the same modules already holds. Here
     each set of modules is patched once per launch, which makes the kernel ~10x faster to interpret."""
+    if not INTERPRETED:
+        yield
+        return
     original_patch, original_launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
     patched: set[frozenset[int]] = set()
 
@@ -130,9 +145,7 @@ def kernel_case(draw):
 @given(kernel_case())
 def test_kernel_matches_the_float64_definitions(case):
     plain, guide, lam, temperature, threshold, keys, block, splits = case
-    out = kernel.triton_fused_sample(
-        plain, guide, lam, temperature, threshold, keys, block_size=block, num_splits=splits
-    )
+    out = run_kernel(plain, guide, lam, temperature, threshold, keys, block_size=block, num_splits=splits)
     assert_matches_float64(out, plain, guide, lam, temperature, threshold, keys)
 
 
@@ -151,11 +164,11 @@ def _noise_probe_kernel(keys_ptr, bits_ptr, log_noise_ptr, vocab_size, BLOCK: tl
 
 
 def kernel_noise(keys: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hash bits, log E) as the kernel computes them: int64 and float32 `[B, V]`."""
-    bits = torch.empty(len(keys), vocab, dtype=torch.int64)
-    log_noise = torch.empty(len(keys), vocab)
-    _noise_probe_kernel[(len(keys),)](keys, bits, log_noise, vocab, BLOCK=triton.next_power_of_2(vocab))
-    return bits, log_noise
+    """(hash bits, log E) as the kernel computes them: int64 and float32 `[B, V]`, on the CPU."""
+    bits = torch.empty(len(keys), vocab, dtype=torch.int64, device=DEVICE)
+    log_noise = torch.empty(len(keys), vocab, device=DEVICE)
+    _noise_probe_kernel[(len(keys),)](keys.to(DEVICE), bits, log_noise, vocab, BLOCK=triton.next_power_of_2(vocab))
+    return bits.cpu(), log_noise.cpu()
 
 
 def test_kernel_noise_is_the_core_noise():
@@ -176,11 +189,11 @@ def test_a_weight_zero_context_has_no_influence_even_where_it_is_masked(lam, mas
     generator = torch.Generator().manual_seed(4)
     plain, guide = torch.randn(2, 300, generator=generator), torch.randn(2, 300, generator=generator)
     rows = dict(lam=torch.full((2,), lam), temperature=torch.tensor([0.8, 0.0]), threshold=None, keys=noise_keys(2))
-    clean = kernel.triton_fused_sample(plain, guide, block_size=128, **rows)
+    clean = run_kernel(plain, guide, block_size=128, **rows)
     masked_logits = {"plain": plain, "guide": guide}[masked].clone()
     masked_logits[:, 1:] = -math.inf  # everything but token 0
     dirty_plain, dirty_guide = (masked_logits, guide) if masked == "plain" else (plain, masked_logits)
-    dirty = kernel.triton_fused_sample(dirty_plain, dirty_guide, block_size=128, **rows)
+    dirty = run_kernel(dirty_plain, dirty_guide, block_size=128, **rows)
     unaffected = ["token_ids", "logprobs", "log_normalizer", "guide_logprobs" if masked == "plain" else "plain_logprobs"]
     for name in unaffected:
         assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
@@ -191,7 +204,7 @@ def test_a_weight_zero_context_has_no_influence_even_where_it_is_masked(lam, mas
 def test_greedy_ties_go_to_the_lowest_index(splits):
     plain = torch.zeros(1, 300)
     plain[0, [70, 71, 250]] = 5.0  # tied maxima across blocks (64) and splits
-    out = kernel.triton_fused_sample(
+    out = run_kernel(
         plain, torch.zeros(1, 300), torch.ones(1), torch.zeros(1), None, noise_keys(1), block_size=64, num_splits=splits
     )
     assert int(out.token_ids) == 70 == int(plain.argmax())
@@ -204,21 +217,17 @@ def test_race_ties_go_to_the_lowest_index(splits):
     _, log_noise = kernel_noise(keys, 300)
     plain = log_noise.clone()
     plain[0, :100] = -math.inf
-    out = kernel.triton_fused_sample(
-        plain, torch.zeros(1, 300), torch.ones(1), torch.ones(1), None, keys, block_size=64, num_splits=splits
-    )
+    out = run_kernel(plain, torch.zeros(1, 300), torch.ones(1), torch.ones(1), None, keys, block_size=64, num_splits=splits)
     assert int(out.token_ids) == 100
 
 
 def test_an_empty_batch():
-    out = kernel.triton_fused_sample(
-        torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.ones(0), None, torch.zeros(0, dtype=torch.long)
-    )
+    out = run_kernel(torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.ones(0), None, torch.zeros(0, dtype=torch.long))
     assert all(x.shape == (0,) for x in out) and out.token_ids.dtype == torch.int64
 
 
 def test_single_token_vocabulary():
-    out = kernel.triton_fused_sample(
+    out = run_kernel(
         torch.zeros(2, 1), torch.full((2, 1), 3.0), torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.0]), None,
         noise_keys(2),
     )
@@ -228,11 +237,12 @@ def test_single_token_vocabulary():
 
 def test_strided_rows_read_like_contiguous_ones():
     generator = torch.Generator().manual_seed(8)
-    hidden = torch.randn(3, 4, 500, generator=generator)  # [B, sequence, V]: the last position's logits
+    hidden = torch.randn(3, 4, 500, generator=generator).to(DEVICE)  # [B, sequence, V]: the last position's logits
     plain, guide = hidden[:, -1, :], hidden[:, -2, :]
     rows = dict(lam=torch.full((3,), 0.5), temperature=torch.ones(3), threshold=None, keys=noise_keys(3))
     strided = kernel.triton_fused_sample(plain, guide, block_size=128, **rows)
     contiguous = kernel.triton_fused_sample(plain.contiguous(), guide.contiguous(), block_size=128, **rows)
+    assert plain.stride(0) != plain.shape[1], "the rows must be strided"
     for got, want in zip(strided, contiguous):
         assert torch.equal(got, want)
 
@@ -243,10 +253,11 @@ def test_product_sample_with_filters_matches_the_reference_backend():
     common = dict(temperature=torch.tensor([0.7, 1.0, 0.0, 1.4]), top_k=torch.tensor([0, 50, 3, 0]),
                   top_p=torch.tensor([0.9, 1.0, 1.0, 0.5]), min_p=0.01, seed=3, positions=7)
     lam = torch.tensor([0.5, 0.0, 1.0, 0.25])
-    out = product_sample(plain, guide, lam, backend="triton", **common)
+    out = product_sample(plain.to(DEVICE), guide.to(DEVICE), lam, backend="triton", **common)
     expected = product_sample(plain, guide, lam, backend="reference", **common)
-    assert torch.equal(out.token_ids, expected.token_ids)
+    assert torch.equal(out.token_ids.cpu(), expected.token_ids)
     for got, want in zip(out[1:], expected[1:]):
+        got = got.cpu()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -256,7 +267,7 @@ def test_a_fully_masked_product_is_refused():
     plain = torch.tensor([[0.0, -math.inf, 1.0]])
     guide = torch.tensor([[-math.inf, 0.0, -math.inf]])
     with pytest.raises(ValueError, match="fully masked"):
-        product_sample(plain, guide, 0.5, backend="triton")
+        product_sample(plain.to(DEVICE), guide.to(DEVICE), 0.5, backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -269,27 +280,28 @@ def test_a_fully_masked_product_is_refused():
 def test_bad_launch_settings_name_the_argument(kwargs, error, message):
     rows = dict(lam=torch.ones(1), temperature=torch.ones(1), threshold=None, keys=noise_keys(1))
     with pytest.raises(error, match=message):
-        kernel.triton_fused_sample(torch.zeros(1, 200), torch.zeros(1, 200), **rows, **kwargs)
+        run_kernel(torch.zeros(1, 200), torch.zeros(1, 200), **rows, **kwargs)
 
 
 def test_integer_logits_are_refused():
     rows = dict(lam=torch.ones(1), temperature=torch.ones(1), threshold=None, keys=noise_keys(1))
     with pytest.raises(TypeError, match="plain_logits must be fp32, fp16 or bf16"):
-        kernel.triton_fused_sample(torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, 5), **rows)
+        run_kernel(torch.zeros(1, 5, dtype=torch.int32), torch.zeros(1, 5), **rows)
 
 
 # --- the distribution ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # interpreted, 400 draws take seconds
 @pytest.mark.parametrize("filters", CHI_SQUARE_FILTERS, ids=["tempered", "top_k"])
 def test_kernel_samples_follow_q(filters):
     plain, guide = chi_square_logits()
     q = product_distribution(plain, guide, 0.5, filters["temperature"], filters.get("top_k"))
     out = product_sample(
-        plain.expand(KERNEL_DRAWS, -1), guide.expand(KERNEL_DRAWS, -1), 0.5, seed=11, positions=0, backend="triton",
-        **filters,
+        plain.expand(KERNEL_DRAWS, -1).to(DEVICE), guide.expand(KERNEL_DRAWS, -1).to(DEVICE), 0.5, seed=11, positions=0,
+        backend="triton", **filters,
     )
-    assert chi_square_pvalue(torch.bincount(out.token_ids, minlength=8), q) > ALPHA
+    assert chi_square_pvalue(torch.bincount(out.token_ids.cpu(), minlength=8), q) > ALPHA
 
 
 def test_the_chi_square_test_has_power_at_the_kernel_draw_count():

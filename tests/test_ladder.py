@@ -113,6 +113,7 @@ def test_rollouts_to_target_is_always_defined():
     assert table["arms"]["slow"]["censored"] and table["arms"]["slow"]["rollouts"] == 20
 
 
+@pytest.mark.slow
 def test_ladder_run_end_to_end(tmp_path, monkeypatch):
     """A toy warm-up, two arms for two steps on the mixed set, per-level records, summary and plots."""
     monkeypatch.setattr(task, "LADDER_SIZES", TOY_SIZES)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from prodsample import mix_logprobs
 
-from .reference import log_softmax64
+from .helpers.reference import log_softmax64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Math runs in fp32 on inputs rounded to the input dtype, so outputs agree with a float64 reference of the

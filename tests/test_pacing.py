@@ -384,6 +384,7 @@ def test_rollouts_with_the_same_name_are_refused_before_reaching_the_engine():
     assert engine.log == [] and not engine.pending
 
 
+@pytest.mark.slow  # a fresh process imports torch
 def test_the_driver_module_imports_no_engine():
     code = "import sys, prodsample.pacing; print(sorted({'vllm', 'transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

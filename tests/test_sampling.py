@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from prodsample import product_logprobs, product_sample
 
-from .reference import chi_square_pvalue, log_softmax64, product_distribution, tempered_logprob
+from .helpers.reference import chi_square_pvalue, log_softmax64, product_distribution, tempered_logprob
 
 ALPHA = 1e-3  # chi-square significance: a correct sampler fails a given test with probability 1e-3
 DRAWS = 40_000

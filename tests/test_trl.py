@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.controller import GuidanceController
 from prodsample.importance import ImportanceConfig
 from prodsample.importance import off_policy_weights

@@ -3,7 +3,7 @@
 - `guided`: GuidedLLM with its default settings. Same tokens as `prodsample.hf.guided_generate`, records
   equal to `prodsample.hf.score`, a chi-square test that the draws follow q, untagged requests untouched.
 - `stressed`: vLLM's own scheduler, a KV cache of a few blocks and a prefill budget smaller than the
-  prompts, every pair submitted at once (no pacing), and a read-only observer (tests/vllm_observer.py)
+  prompts, every pair submitted at once (no pacing), and a read-only observer (tests/helpers/vllm_observer.py)
   logging where each request stands at every step. Preemptions and prefill chunks happen; every rollout the
   observer saw fall out of step is flagged, no other, and every recorded log-prob is what was drawn.
 - `paired_stressed`: the same small KV cache under prodsample's scheduler (GuidedLLM's default): preemptions
@@ -19,16 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
+from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
 from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
-from . import vllm_observer  # noqa: E402
-from .reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .helpers import vllm_observer  # noqa: E402
+from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engines for the session: seconds to build, more to stop
 
 PROMPTS = [
     "What is 12+7?",
@@ -227,7 +227,7 @@ class Unpaced(PacedDriver):
 
 
 SMALL_CACHE = dict(max_model_len=256, block_size=32, num_gpu_blocks_override=24, disable_log_stats=False,
-                   logits_processors=["tests.vllm_observer:StepObserver"])
+                   logits_processors=["tests.helpers.vllm_observer:StepObserver"])
 
 
 @pytest.fixture(scope="session")

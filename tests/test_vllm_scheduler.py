@@ -20,7 +20,7 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
+from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.vllm_scheduler import PairedAsyncScheduler, PairedScheduler  # noqa: E402
 

@@ -45,8 +45,10 @@ from .task import (
     rl_and_held_out,
 )
 
-DEFAULT_OUT = Path(__file__).parent / "policy"
-DEFAULT_LADDER_OUT = Path(__file__).parent / "ladder-policy"
+POLICY = Path(__file__).parent / "policy"  # the committed checkpoint every run starts from; shipped in the wheel
+# Written relative to the working directory: the clone's copies when run from its root, never an installed package.
+DEFAULT_OUT = Path("benchmarks") / "claim" / "policy"
+DEFAULT_LADDER_OUT = Path("benchmarks") / "claim" / "ladder-policy"
 
 # PROTOCOL-ladder.md's gate, on the ladder's held-out split: (low, high) bounds of plain pass@8 at T = 1 per level,
 # and the hinted context's greedy accuracy at every level (the teacher must read the hint).
@@ -185,7 +187,8 @@ def _level_counts(text: str) -> tuple[str, int]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT} ({DEFAULT_LADDER_OUT} with --ladder)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default {DEFAULT_OUT} ({DEFAULT_LADDER_OUT} with --ladder), in the working directory")
     parser.add_argument("--ladder", action="store_true", help="make the difficulty ladder's checkpoint (issue 12)")
     parser.add_argument("--num-hinted", type=int, default=2000, help="--ladder: hinted warm-up problems per level")
     parser.add_argument("--easy-plain-max-terms", type=int, default=EASY_DIFFICULTY.max_terms,

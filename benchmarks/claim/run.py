@@ -33,7 +33,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import analyze, analyze_ladder
-from .make_policy import DEFAULT_OUT as DEFAULT_POLICY
+from .make_policy import POLICY as DEFAULT_POLICY
 from .task import TRAINING_SETS, ladder_sets, rl_and_held_out, training_problems
 from .evaluate import evaluate
 from .train import ARMS, RunConfig, config_dict, run

@@ -6,8 +6,8 @@ rollout (`prodsample.pacing.RolloutOutcome`) into the `GuidedRollout` every back
 in-process engine wrapper (`prodsample.vllm.GuidedLLM`) and the server client (`prodsample.client`), which
 differ only in how the requests reach an engine.
 
-Example (shapes only; the tiny tokenizer needs the `hf` extra):
-    >>> from prodsample.benchmarks.tiny import tiny_tokenizer
+Example (the test tokenizer needs the `hf` extra):
+    >>> from prodsample.testing import tiny_tokenizer
     >>> call = GuidedCall.plan(tiny_tokenizer(), ["2+3?"], ["5"], lam=0.5, num_generations=2, max_new_tokens=8,
     ...                        seed=0)
     >>> [[request.tag.role.value for request in rollout.requests] for rollout in call.rollouts]

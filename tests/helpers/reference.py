@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -62,6 +60,3 @@ def chi_square_pvalue(counts, probs) -> float:
         return 1.0
     return float(chisquare(counts[support].numpy(), expected.numpy()).pvalue)
 
-
-def isclose(a: float, b: float, tol: float) -> bool:
-    return (math.isinf(a) and math.isinf(b) and (a > 0) == (b > 0)) or abs(a - b) <= tol

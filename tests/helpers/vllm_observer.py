@@ -1,7 +1,7 @@
 """A read-only V1 logits processor that logs, step by step, where every tagged request stands: the ground
 truth the desync tests compare prodsample's flags with, built without prodsample's pairing logic.
 
-Loaded into a test engine with `logits_processors=["tests.vllm_observer:StepObserver"]`; the engine runs
+Loaded into a test engine with `logits_processors=["tests.helpers.vllm_observer:StepObserver"]`; the engine runs
 in-process, so the log is this module's `LOG`.
 """
 

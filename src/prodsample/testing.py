@@ -1,15 +1,21 @@
-"""A tiny causal LM and a character-level tokenizer built locally: no hub, no download.
+"""Test fixtures: a tiny causal LM and a character-level tokenizer, built locally with no hub and no download.
 
-Used by the tests, by the CLI's toy sizes, and wherever a model must exist offline. The tokenizer has one
-token per printable ASCII character plus chat and special tokens, and a chat template, so both string and
-chat prompts work; `save_tiny` writes a directory that transformers and vLLM load like any checkpoint.
+For tests, examples and toy runs that need a real transformers model offline (prodsample's own tests, its
+README examples, `prodsample <command> --model tiny`). The tokenizer has one token per printable ASCII
+character plus chat and special tokens, and a chat template, so both string and chat prompts work; the model
+is a randomly initialised Llama or Qwen2 of a few hundred thousand parameters whose outputs mean nothing.
+`save_tiny` writes a directory that transformers and vLLM load like any checkpoint.
+
+Needs the `hf` extra (transformers, tokenizers), imported when a fixture is built, not on import.
 
 Example:
-    >>> from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+    >>> from prodsample.testing import tiny_model, tiny_tokenizer
     >>> tokenizer = tiny_tokenizer()
     >>> model = tiny_model(tokenizer, arch="llama", seed=0)
-    >>> model.config.vocab_size >= len(tokenizer)
+    >>> model.config.vocab_size == len(tokenizer)
     True
+    >>> tokenizer.decode(tokenizer("12+7=")["input_ids"], skip_special_tokens=True)
+    '12+7='
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import string
 from pathlib import Path
 
 import torch
+
+__all__ = ["tiny_tokenizer", "tiny_config", "tiny_model", "save_tiny"]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (

@@ -1,0 +1,2 @@
+"""Helpers shared by the test modules: brute-force float64 references (`reference`), the inputs of the
+fused sampling backends (`kernel_inputs`), and a read-only vLLM logits processor (`vllm_observer`)."""
