@@ -39,7 +39,7 @@ import torch
 
 from prodsample import noise
 from prodsample.kernels.compiled import compiled_fused_sample
-from prodsample.sampling import ProductSample, reference_fused_sample
+from prodsample.fused import FusedInputs, ProductSample, reference_fused_sample
 
 BATCHES = (1, 8, 64, 256)
 VOCABS = (32000, 49152, 151936, 262144)
@@ -73,8 +73,8 @@ class Row:
     note: str = ""
 
 
-def sampling_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """(plain, guide, lam, temperature, threshold, keys): Gaussian logits (σ = 4), the guide's correlated with
+def sampling_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> FusedInputs:
+    """Gaussian logits (σ = 4), the guide's correlated with
     the plain ones (one policy under two contexts), λ = LAM, T = TEMPERATURE, no filter."""
     generator = torch.Generator(device=device).manual_seed(seed)
     plain = 4 * torch.randn(rows, vocab, generator=generator, device=device)
@@ -82,7 +82,7 @@ def sampling_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.dev
     keys = noise.row_keys(torch.full((rows,), seed), torch.arange(rows), torch.full((rows,), 17)).to(device)
     lam = torch.full((rows,), LAM, device=device)
     temperature = torch.full((rows,), TEMPERATURE, device=device)
-    return plain.to(dtype), guide.to(dtype), lam, temperature, None, keys
+    return FusedInputs(plain.to(dtype), guide.to(dtype), lam, temperature, None, keys)
 
 
 def compare(got: ProductSample, want: ProductSample) -> tuple[float, float]:
@@ -110,11 +110,11 @@ def cpu_grid(batches, vocabs) -> list[Row]:
     for vocab in vocabs:
         for batch in batches:
             inputs = sampling_inputs(batch, vocab, torch.float32, torch.device("cpu"))
-            eager, compiled = reference_fused_sample(*inputs), compiled_fused_sample(*inputs)
+            eager, compiled = reference_fused_sample(inputs), compiled_fused_sample(inputs)
             tokens_equal, max_diff = compare(compiled, eager)
             repeats = 5 if batch * vocab <= 2**24 else 3
             times = time_cpu_side_by_side(
-                {"eager": lambda: reference_fused_sample(*inputs), "compiled": lambda: compiled_fused_sample(*inputs)},
+                {"eager": lambda: reference_fused_sample(inputs), "compiled": lambda: compiled_fused_sample(inputs)},
                 repeats,
             )
             rows.append(Row("cpu_grid", "cpu", "fp32", batch, vocab, "eager", 1e3 * times["eager"], 1.0, 1.0, 0.0))
@@ -132,11 +132,11 @@ def measure_compile(vocab: int) -> dict[str, float]:
     """In this (fresh) process: seconds of the first compiled call, then of the first call at another shape."""
     first = sampling_inputs(4, vocab, torch.float32, torch.device("cpu"))
     start = time.perf_counter()
-    compiled_fused_sample(*first)
+    compiled_fused_sample(first)
     first_call = time.perf_counter() - start
     other = sampling_inputs(13, vocab + 1000, torch.float32, torch.device("cpu"), seed=1)
     start = time.perf_counter()
-    compiled_fused_sample(*other)
+    compiled_fused_sample(other)
     return {"first_call_s": first_call, "new_shape_call_s": time.perf_counter() - start}
 
 
@@ -165,7 +165,7 @@ def varying_batch(vocab: int, batches) -> tuple[list[Row], dict]:
         inputs = sampling_inputs(batch, vocab, torch.float32, torch.device("cpu"), seed=step)
         for name, method in (("eager", reference_fused_sample), ("compiled", compiled_fused_sample)):
             start = time.perf_counter()
-            method(*inputs)
+            method(inputs)
             elapsed = time.perf_counter() - start
             totals[name] += elapsed
             rows.append(Row("cpu_varying_batch", "cpu", "fp32", batch, vocab, name, 1e3 * elapsed, note=f"step {step}"))
@@ -244,19 +244,19 @@ def gpu_section(batches, vocabs, dtypes, sweep: bool) -> tuple[list[Row], dict]:
         for vocab in vocabs:
             for batch in batches:
                 inputs = sampling_inputs(batch, vocab, dtype, device)
-                bytes_read = 2 * batch * vocab * inputs[0].element_size()
-                eager = reference_fused_sample(*inputs)
+                bytes_read = 2 * batch * vocab * inputs.plain_logits.element_size()
+                eager = reference_fused_sample(inputs)
                 methods = {
-                    "eager": (bench, lambda: reference_fused_sample(*inputs)),
-                    "compiled": (bench, lambda: compiled_fused_sample(*inputs)),
-                    "triton": (bench, lambda: triton_fused_sample(*inputs)),
-                    "triton_cudagraph": (bench_graph, lambda: triton_fused_sample(*inputs)),
+                    "eager": (bench, lambda: reference_fused_sample(inputs)),
+                    "compiled": (bench, lambda: compiled_fused_sample(inputs)),
+                    "triton": (bench, lambda: triton_fused_sample(inputs)),
+                    "triton_cudagraph": (bench_graph, lambda: triton_fused_sample(inputs)),
                 }
                 if (batch, vocab) == HEADLINE:  # per-shape compile: fair to torch.compile, too slow for every size
                     static = torch.compile(reference_fused_sample, dynamic=False)
-                    methods["compiled_static"] = (bench, lambda: static(*inputs))
+                    methods["compiled_static"] = (bench, lambda: static(inputs))
                 if flashinfer is not None:
-                    methods["flashinfer_plain_only"] = (bench, lambda: flashinfer(inputs[0]))
+                    methods["flashinfer_plain_only"] = (bench, lambda: flashinfer(inputs.plain_logits))
                 times, failures = {}, {}
                 for name, (timer, fn) in methods.items():
                     try:
@@ -324,10 +324,10 @@ def kernel_sweep(device, peak, bench) -> list[Row]:
     for dtype in (torch.float32, torch.bfloat16):
         for batch in (64, 256):
             inputs = sampling_inputs(batch, 151936, dtype, device)
-            bytes_read = 2 * batch * 151936 * inputs[0].element_size()
+            bytes_read = 2 * batch * 151936 * inputs.plain_logits.element_size()
             for block in (1024, 2048, 4096, 8192):
                 for warps in (4, 8, 16):
-                    milliseconds = bench(lambda: triton_fused_sample(*inputs, block_size=block, num_warps=warps))
+                    milliseconds = bench(lambda: triton_fused_sample(inputs, block_size=block, num_warps=warps))
                     gbps = bytes_read / (milliseconds * 1e-3) / 1e9
                     rows.append(Row("gpu_sweep", torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."), batch,
                                     151936, "triton", milliseconds, gbps=gbps, peak_fraction=gbps * 1e9 / peak if peak else None,

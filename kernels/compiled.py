@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from prodsample.sampling import ProductSample, reference_fused_sample
+from prodsample.fused import FusedInputs, ProductSample, reference_fused_sample
 
 __all__ = ["compiled_fused_sample"]
 
@@ -34,27 +34,22 @@ def _compiled_reference():
     return torch.compile(reference_fused_sample, dynamic=True)
 
 
-def compiled_fused_sample(
-    plain_logits: torch.Tensor,
-    guide_logits: torch.Tensor,
-    lam: torch.Tensor,
-    temperature: torch.Tensor,
-    threshold: torch.Tensor | None,
-    keys: torch.Tensor,
-) -> ProductSample:
-    """`reference_fused_sample` compiled once for all shapes; same arguments and `[B]` outputs (no autograd)."""
-    rows, vocab = plain_logits.shape
+def compiled_fused_sample(inputs: FusedInputs) -> ProductSample:
+    """`reference_fused_sample` compiled once for all shapes; same inputs and `[B]` outputs (no autograd)."""
+    rows, vocab = inputs.plain_logits.shape
     if rows == 0:  # an empty batch would need a graph of its own; eager answers it at once
-        return reference_fused_sample(plain_logits, guide_logits, lam, temperature, threshold, keys)
+        return reference_fused_sample(inputs)
+    threshold = inputs.threshold
     if threshold is None:
-        threshold = torch.full((rows,), -math.inf, device=plain_logits.device)
-    row_settings = [x.float().contiguous() for x in (lam, temperature, threshold)] + [keys.contiguous()]
-    logits = [plain_logits.float(), guide_logits.float()]
+        threshold = torch.full((rows,), -math.inf, device=inputs.plain_logits.device)
+    row_settings = [x.float().contiguous() for x in (inputs.lam, inputs.temperature, threshold)]
+    row_settings.append(inputs.keys.contiguous())
+    logits = [inputs.plain_logits.float(), inputs.guide_logits.float()]
     if vocab < MIN_COMPILED_VOCAB:
         logits = [torch.nn.functional.pad(x, (0, MIN_COMPILED_VOCAB - vocab), value=-math.inf) for x in logits]
     if rows == 1:
         logits = [x.expand(2, -1).contiguous() for x in logits]
         row_settings = [x.expand(2).contiguous() for x in row_settings]
     with torch.no_grad():
-        result = _compiled_reference()(*logits, *row_settings)
+        result = _compiled_reference()(FusedInputs(*logits, *row_settings))
     return ProductSample(*(x[:rows] for x in result))

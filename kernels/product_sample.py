@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from prodsample import noise
-from prodsample.sampling import ProductSample
+from prodsample.fused import FusedInputs, ProductSample
 
 __all__ = ["triton_fused_sample", "launch_config", "default_num_splits", "DEFAULT_BLOCK_SIZE"]
 
@@ -281,24 +281,15 @@ def _launchable(device: torch.device) -> bool:
 
 
 def triton_fused_sample(
-    plain_logits: torch.Tensor,
-    guide_logits: torch.Tensor,
-    lam: torch.Tensor,
-    temperature: torch.Tensor,
-    threshold: torch.Tensor | None,
-    keys: torch.Tensor,
-    *,
-    block_size: int | None = None,
-    num_splits: int | None = None,
-    num_warps: int = 8,
+    inputs: FusedInputs, *, block_size: int | None = None, num_splits: int | None = None, num_warps: int = 8
 ) -> ProductSample:
-    """The fused pass of `prodsample.sampling.reference_fused_sample`, as two Triton launches.
+    """The fused pass of `prodsample.fused.reference_fused_sample`, as two Triton launches.
 
-    Shapes: logits `[B, V]` (fp32, fp16 or bf16, any row stride), `lam`, `temperature`, `threshold` (z units,
-    None = no filter) float32 `[B]`, `keys` int64 `[B]`. `block_size` (a power of two) and `num_splits`
+    `inputs` as `FusedInputs` says (logits of any row stride). `block_size` (a power of two) and `num_splits`
     default to DEFAULT_BLOCK_SIZE (capped at V's next power of two) and `default_num_splits` (`launch_config`).
     Returns a ProductSample of `[B]` tensors.
     """
+    plain_logits, guide_logits, lam, temperature, threshold, keys = inputs
     device = plain_logits.device
     if not _launchable(device):
         raise ValueError(f"the Triton kernel needs a CUDA device or TRITON_INTERPRET=1; the logits are on {device}")

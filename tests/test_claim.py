@@ -12,15 +12,13 @@ from prodsample.benchmarks.claim.task import (
     HINT_TEMPLATE,
     build_tokenizer,
     make_problems,
-    policy_config,
     reward,
     rl_and_held_out,
 )
 from prodsample.benchmarks.claim import train
 from prodsample.benchmarks.claim.task import MAX_NEW_TOKENS
-from prodsample.benchmarks.claim.train import ARMS, StepStats, concat_rollouts
+from prodsample.benchmarks.claim.train import ARMS, StepStats
 from prodsample.grpo import baseline_keeping_advantages, self_distill_kl_loss
-from prodsample.hf import guided_generate
 from prodsample.rollout import GuidedRollout
 
 
@@ -48,24 +46,6 @@ def test_tokenizer_round_trips_prompts_and_hints():
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-
-
-@pytest.fixture(scope="module")
-def tiny_policy():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    return LlamaForCausalLM(policy_config(tokenizer, hidden_size=16, layers=1, heads=2)).eval(), tokenizer
-
-
-def test_concat_rollouts_pads_and_keeps_groups_apart(tiny_policy):
-    model, tokenizer = tiny_policy
-    first = guided_generate(model, tokenizer, ["1 + 2="], ["3"], lam=0.5, num_generations=2, max_new_tokens=2, seed=1)
-    second = guided_generate(model, tokenizer, ["5 - 9="], ["-4"], lam=1.0, num_generations=2, max_new_tokens=4, seed=2)
-    joined = concat_rollouts(first, second)
-    assert joined.completion_ids.shape == (4, second.completion_ids.shape[1])
-    assert joined.group_ids.tolist() == [0, 0, 1, 1]
-    assert joined.guided.tolist() == [True, True, False, False]
-    assert joined.completion_lists()[:2] == first.completion_lists()
 
 
 @pytest.mark.slow

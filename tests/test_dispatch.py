@@ -7,7 +7,7 @@ import torch
 
 from prodsample import dispatch, product_sample
 from prodsample.kernels.compiled import compiled_fused_sample
-from prodsample.sampling import ProductSample, reference_fused_sample
+from prodsample.fused import FusedInputs, ProductSample, reference_fused_sample
 
 # Inductor's first compile in a process calls the deprecated torch.jit.script_method: torch's noise, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -54,18 +54,18 @@ def test_cpu_auto_keeps_small_problems_on_the_reference(fresh_checks, monkeypatc
 def test_cpu_auto_uses_the_checked_compiled_path_for_large_batches(fresh_checks):
     plain, guide = large_batch()
     fused = dispatch.fused_sampler("cpu")
-    settings = (torch.full((2,), 0.5), torch.ones(2), None, torch.tensor([3, 4]))
-    assert torch.equal(fused(plain, guide, *settings).token_ids, reference_fused_sample(plain, guide, *settings).token_ids)
+    inputs = FusedInputs(plain, guide, torch.full((2,), 0.5), torch.ones(2), None, torch.tensor([3, 4]))
+    assert torch.equal(fused(inputs).token_ids, reference_fused_sample(inputs).token_ids)
     assert dispatch._verified[("cpu", "compiled")] is compiled_fused_sample
 
 
-def shifted_tokens(plain, guide, lam, temperature, threshold, keys) -> ProductSample:
+def shifted_tokens(inputs: FusedInputs) -> ProductSample:
     """A plausible bug: right values, token off by one."""
-    out = reference_fused_sample(plain, guide, lam, temperature, threshold, keys)
-    return out._replace(token_ids=(out.token_ids + 1) % plain.shape[1])
+    out = reference_fused_sample(inputs)
+    return out._replace(token_ids=(out.token_ids + 1) % inputs.plain_logits.shape[1])
 
 
-def crashing(*args) -> ProductSample:
+def crashing(inputs: FusedInputs) -> ProductSample:
     raise RuntimeError("no C++ compiler")
 
 
@@ -100,7 +100,7 @@ def test_the_triton_kernel_passes_the_first_use_check():
 
     device = torch.device("cpu" if interpreted else "cuda")
     for splits in (1, 2):
-        sampler = lambda *args, splits=splits: triton_fused_sample(*args, num_splits=splits)  # noqa: E731
+        sampler = lambda inputs, splits=splits: triton_fused_sample(inputs, num_splits=splits)  # noqa: E731
         assert dispatch._disagreement_with_reference(sampler, device) is None
 
 

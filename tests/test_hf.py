@@ -229,6 +229,55 @@ def test_processor_refuses_a_temperature_it_was_not_told(llama, tokenizer):
         processor.rollout(out)
 
 
+def greedy_generate_with(model, input_ids, processor, max_new_tokens=4):
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), logits_processor=[processor],
+                          do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+def test_a_processor_reused_for_another_generate_call_is_refused(llama, tokenizer):
+    """Issue 13's reuse bug: a second generate call whose prompts are as wide as the first call's output
+    continued the first call's guide cache silently (at λ = 0, greedy, other tokens than a fresh processor)."""
+    plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS[:1], ANSWERS[:1])
+    first, guide = torch.tensor(plain_contexts), torch.tensor(guide_contexts)
+    processor = ProductLogitsProcessor(llama, guide, lam=0.0, temperature=0)
+    out = greedy_generate_with(llama, first, processor)
+    second = torch.cat([first, first[:, :4]], dim=1)  # as wide as the first call's output, other tokens
+    assert second.shape == out.sequences.shape and not torch.equal(second, out.sequences)
+    with pytest.raises(RuntimeError, match="serves one generate call"):
+        greedy_generate_with(llama, second, processor)
+
+
+def test_reset_readies_a_processor_for_its_next_generate_call(llama, tokenizer):
+    plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS[:1], ANSWERS[:1])
+    first, guide = torch.tensor(plain_contexts), torch.tensor(guide_contexts)
+    reused = ProductLogitsProcessor(llama, guide, lam=0.0, temperature=0)
+    reused.rollout(greedy_generate_with(llama, first, reused))
+    second = torch.cat([first, first[:, :4]], dim=1)
+    with pytest.raises(RuntimeError, match="reset"):  # a processor whose records were read out is finished
+        greedy_generate_with(llama, second, reused)
+    reused.reset()
+    again = greedy_generate_with(llama, second, reused)
+    fresh = ProductLogitsProcessor(llama, guide, lam=0.0, temperature=0)
+    expected = greedy_generate_with(llama, second, fresh)
+    assert torch.equal(again.sequences, expected.sequences)
+    # λ = 0, greedy: whatever the plain prompt, the completion is greedy decoding of the hinted prompt.
+    on_guide = llama.generate(guide, attention_mask=torch.ones_like(guide), do_sample=False, max_new_tokens=4)
+    assert again.sequences[:, second.shape[1] :].tolist() == on_guide[:, guide.shape[1] :].tolist()
+    assert reused.rollout(again).completion_ids.tolist() == fresh.rollout(expected).completion_ids.tolist()
+
+
+def test_rollout_refuses_the_outputs_of_a_call_the_processor_did_not_follow(llama, tokenizer):
+    """Generating again on the first call's output, without a reset, continues the first call (the inputs are
+    those of its next step); that call's outputs hold only its own steps, which rollout refuses to mix up."""
+    plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS[:1], ANSWERS[:1])
+    processor = ProductLogitsProcessor(llama, torch.tensor(guide_contexts), lam=0.5, temperature=0)
+    out = greedy_generate_with(llama, torch.tensor(plain_contexts), processor)
+    continued = greedy_generate_with(llama, out.sequences, processor)
+    with pytest.raises(ValueError, match="not the outputs of the generate call"):
+        processor.rollout(continued)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

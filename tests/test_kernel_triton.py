@@ -22,7 +22,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 from prodsample import noise, product_sample  # noqa: E402
 from prodsample.kernels import product_sample as kernel  # noqa: E402
-from prodsample.sampling import ProductSample, mixed_logits, reference_fused_sample  # noqa: E402
+from prodsample.fused import FusedInputs, ProductSample, mixed_logits, reference_fused_sample  # noqa: E402
 
 from .helpers.kernel_inputs import CHI_SQUARE_FILTERS, chi_square_logits, fused_inputs, noise_keys  # noqa: E402
 from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
@@ -43,9 +43,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_kernel(plain, guide, *settings, **launch) -> ProductSample:
-    """The kernel on logits moved to DEVICE (it moves the per-row settings itself); outputs back on the CPU."""
-    out = kernel.triton_fused_sample(plain.to(DEVICE), guide.to(DEVICE), *settings, **launch)
+def run_kernel(plain, guide, *settings, block_size=None, num_splits=None, **named_settings) -> ProductSample:
+    """The kernel on logits moved to DEVICE (it moves the per-row settings itself); outputs back on the CPU.
+    `settings` and `named_settings` are the rest of `FusedInputs` (λ, temperature, threshold, keys)."""
+    inputs = FusedInputs(plain.to(DEVICE), guide.to(DEVICE), *settings, **named_settings)
+    out = kernel.triton_fused_sample(inputs, block_size=block_size, num_splits=num_splits)
     return ProductSample(*(x.cpu() for x in out))
 
 
@@ -116,7 +118,7 @@ def assert_matches_float64(out, plain, guide, lam, temperature, threshold, keys)
     kept = mixed_logits(plain, guide, lam, temperature) >= (
         threshold.unsqueeze(1) if threshold is not None else -math.inf
     )
-    expected = reference_fused_sample(plain, guide, lam, temperature, threshold, keys)
+    expected = reference_fused_sample(FusedInputs(plain, guide, lam, temperature, threshold, keys))
     definitions = float64_outputs(plain, guide, lam, temperature, kept, keys, out.token_ids)
     for row, exact in enumerate(definitions):
         tol = VALUE_RTOL * (1 + exact["scale"])
@@ -240,8 +242,8 @@ def test_strided_rows_read_like_contiguous_ones():
     hidden = torch.randn(3, 4, 500, generator=generator).to(DEVICE)  # [B, sequence, V]: the last position's logits
     plain, guide = hidden[:, -1, :], hidden[:, -2, :]
     rows = dict(lam=torch.full((3,), 0.5), temperature=torch.ones(3), threshold=None, keys=noise_keys(3))
-    strided = kernel.triton_fused_sample(plain, guide, block_size=128, **rows)
-    contiguous = kernel.triton_fused_sample(plain.contiguous(), guide.contiguous(), block_size=128, **rows)
+    strided = kernel.triton_fused_sample(FusedInputs(plain, guide, **rows), block_size=128)
+    contiguous = kernel.triton_fused_sample(FusedInputs(plain.contiguous(), guide.contiguous(), **rows), block_size=128)
     assert plain.stride(0) != plain.shape[1], "the rows must be strided"
     for got, want in zip(strided, contiguous):
         assert torch.equal(got, want)

@@ -18,6 +18,7 @@ from prodsample.pacing import (
     settle,
 )
 from prodsample.pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
+from prodsample.settings import SamplingSettings
 
 EOS = 2
 ROOMY = dict(max_num_seqs=64, max_num_batched_tokens=4096, kv_blocks=4096, block_size=16)
@@ -30,8 +31,8 @@ def rollout(index: int, *, lam=0.5, prompt_len=4, max_new_tokens=3, hint_len=2) 
         EngineRequest(
             [7] * (prompt_len + (hint_len if role is Role.GUIDE else 0)),
             max_new_tokens,
-            GuidanceTag.checked(rollout=f"call-{index}", role=role, rollout_index=index, seed=0, lam=lam,
-                                temperature=1.0, release_token=EOS),
+            GuidanceTag(rollout=f"call-{index}", role=role, rollout_index=index, seed=0, release_token=EOS,
+                        settings=SamplingSettings(lam=lam)),
         )
         for role in roles
     ))

@@ -21,6 +21,7 @@ from prodsample.pairing import (
     RowView,
 )
 from prodsample.sampling import product_sample
+from prodsample.settings import SamplingSettings
 
 VOCAB = 11
 SEED = 1234
@@ -28,7 +29,7 @@ RELEASE = 0
 
 
 def tag(rollout: str, role: Role, *, index: int = 0, lam: float = 0.5, temperature: float = 1.0, **filters):
-    return GuidanceTag(rollout, role, index, SEED, lam, temperature, RELEASE, **filters)
+    return GuidanceTag(rollout, role, index, SEED, RELEASE, SamplingSettings(lam, temperature, **filters))
 
 
 class FakeRunner:
@@ -286,11 +287,16 @@ def test_rollouts_no_step_has_seen_for_the_ttl_are_forgotten():
     assert set(runner.sampler.take(["old", "new"])) == {"new"}
 
 
-def test_tag_round_trips_through_extra_args():
+def test_tag_round_trips_through_flat_extra_args():
     t = tag("r-7", Role.GUIDE, index=7, lam=0.25, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)
     extra = t.to_extra_args()
-    assert extra[EXTRA_ARGS_KEY]["role"] == "guide"
+    assert extra == {
+        "prodsample.rollout": "r-7", "prodsample.role": "guide", "prodsample.rollout_index": 7,
+        "prodsample.seed": SEED, "prodsample.release_token": RELEASE, "prodsample.lam": 0.25,
+        "prodsample.temperature": 0.7, "prodsample.top_k": 5, "prodsample.top_p": 0.9, "prodsample.min_p": 0.05,
+    }
     assert GuidanceTag.from_extra_args(extra) == t
+    assert GuidanceTag.from_extra_args(extra | {"other": 1}) == t  # other extensions' keys are left alone
     assert GuidanceTag.from_extra_args(None) is None
     assert GuidanceTag.from_extra_args({"other": 1}) is None
 
@@ -299,21 +305,31 @@ def test_tag_round_trips_through_extra_args():
     ("change", "message"),
     [
         ({"lam": 1.5}, "lam must lie in"),
+        ({"lam": [0.5, 0.5]}, "the λ of one rollout"),
         ({"temperature": -1.0}, "temperature must lie in"),
+        ({"temperature": "hot"}, "temperature must be a number"),
         ({"top_p": 0.0}, "top_p must lie in"),
-        ({"top_k": -2}, "top_k must be an integer in"),
+        ({"top_k": -2}, "top_k must be an integer >= 0"),
+        ({"top_k": 2.5}, "top_k must be an integer"),
         ({"rollout_index": 1.5}, "rollout_index must be an integer in"),
         ({"role": "critic"}, "role must be 'plain' or 'guide'"),
         ({"lam": 1.0}, "a guide request needs lam < 1"),
-        ({"colour": "red"}, "unknown fields"),
+        ({"lam_per_position": [0.5]}, "lam_per_position is not supported yet"),
+        ({"colour": "red"}, r"unknown fields \['prodsample.colour'\]"),
     ],
 )
 def test_malformed_tags_raise_naming_the_field(change, message):
-    raw = tag("r", Role.GUIDE).to_extra_args()[EXTRA_ARGS_KEY] | change
+    extra = tag("r", Role.GUIDE).to_extra_args() | {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in change.items()}
     with pytest.raises(ValueError, match=message):
-        GuidanceTag.from_extra_args({EXTRA_ARGS_KEY: raw})
+        GuidanceTag.from_extra_args(extra)
 
 
 def test_a_tag_missing_fields_raises():
-    with pytest.raises(ValueError, match="lacks"):
-        GuidanceTag.from_extra_args({EXTRA_ARGS_KEY: {"rollout": "r", "role": "plain"}})
+    with pytest.raises(ValueError, match=r"lacks \['prodsample.lam', 'prodsample.release_token'"):
+        GuidanceTag.from_extra_args({"prodsample.rollout": "r", "prodsample.role": "plain"})
+
+
+def test_a_nested_tag_is_refused_not_ignored():
+    nested = {EXTRA_ARGS_KEY: {"rollout": "r", "role": "plain"}}
+    with pytest.raises(ValueError, match="a prodsample tag is flat"):
+        GuidanceTag.from_extra_args(nested)

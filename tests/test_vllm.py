@@ -23,6 +23,7 @@ from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
 from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
 from .helpers import vllm_observer  # noqa: E402
@@ -186,10 +187,10 @@ def test_wrapping_an_existing_engine_gives_the_same_rollouts(guided):
     ("kwargs", "message"),
     [
         (dict(lam=1.5), "lam must lie in"),
-        (dict(lam=[0.5, 0.5]), "lam must be a float, one per prompt"),
+        (dict(lam=[0.5, 0.5]), "lam must be a float, one value per prompt"),
         (dict(top_p=0.0), "top_p must lie in"),
         (dict(temperature=-1.0), "temperature must lie in"),
-        (dict(top_k=-3), "top_k must be an integer"),
+        (dict(top_k=-3), "top_k must be an integer >= 0"),
         (dict(num_generations=0), "num_generations must be a positive integer"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (dict(seed=1.5), "seed must be an integer"),
@@ -209,8 +210,8 @@ def test_bad_prompts_and_answers(guided):
 
 
 def test_the_engine_rejects_tagged_requests_with_interfering_settings(guided):
-    tag = GuidanceTag.checked(rollout="x", role=Role.PLAIN, rollout_index=0, seed=0, lam=0.5, temperature=1.0,
-                              release_token=2)
+    tag = GuidanceTag(rollout="x", role=Role.PLAIN, rollout_index=0, seed=0, release_token=2,
+                      settings=SamplingSettings(lam=0.5))
     with pytest.raises(VLLMValidationError, match="presence_penalty"):
         guided.llm.generate([{"prompt_token_ids": [1, 5, 6]}],
                             SamplingParams(presence_penalty=0.5, extra_args=tag.to_extra_args()), use_tqdm=False)

@@ -4,6 +4,7 @@ The V1 adapter also runs on the real CPU engine (test_vllm.py); Model Runner V2 
 fabricated inputs are all the V2 adapter is tested with here.
 """
 
+import json
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -25,8 +26,9 @@ from vllm.v1.worker.gpu.sample.logits_processor import (  # noqa: E402
 )
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor  # noqa: E402
 
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.pairing import EXTRA_ARGS_KEY, GuidanceTag, Role  # noqa: E402
 from prodsample.sampling import product_sample  # noqa: E402
+from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import (  # noqa: E402
     ProductLogitsProcessor,
     ProductLogitsProcessorV1,
@@ -41,8 +43,8 @@ ENTRY_POINT = "prodsample.vllm:ProductLogitsProcessor"
 
 
 def params(role: Role, *, rollout="r0", index=0, lam=0.5, **overrides) -> SamplingParams:
-    tag = GuidanceTag.checked(rollout=rollout, role=role, rollout_index=index, seed=SEED, lam=lam,
-                              temperature=1.0, release_token=EOS)
+    tag = GuidanceTag(rollout=rollout, role=role, rollout_index=index, seed=SEED, release_token=EOS,
+                      settings=SamplingSettings(lam=lam))
     return SamplingParams(temperature=0.0, max_tokens=8, extra_args=tag.to_extra_args(), **overrides)
 
 
@@ -83,8 +85,22 @@ def test_both_runners_reject_tagged_requests_with_interfering_settings(validator
         validator(params(Role.GUIDE, logit_bias={3: 1.0}))
     with pytest.raises(VLLMValidationError, match="lam must lie in"):
         bad = params(Role.PLAIN)
-        bad.extra_args["prodsample"]["lam"] = 2.0
+        bad.extra_args[f"{EXTRA_ARGS_KEY}.lam"] = 2.0
         validator(bad)
+
+
+def test_a_tag_crosses_the_http_server_as_vllm_xargs():
+    """vLLM's OpenAI server validates `vllm_xargs` (str / int / float / list values) and hands them on as
+    `SamplingParams.extra_args`: the flat tag passes and arrives whole; a nested mapping would be refused."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    tag = GuidanceTag(rollout="r0", role=Role.GUIDE, rollout_index=3, seed=SEED, release_token=EOS,
+                      settings=SamplingSettings(lam=0.25, temperature=0.7, top_k=5, top_p=0.9))
+    request = CompletionRequest.model_validate_json(json.dumps({"prompt": "x", "vllm_xargs": tag.to_extra_args()}))
+    assert GuidanceTag.from_extra_args(request.to_sampling_params(max_tokens=4).extra_args) == tag
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"prompt": "x", "vllm_xargs": {EXTRA_ARGS_KEY: {"rollout": "r0"}}})
 
 
 # -- V1 -----------------------------------------------------------------------------------------------

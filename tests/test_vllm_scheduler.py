@@ -22,6 +22,7 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm_scheduler import PairedAsyncScheduler, PairedScheduler  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -56,8 +57,8 @@ def build(base_config, cls=PairedScheduler, *, blocks=64, tokens=64, seqs=16, ti
 
 
 def tagged(rollout: str, role: Role, prompt_len: int, *, lam=0.5, max_tokens=8, request_id=None) -> Request:
-    tag = GuidanceTag.checked(rollout=rollout, role=role, rollout_index=0, seed=0, lam=lam, temperature=1.0,
-                              release_token=2)
+    tag = GuidanceTag(rollout=rollout, role=role, rollout_index=0, seed=0, release_token=2,
+                      settings=SamplingSettings(lam=lam))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=tag.to_extra_args())
     return Request(request_id or f"{rollout}-{role.value}", [7] * prompt_len, params, None)
 

@@ -124,24 +124,6 @@ def make_schedule(arm: Arm, config: RunConfig) -> Schedule:
     }[arm.guidance]()
 
 
-def concat_rollouts(first: GuidedRollout, second: GuidedRollout) -> GuidedRollout:
-    """One batch of both (per-token fields right-padded to the longer), group ids kept distinct."""
-    width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
-
-    def join(name):
-        a, b = getattr(first, name), getattr(second, name)
-        if a.dim() == 2:
-            a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b))
-        return torch.cat([a, b])
-
-    fields = ("completion_ids", "completion_mask", "logprobs", "plain_logprobs", "guide_logprobs", "lam", "guided", "desynced")
-    return GuidedRollout(
-        prompt_ids=first.prompt_ids + second.prompt_ids,
-        group_ids=torch.cat([first.group_ids, second.group_ids + int(first.group_ids.max()) + 1]),
-        **{name: join(name) for name in fields},
-    )
-
-
 def vocabulary_logprobs(
     model, contexts: list[list[int]], rollout: GuidedRollout, pad_id: int, temperature: float
 ) -> torch.Tensor:
@@ -268,8 +250,8 @@ class GRPORun:
                 extra, extra_rewards = self.generate([problems[i] for i in needy], guided_lams, step, salt=1)
                 self.controller.record(step, [keys[i] for i in needy], guided_lams,
                                        extra_rewards.view(-1, self.group_size).tolist())
-                return Batch(concat_rollouts(rollout, extra), torch.cat([rewards, extra_rewards]),
-                             problems + [problems[i] for i in needy])
+                joined = GuidedRollout.concat([rollout, extra], pad_token_id=self.tokenizer.pad_token_id)
+                return Batch(joined, torch.cat([rewards, extra_rewards]), problems + [problems[i] for i in needy])
         self.controller.record(step, keys, lams, group_rewards)
         return Batch(rollout, rewards, problems)
 

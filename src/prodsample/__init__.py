@@ -2,13 +2,15 @@
 
 Each token is drawn from q_t(v) ∝ π(v | prompt, o<t)^λ · π(v | prompt ⊕ hint, o<t)^(1−λ), and every
 rollout carries the exact per-token log q and log π(o | prompt) a trainer needs for off-policy correction.
-The core (`mixing`, `sampling`, `noise`, `importance`, `schedules`) imports neither transformers nor vllm;
-`prodsample.hf`, `prodsample.vllm` and `prodsample.trl` adapt it to one framework each.
+The core (`mixing`, `fused`, `sampling`, `settings`, `noise`, `importance`, `schedules`) imports neither
+transformers nor vllm; `prodsample.hf`, `prodsample.vllm` and `prodsample.trl` adapt it to one framework each.
 """
 
+from .fused import ProductSample
 from .mixing import mix_logprobs
 from .rollout import GuidedRollout
-from .sampling import ProductSample, product_logprobs, product_sample
+from .sampling import product_logprobs, product_sample
+from .settings import SamplingSettings
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "product_sample",
     "product_logprobs",
     "ProductSample",
+    "SamplingSettings",
     "GuidedRollout",
     "__version__",
 ]

@@ -1,6 +1,6 @@
 """Which implementation of the fused sampling pass runs on a device.
 
-Every backend implements `prodsample.sampling.reference_fused_sample`'s contract and draws the same token
+Every backend implements the contract of `prodsample.fused` (`FusedSampler`, defined by `reference_fused_sample`) and draws the same token
 under the same keyed noise:
 
 - "reference": the eager PyTorch reference.
@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .sampling import FusedSampler, ProductSample, reference_fused_sample
+from .fused import FusedInputs, FusedSampler, ProductSample, reference_fused_sample
 
 __all__ = ["fused_sampler", "BACKENDS", "AUTO_COMPILE_MIN_VOCAB", "AUTO_COMPILE_MIN_LOGITS"]
 
@@ -72,21 +72,14 @@ def _explicit(device: torch.device, backend: str) -> FusedSampler:
     return triton_fused_sample
 
 
-def _cpu_auto(
-    plain_logits: torch.Tensor,
-    guide_logits: torch.Tensor,
-    lam: torch.Tensor,
-    temperature: torch.Tensor,
-    threshold: torch.Tensor | None,
-    keys: torch.Tensor,
-) -> ProductSample:
+def _cpu_auto(inputs: FusedInputs) -> ProductSample:
     """CPU "auto": the checked compiled path for large batches, the eager reference for small ones."""
-    rows, vocab = plain_logits.shape
+    rows, vocab = inputs.plain_logits.shape
     if vocab >= AUTO_COMPILE_MIN_VOCAB and rows * vocab >= AUTO_COMPILE_MIN_LOGITS:
-        fused = _verified_backend(plain_logits.device, "compiled")
+        fused = _verified_backend(inputs.plain_logits.device, "compiled")
     else:
         fused = reference_fused_sample
-    return fused(plain_logits, guide_logits, lam, temperature, threshold, keys)
+    return fused(inputs)
 
 
 def _verified_backend(device: torch.device, backend: str) -> FusedSampler:
@@ -110,8 +103,8 @@ def _verified_backend(device: torch.device, backend: str) -> FusedSampler:
     return _verified[key]
 
 
-def _check_batch(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A fixed small batch: (plain, guide, lam, temperature, threshold, keys) on `device`."""
+def _check_batch(device: torch.device) -> FusedInputs:
+    """A fixed small batch on `device`, with a per-row filter threshold."""
     generator = torch.Generator().manual_seed(20240601)
     plain = 3.0 * torch.randn(CHECK_ROWS, CHECK_VOCAB, generator=generator)
     guide = 3.0 * torch.randn(CHECK_ROWS, CHECK_VOCAB, generator=generator)
@@ -122,15 +115,15 @@ def _check_batch(device: torch.device) -> tuple[torch.Tensor, ...]:
     temperature = torch.tensor([1.0, 0.7, 0.0, 1.3])
     threshold = torch.tensor([-math.inf, 1.0, 0.5, 0.0])
     keys = torch.randint(-(2**62), 2**62, (CHECK_ROWS,), generator=generator)
-    return tuple(x.to(device) for x in (plain, guide, lam, temperature, threshold, keys))
+    return FusedInputs(*(x.to(device) for x in (plain, guide, lam, temperature, threshold, keys)))
 
 
 def _disagreement_with_reference(candidate: FusedSampler, device: torch.device) -> str | None:
     """None if `candidate` reproduces the reference on the check batch (with and without a filter), else why not."""
-    plain, guide, lam, temperature, threshold, keys = _check_batch(device)
-    for row_threshold in (None, threshold):
-        expected = reference_fused_sample(plain, guide, lam, temperature, row_threshold, keys)
-        got = candidate(plain, guide, lam, temperature, row_threshold, keys)
+    filtered = _check_batch(device)
+    for inputs in (filtered._replace(threshold=None), filtered):
+        expected = reference_fused_sample(inputs)
+        got = candidate(inputs)
         if not torch.equal(got.token_ids.cpu(), expected.token_ids.cpu()):
             return f"it drew tokens {got.token_ids.tolist()} where the reference drew {expected.token_ids.tolist()}"
         for name, value, reference in zip(ProductSample._fields[1:], got[1:], expected[1:]):

@@ -16,18 +16,18 @@ Example (the test tokenizer needs the `hf` extra):
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .pacing import EngineRequest, RolloutOutcome, RolloutRequests
 from .pairing import GuidanceTag, Role
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import GuidedRollout
+from .rollout import PER_TOKEN_RECORDS, GuidedRollout
+from .settings import SamplingSettings
 
 __all__ = ["GuidedCall", "pad_token_id"]
 
@@ -64,8 +64,8 @@ class GuidedCall:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
         rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        lams = _lam_per_rollout(lam, len(prompts), num_generations)
-        settings = _sampling_settings(temperature, top_k, top_p, min_p)
+        settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+        lams = settings.lam_per_rollout(len(prompts), num_generations).tolist()
         _positive_int(max_new_tokens, "max_new_tokens")
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
 
@@ -88,31 +88,19 @@ class GuidedCall:
 
     def rollout(self, outcomes: Sequence[RolloutOutcome], pad_token_id: int) -> GuidedRollout:
         """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order."""
-        count = len(outcomes)
-        width = max((len(outcome.completion) for outcome in outcomes), default=0)
-        completion_ids = torch.full((count, width), pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((count, width), dtype=torch.bool)
-        logprobs, plain_logprobs, guide_logprobs = (torch.zeros((count, width)) for _ in range(3))
-        for r, outcome in enumerate(outcomes):
-            length, record = len(outcome.completion), outcome.record
-            completion_ids[r, :length] = torch.tensor(outcome.completion, dtype=torch.int64)
-            mask[r, :length] = True
-            logprobs[r, :length] = torch.tensor(record.logprobs[:length])
-            plain_logprobs[r, :length] = torch.tensor(record.plain_logprobs[:length])
-            guide_logprobs[r, :length] = torch.tensor(record.guide_logprobs[:length])
-        paired = torch.tensor([outcome.paired for outcome in outcomes], dtype=torch.bool)
-        desynced = torch.tensor([outcome.desynced for outcome in outcomes], dtype=torch.bool)
-        return GuidedRollout(
-            prompt_ids=[list(self.plain_ids[r // self.num_generations]) for r in range(count)],
-            completion_ids=completion_ids,
-            completion_mask=mask,
-            logprobs=logprobs,
-            plain_logprobs=plain_logprobs,
-            guide_logprobs=guide_logprobs,
-            lam=torch.tensor(self.lams, dtype=torch.float32),
-            guided=paired & ~desynced,
-            desynced=desynced,
-            group_ids=torch.arange(count) // self.num_generations,
+        completions = [outcome.completion for outcome in outcomes]
+
+        def per_token(name: str) -> list[list[float]]:
+            return [getattr(o.record, name)[: len(o.completion)] for o in outcomes]
+
+        return GuidedRollout.from_lists(
+            prompt_ids=[self.plain_ids[r // self.num_generations] for r in range(len(outcomes))],
+            completions=completions,
+            **{name: per_token(name) for name in PER_TOKEN_RECORDS},
+            lam=self.lams,
+            group_ids=torch.arange(len(outcomes)) // self.num_generations,
+            pad_token_id=pad_token_id,
+            desynced=[outcome.desynced for outcome in outcomes],
         )
 
 
@@ -126,8 +114,9 @@ def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_ne
     contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
     requests = []
     for role, ids in contexts:
-        tag = GuidanceTag.checked(
-            rollout=name, role=role, rollout_index=r, seed=seed, lam=lam, release_token=eos, **settings,
+        tag = GuidanceTag(
+            rollout=name, role=role, rollout_index=r, seed=seed, release_token=eos,
+            settings=dataclasses.replace(settings, lam=lam),
         )
         requests.append(EngineRequest(ids, max_new_tokens, tag))
     return RolloutRequests(tuple(requests))
@@ -137,28 +126,3 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _lam_per_rollout(lam, prompts: int, num_generations: int) -> list[float]:
-    values = torch.as_tensor(lam, dtype=torch.float64).flatten().tolist()
-    if torch.as_tensor(lam).dim() == 0:
-        values = values * prompts * num_generations
-    elif len(values) == prompts:
-        values = [v for v in values for _ in range(num_generations)]
-    elif len(values) != prompts * num_generations:
-        raise ValueError(
-            f"lam must be a float, one per prompt ({prompts}) or one per rollout ({prompts * num_generations}), "
-            f"got {len(values)} values"
-        )
-    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
-    return values
-
-
-def _sampling_settings(temperature, top_k, top_p, min_p) -> dict[str, Any]:
-    """The tag's sampling fields, checked here so that bad values never reach the engine."""
-    settings = {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p,
-                "min_p": min_p or 0.0}
-    checked = GuidanceTag.checked(rollout="", role=Role.PLAIN, rollout_index=0, seed=0, lam=1.0, release_token=0,
-                                  **settings)
-    return {name: getattr(checked, name) for name in settings}

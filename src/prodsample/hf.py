@@ -10,16 +10,19 @@ the model and keeps the two contexts' caches in step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor
 
+from .fused import ProductSample
 from .mixing import mix_logprobs
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import GuidedRollout
+from .rollout import PER_TOKEN_RECORDS, GuidedRollout
 from .sampling import product_logprobs, product_sample
+from .settings import SamplingSettings
 
-__all__ = ["ProductLogitsProcessor", "guided_generate", "score", "build_contexts"]
+__all__ = ["ProductLogitsProcessor", "guided_generate", "score", "build_contexts", "check_tokenizer_matches"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,8 +47,9 @@ def _model_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_tokenizer_matches(model, tokenizer) -> None:
-    """A tokenizer with more ids than the model's output layer would index past the vocabulary."""
+def check_tokenizer_matches(model, tokenizer) -> None:
+    """Raise ValueError if `tokenizer` has more ids than `model`'s output layer (they would index past the
+    vocabulary): the check every entry point runs before it renders prompts for a model."""
     model_vocab = _model_vocab_size(model)
     if len(tokenizer) > model_vocab:
         raise ValueError(
@@ -84,22 +88,21 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)
 
 
-def _rollout_lambdas(lam, num_prompts: int, num_generations: int) -> torch.Tensor:
-    """λ as a float, one per prompt (group), or one per rollout → float32 `[num_prompts · G]`."""
-    rollouts = num_prompts * num_generations
-    values = torch.as_tensor(lam, dtype=torch.float32).flatten()
-    if values.numel() == 1:
-        values = values.expand(rollouts)
-    elif values.numel() == num_prompts:
-        values = values.repeat_interleave(num_generations)
-    elif values.numel() != rollouts:
-        raise ValueError(
-            f"lam must be a float, one value per prompt ({num_prompts}) or one per rollout ({rollouts}), "
-            f"got {values.numel()} values"
-        )
-    if torch.isnan(values).any() or (values < 0).any() or (values > 1).any():
-        raise ValueError("lam must lie in [0, 1]")
-    return values.contiguous()
+def _check_positive(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
+    """One forward of one new token per row `[N]` on a KV cache: (next logits `[N, V]`, the cache, the
+    attention mask grown by the new token)."""
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
+    out = model(
+        input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,
+        position_ids=attention_mask.sum(dim=1, keepdim=True) - 1, past_key_values=cache, use_cache=True,
+    )
+    return out.logits[:, -1], out.past_key_values, attention_mask
 
 
 class _EvalMode:
@@ -121,15 +124,146 @@ class _EvalMode:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
+    """Real tokens: everything up to and including the first EOS of each row."""
+    eos = torch.as_tensor([] if eos_ids is None else eos_ids, device=completion_ids.device).flatten()
+    is_eos = torch.isin(completion_ids, eos)
+    return (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+
+
+def _padding_of(completion_ids: torch.Tensor, real: torch.Tensor) -> int:
+    """The id generate wrote after rows ended (any id if no row ended early: then there is no padding)."""
+    padding = completion_ids[~real]
+    return int(padding[0]) if padding.numel() else 0
+
+
+class _FollowedCall:
+    """The one `generate` call a processor follows: λ per row, the guide context's KV cache kept in step with
+    generate's tokens, and per step the plain and guide log-probs (at the processor's temperature) of the
+    token generate drew, known once the next step shows that token."""
+
+    def __init__(self, model, guide_input_ids, guide_attention_mask, settings: SamplingSettings, input_ids, vocab):
+        rows, prompts = input_ids.shape[0], guide_input_ids.shape[0]
+        if rows % prompts:
+            raise ValueError(
+                f"guide_input_ids has {prompts} rows but generate runs {rows}: pass one guide prompt per plain prompt"
+            )
+        if _model_vocab_size(model) != vocab:
+            raise ValueError(f"vocabulary mismatch: generate's scores have {vocab} tokens, the model {_model_vocab_size(model)}")
+        repeats, device = rows // prompts, input_ids.device
+        self.model = model
+        self.temperature = settings.temperature
+        self.lam_rows = settings.lam_per_rollout(prompts, repeats).to(device)
+        self.group_ids = torch.arange(prompts).repeat_interleave(repeats)
+        self.prompt_width = input_ids.shape[1]
+        self.guide_ids = guide_input_ids.to(device).repeat_interleave(repeats, dim=0)
+        self.guide_mask = guide_attention_mask.to(device).repeat_interleave(repeats, dim=0)
+        self.guide_cache = None
+        self.last_input_ids: torch.Tensor | None = None
+        self.last_mixed: torch.Tensor | None = None  # what the last step returned, before generate's warpers
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's `[B, V]`, awaiting its token
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per settled step: `[B]` plain, guide
+
+    def continued_by(self, input_ids: torch.Tensor) -> bool:
+        """Whether `input_ids` are the last step's plus one token per row (the next step of this call)."""
+        last = self.last_input_ids
+        return input_ids.shape == (last.shape[0], last.shape[1] + 1) and torch.equal(input_ids[:, :-1], last)
+
+    def step(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The mixture's log-probs `[B, V]` for the next token after `input_ids`, from generate's `scores`."""
+        if self.last_input_ids is None:
+            out = self.model(
+                input_ids=self.guide_ids, attention_mask=self.guide_mask, position_ids=_positions(self.guide_mask),
+                use_cache=True, logits_to_keep=1,
+            )
+            guide_logits, self.guide_cache = out.logits[:, -1], out.past_key_values
+        else:
+            self._settle(input_ids[:, -1])
+            guide_logits, self.guide_cache, self.guide_mask = _decode_step(
+                self.model, input_ids[:, -1], self.guide_mask, self.guide_cache
+            )
+        self.last_input_ids = input_ids
+        mixed = mix_logprobs([scores, guide_logits], torch.stack([self.lam_rows, 1.0 - self.lam_rows], dim=1))
+        self.pending = (self._tempered(scores), self._tempered(guide_logits))
+        self.last_mixed = mixed.clone()
+        return mixed
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float() / (self.temperature or 1.0), dim=-1)
+
+    def _settle(self, tokens: torch.Tensor) -> None:
+        plain, guide = self.pending
+        chosen = tokens.unsqueeze(1)
+        self.recorded.append((plain.gather(1, chosen).squeeze(1), guide.gather(1, chosen).squeeze(1)))
+        self.pending = None
+
+    def rollout(self, sequences, scores, prompt_attention_mask, eos_ids) -> GuidedRollout:
+        """The call's records as a `GuidedRollout`, from what generate returned (see the processor's `rollout`)."""
+        steps = len(scores)
+        if (
+            steps != len(self.recorded) + 1
+            or sequences.shape[1] != self.prompt_width + steps
+            or not torch.equal(sequences[:, :-1], self.last_input_ids)
+        ):
+            raise ValueError(
+                f"these are not the outputs of the generate call this processor followed ({len(self.recorded) + 1} "
+                f"steps from {self.prompt_width}-token prompts); got {steps} steps' scores and sequences of "
+                f"shape {tuple(sequences.shape)}"
+            )
+        completion_ids = sequences[:, self.prompt_width :]
+        real = _completion_mask(completion_ids, eos_ids)
+        step_scores = torch.stack([step.float() for step in scores], dim=1)  # [rows, steps, V]
+        self._check_temperature(step_scores, completion_ids, real)
+        self._settle(completion_ids[:, -1])
+        plain, guide = (torch.stack(values, dim=1) for values in zip(*self.recorded))
+        if self.temperature == 0:
+            logprobs = torch.zeros_like(plain)
+        else:
+            logprobs = torch.log_softmax(step_scores, dim=-1).gather(2, completion_ids.unsqueeze(2)).squeeze(2)
+        prompts = sequences[:, : self.prompt_width]
+        prompt_mask = torch.ones_like(prompts, dtype=torch.bool)
+        if prompt_attention_mask is not None:
+            prompt_mask = prompt_attention_mask.bool().to(sequences.device)
+            prompt_mask = prompt_mask.repeat_interleave(sequences.shape[0] // prompt_mask.shape[0], dim=0)
+        lengths = real.sum(dim=1).tolist()
+        per_token = {"completions": completion_ids, "logprobs": logprobs, "plain_logprobs": plain, "guide_logprobs": guide}
+        return GuidedRollout.from_lists(
+            prompt_ids=[row[mask].tolist() for row, mask in zip(prompts, prompt_mask)],
+            **{name: [row[:n] for row, n in zip(values, lengths)] for name, values in per_token.items()},
+            lam=self.lam_rows, group_ids=self.group_ids, pad_token_id=_padding_of(completion_ids, real),
+        )
+
+    def _check_temperature(self, step_scores: torch.Tensor, completion_ids: torch.Tensor, real: torch.Tensor) -> None:
+        """generate's warpers divide the mixture by its temperature, so the last scores reveal a mismatch;
+        under temperature 0 every real token must be its step's argmax, else generate was sampling."""
+        last = step_scores[:, -1]
+        kept = torch.isfinite(last) & torch.isfinite(self.last_mixed)
+        expected = self.last_mixed / (self.temperature or 1.0)
+        mismatch = not torch.allclose(last[kept], expected[kept], rtol=1e-4, atol=1e-4)
+        if self.temperature == 0:
+            chosen = step_scores.gather(2, completion_ids.unsqueeze(2)).squeeze(2)
+            mismatch |= bool(((chosen < step_scores.amax(dim=-1)) & real).any())
+        if mismatch:
+            raise ValueError(
+                f"the processor was built with temperature={self.temperature} but generate decoded differently "
+                "(another temperature, sampling instead of greedy, or a processor after this one): pass generate's "
+                "temperature to the processor (0 with do_sample=False)"
+            )
+
+
 class ProductLogitsProcessor(LogitsProcessor):
     r"""Turns `model.generate` on the plain prompts into sampling from the product with the hinted prompts.
 
     At every step the processor runs `model` on the answer-augmented prompts (its own KV cache, one forward
-    over the token just generated), and returns the normalised log-probs of π_plain^λ · π_guide^(1−λ), where
-    π_plain is the softmax of the scores it receives (after any processor that runs before it). `generate`
-    then applies its own temperature / top-k / top-p / min-p to that mixture and samples, which is exactly
-    q of `prodsample.product_sample`; log q of what was sampled is read from the processed scores
+    over the token just generated), and returns the normalised log-probs `[B, V]` of π_plain^λ · π_guide^(1−λ),
+    where π_plain is the softmax of the scores `[B, V]` it receives (after any processor that runs before it).
+    `generate` then applies its own temperature / top-k / top-p / min-p to that mixture and samples, which is
+    exactly q of `prodsample.product_sample`; log q of what was sampled is read from the processed scores
     (`output_scores=True`). Call `rollout(outputs)` after `generate` for the records a trainer needs.
+
+    One processor follows one `generate` call: every call after the first must bring the previous call's
+    `input_ids` plus one token per row, and anything else raises RuntimeError. Once `rollout` has read the
+    records out, the processor refuses further steps; `reset()` readies it for another `generate` call.
 
     Safe with it: `do_sample`, `temperature` (pass the same value to the processor, which reports
     π at that temperature and checks it against the scores), `top_k`, `top_p`, `min_p`,
@@ -162,155 +296,84 @@ class ProductLogitsProcessor(LogitsProcessor):
                 f"guide_attention_mask must have the shape of guide_input_ids {tuple(guide_input_ids.shape)}, "
                 f"got {tuple(guide_attention_mask.shape)}"
             )
-        if not float(temperature) >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.model = model
         self.guide_input_ids = guide_input_ids
         self.guide_attention_mask = guide_attention_mask
-        self.lam = lam
-        self.temperature = float(temperature)
-        self._reset()
+        self.settings = SamplingSettings(lam=lam, temperature=temperature)
+        self.reset()
 
-    def _reset(self) -> None:
-        self._cache = None
-        self._rows_lam = None
-        self._prompt_width = None
-        self._expected_width = None
-        self._last_mixed = None
-        self._pending = None  # plain/guide log-probs at T of the last step, awaiting its token
-        self._recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _start(self, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
-        """First call: expand the guide prompts to generate's rows and prefill them."""
-        rows, prompts = input_ids.shape[0], self.guide_input_ids.shape[0]
-        if rows % prompts:
-            raise ValueError(
-                f"guide_input_ids has {prompts} rows but generate runs {rows}: pass one guide prompt per plain prompt"
-            )
-        repeats = rows // prompts
-        self._rows_lam = _rollout_lambdas(self.lam, prompts, repeats).to(input_ids.device)
-        self._prompt_width = input_ids.shape[1]
-        guide_ids = self.guide_input_ids.to(input_ids.device).repeat_interleave(repeats, dim=0)
-        self._guide_mask = self.guide_attention_mask.to(input_ids.device).repeat_interleave(repeats, dim=0)
-        if _model_vocab_size(self.model) != vocab:
-            raise ValueError(f"vocabulary mismatch: generate's scores have {vocab} tokens, the model {_model_vocab_size(self.model)}")
-        out = self.model(
-            input_ids=guide_ids, attention_mask=self._guide_mask, position_ids=_positions(self._guide_mask),
-            use_cache=True, logits_to_keep=1,
-        )
-        self._cache = out.past_key_values
-        return out.logits[:, -1]
-
-    def _advance(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Later calls: feed the token generate just chose to the guide context."""
-        self._guide_mask = torch.cat([self._guide_mask, self._guide_mask.new_ones((self._guide_mask.shape[0], 1))], dim=1)
-        out = self.model(
-            input_ids=input_ids[:, -1:], attention_mask=self._guide_mask,
-            position_ids=self._guide_mask.sum(dim=1, keepdim=True) - 1, past_key_values=self._cache, use_cache=True,
-        )
-        self._cache = out.past_key_values
-        return out.logits[:, -1]
-
-    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits.float() / (self.temperature or 1.0), dim=-1)
-
-    def _settle(self, tokens: torch.Tensor) -> None:
-        """Record the last step's plain and guide log-probs at the token that step produced."""
-        plain, guide = self._pending
-        chosen = tokens.unsqueeze(1)
-        self._recorded.append((plain.gather(1, chosen).squeeze(1), guide.gather(1, chosen).squeeze(1)))
+    def reset(self) -> None:
+        """Drop the followed `generate` call and its records: the processor is ready for its next call."""
+        self._call: _FollowedCall | None = None
+        self._read_out = False
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] != self._expected_width:  # a new generate call
-            self._reset()
-            guide_logits = self._start(input_ids, scores.shape[1])
-        else:
-            self._settle(input_ids[:, -1])
-            guide_logits = self._advance(input_ids)
-        self._expected_width = input_ids.shape[1] + 1
-        weights = torch.stack([self._rows_lam, 1.0 - self._rows_lam], dim=1)
-        mixed = mix_logprobs([scores, guide_logits], weights)
-        self._pending = (self._tempered(scores), self._tempered(guide_logits))
-        self._last_mixed = mixed.clone()
-        return mixed
+        if self._read_out:
+            raise RuntimeError(
+                "this ProductLogitsProcessor's records were read out by rollout(): call reset() before using it in "
+                "another generate call"
+            )
+        if self._call is None:
+            self._call = _FollowedCall(
+                self.model, self.guide_input_ids, self.guide_attention_mask, self.settings, input_ids, scores.shape[1]
+            )
+        elif not self._call.continued_by(input_ids):
+            raise RuntimeError(
+                "a ProductLogitsProcessor serves one generate call: these input_ids are not the previous step's "
+                "plus one token per row, so another generate call is running; build a new processor for it, or "
+                "call reset() between calls"
+            )
+        return self._call.step(input_ids, scores)
 
     def rollout(
         self, outputs, prompt_attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None
     ) -> GuidedRollout:
-        """The records of the last `generate` call as a `GuidedRollout` (one rollout per generated row).
+        """The records of the followed `generate` call as a `GuidedRollout` (one rollout per generated row); the
+        processor is then read out (see the class docstring).
 
         Args:
-            outputs: what `generate` returned with `output_scores=True, return_dict_in_generate=True`.
+            outputs: what that call returned with `output_scores=True, return_dict_in_generate=True`.
             prompt_attention_mask: the plain prompts' `[B, L]` attention mask given to `generate` (to strip
                 left padding from `prompt_ids`); None means unpadded.
             eos_token_id: end-of-sequence id(s) (default: the model's generation config).
         """
         scores = getattr(outputs, "scores", None)
-        if scores is None or self._pending is None:
+        if scores is None or self._call is None:
             raise ValueError(
                 "rollout needs generate(..., output_scores=True, return_dict_in_generate=True) run with this processor"
             )
-        sequences = outputs.sequences
-        rows = sequences.shape[0]
-        completion_ids = sequences[:, self._prompt_width :]
-        completion_mask = self._completion_mask(completion_ids, eos_token_id)
-        step_scores = torch.stack([step.float() for step in scores], dim=1)  # [rows, steps, V]
-        self._check_temperature(step_scores, completion_ids, completion_mask)
-        self._settle(completion_ids[:, -1])
-        plain, guide = (torch.stack(values, dim=1) for values in zip(*self._recorded))
-        if self.temperature == 0:
-            logprobs = torch.zeros_like(plain)
-        else:
-            logprobs = torch.log_softmax(step_scores, dim=-1).gather(2, completion_ids.unsqueeze(2)).squeeze(2)
-        if prompt_attention_mask is None:
-            prompt_mask = torch.ones_like(sequences[:, : self._prompt_width], dtype=torch.bool)
-        else:
-            prompt_mask = prompt_attention_mask.bool().to(sequences.device)
-            prompt_mask = prompt_mask.repeat_interleave(rows // prompt_mask.shape[0], dim=0)
-        prompts = self.guide_input_ids.shape[0]
-        return GuidedRollout(
-            prompt_ids=[row[mask].tolist() for row, mask in zip(sequences[:, : self._prompt_width], prompt_mask)],
-            completion_ids=completion_ids.cpu(),
-            completion_mask=completion_mask.cpu(),
-            logprobs=(logprobs * completion_mask).cpu(),
-            plain_logprobs=(plain * completion_mask).cpu(),
-            guide_logprobs=(guide * completion_mask).cpu(),
-            lam=self._rows_lam.cpu(),
-            guided=(self._rows_lam < 1).cpu(),
-            desynced=torch.zeros(rows, dtype=torch.bool),
-            group_ids=torch.arange(prompts).repeat_interleave(rows // prompts),
-        )
-
-    def _completion_mask(self, completion_ids: torch.Tensor, eos_token_id) -> torch.Tensor:
-        """Real tokens: everything up to and including the first EOS of each row."""
         if eos_token_id is None:
             eos_token_id = self.model.generation_config.eos_token_id
-        eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=completion_ids.device).flatten()
-        is_eos = torch.isin(completion_ids, eos)
-        return (is_eos.cumsum(dim=1) - is_eos.long()) == 0
-
-    def _check_temperature(self, step_scores: torch.Tensor, completion_ids: torch.Tensor, real: torch.Tensor) -> None:
-        """generate's warpers divide the mixture by its temperature, so the last scores reveal a mismatch;
-        under temperature 0 every real token must be its step's argmax, else generate was sampling."""
-        last = step_scores[:, -1]
-        kept = torch.isfinite(last) & torch.isfinite(self._last_mixed)
-        expected = self._last_mixed / (self.temperature or 1.0)
-        mismatch = not torch.allclose(last[kept], expected[kept], rtol=1e-4, atol=1e-4)
-        if self.temperature == 0:
-            chosen = step_scores.gather(2, completion_ids.unsqueeze(2)).squeeze(2)
-            mismatch |= bool(((chosen < step_scores.amax(dim=-1)) & real).any())
-        if mismatch:
-            raise ValueError(
-                f"the processor was built with temperature={self.temperature} but generate decoded differently "
-                "(another temperature, sampling instead of greedy, or a processor after this one): pass generate's "
-                "temperature to the processor (0 with do_sample=False)"
-            )
+        rollout = self._call.rollout(outputs.sequences, scores, prompt_attention_mask, eos_token_id)
+        self._call, self._read_out = None, True
+        return rollout
 
 
 # ---------------------------------------------------------------------------------------------------------
 # guided_generate: both contexts as rows of one batched forward
 # ---------------------------------------------------------------------------------------------------------
+
+
+class _ContextPlan(NamedTuple):
+    """The distinct contexts to prefill and which decode row continues which: every rollout's plain row, then
+    a guide row for every rollout with λ < 1."""
+
+    contexts: list[list[int]]  # the prompts' plain contexts, then the guide contexts of prompts with a guided rollout
+    context_prompt: list[int]  # the prompt of each context
+    row_context: torch.Tensor  # int64 [rows]: the context each decode row starts from
+
+
+def _plan_contexts(plain_contexts, guide_contexts, group_ids: torch.Tensor, guided: torch.Tensor) -> _ContextPlan:
+    num_prompts = len(plain_contexts)
+    guided_prompts = sorted(set(group_ids[guided].tolist()))
+    guide_context_index = {prompt: num_prompts + k for k, prompt in enumerate(guided_prompts)}
+    guide_rows = torch.tensor([guide_context_index[int(p)] for p in group_ids[guided]], dtype=torch.long)
+    return _ContextPlan(
+        contexts=list(plain_contexts) + [guide_contexts[prompt] for prompt in guided_prompts],
+        context_prompt=list(range(num_prompts)) + guided_prompts,
+        row_context=torch.cat([group_ids, guide_rows]),
+    )
 
 
 class _DecodeBatch:
@@ -347,9 +410,11 @@ class _DecodeBatch:
         self.rollouts = self.rollouts[running]
         self.guided = self.guided[running]
 
-    def row_tokens(self, rollout_tokens: torch.Tensor) -> torch.Tensor:
-        """The next input token of every row: a rollout's token feeds its plain and its guide row."""
-        return torch.cat([rollout_tokens, rollout_tokens[self.guided]])
+    def advance(self, model, rollout_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each running rollout's token `[n]` to its plain and its guide row; the next logits `[rows, V]`."""
+        tokens = torch.cat([rollout_tokens, rollout_tokens[self.guided]])
+        logits, self.cache, self.attention_mask = _decode_step(model, tokens, self.attention_mask, self.cache)
+        return logits
 
 
 def _shared_prefix_lengths(contexts: list[list[int]], context_prompt: list[int]) -> list[int]:
@@ -363,7 +428,7 @@ def _shared_prefix_lengths(contexts: list[list[int]], context_prompt: list[int])
     return [lengths[prompt] for prompt in sorted(lengths)]
 
 
-def _prefill(model, contexts: list[list[int]], context_prompt: list[int], row_context: torch.Tensor, pad_id: int):
+def _prefill(model, plan: _ContextPlan, pad_id: int):
     """Run the contexts once each (the prefix a prompt's plain and guide contexts share only once), then give
     every decode row a copy of its context's cache.
 
@@ -372,6 +437,7 @@ def _prefill(model, contexts: list[list[int]], context_prompt: list[int], row_co
     mask and the positions skip it). Returns the first-step logits `[rows, V]`, the cache and the attention
     mask of the rows.
     """
+    contexts, context_prompt, row_context = plan
     device = model.device
     prefix_lengths = _shared_prefix_lengths(contexts, context_prompt)
     context_prompt_ids = torch.tensor(context_prompt, device=device)
@@ -398,6 +464,55 @@ def _prefill(model, contexts: list[list[int]], context_prompt: list[int], row_co
     row_context = row_context.to(device)
     cache.batch_select_indices(row_context)
     return out.logits[:, -1][row_context], cache, mask[row_context]
+
+
+class _Records:
+    """What each rollout drew, per position: the token and its three log-probs (CPU, `[R, max_new_tokens]`)."""
+
+    def __init__(self, rollouts: int, max_new_tokens: int, pad_id: int):
+        self.token_ids = torch.full((rollouts, max_new_tokens), pad_id, dtype=torch.long)
+        self.values = {name: torch.zeros(rollouts, max_new_tokens) for name in PER_TOKEN_RECORDS}
+        self.lengths = torch.zeros(rollouts, dtype=torch.long)
+
+    def add(self, rollouts: torch.Tensor, position: int, drawn: ProductSample) -> None:
+        rows = rollouts.cpu()
+        self.token_ids[rows, position] = drawn.token_ids.cpu()
+        for name, values in self.values.items():
+            values[rows, position] = getattr(drawn, name).cpu()
+        self.lengths[rows] = position + 1
+
+    def per_rollout(self) -> dict[str, list[torch.Tensor]]:
+        """The tokens ("completions") and the records of each rollout, cut to its length."""
+        lengths = self.lengths.tolist()
+        return {
+            name: [row[:length] for row, length in zip(values, lengths)]
+            for name, values in {"completions": self.token_ids, **self.values}.items()
+        }
+
+
+def _decode(model, plan: _ContextPlan, lam_rows, settings: SamplingSettings, seed: int, max_new_tokens: int,
+            pad_id: int, eos_ids: list[int]) -> _Records:
+    """Prefill, then per position: one product draw for every running rollout (keyed noise: seed, rollout,
+    position), until each rollout has drawn an EOS or `max_new_tokens` tokens."""
+    device = model.device
+    records = _Records(len(lam_rows), max_new_tokens, pad_id)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    lam_device = lam_rows.to(device)
+    logits, cache, attention_mask = _prefill(model, plan, pad_id)
+    batch = _DecodeBatch(cache, attention_mask, torch.arange(len(lam_rows), device=device), (lam_rows < 1).to(device))
+    for position in range(max_new_tokens):
+        plain_logits, guide_logits = batch.split_logits(logits)
+        drawn = product_sample(
+            plain_logits, guide_logits, lam_device[batch.rollouts], **settings.sampler_kwargs(),
+            seed=seed, rollout_ids=batch.rollouts, positions=position,
+        )
+        records.add(batch.rollouts, position, drawn)
+        running = ~torch.isin(drawn.token_ids, eos)
+        if position + 1 == max_new_tokens or not bool(running.any()):
+            break
+        batch.keep(running)
+        logits = batch.advance(model, drawn.token_ids[running])
+    return records
 
 
 @torch.no_grad()
@@ -431,6 +546,7 @@ def guided_generate(
         answers: one answer per prompt, inserted into `hint_template` to build the guide context.
         lam: float, one per prompt, or one per rollout (len(prompts) · num_generations).
         temperature, top_k, top_p, min_p: applied to q as in `prodsample.product_sample`; temperature 0 is greedy.
+            With `lam` they form the call's `prodsample.settings.SamplingSettings`.
         seed: the noise key; None draws one from torch's global RNG (so `torch.manual_seed` reproduces it).
 
     Returns:
@@ -443,91 +559,20 @@ def guided_generate(
         >>> rollout.completion_ids.shape, rollout.logprobs.shape  # doctest: +SKIP
         (torch.Size([4, L]), torch.Size([4, L]))
     """
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    _check_tokenizer_matches(model, tokenizer)
+    _check_positive(num_generations=num_generations, max_new_tokens=max_new_tokens)
+    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+    check_tokenizer_matches(model, tokenizer)
     plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
-    num_prompts = len(prompts)
-    lam_rows = _rollout_lambdas(lam, num_prompts, num_generations)
-    group_ids = torch.arange(num_prompts).repeat_interleave(num_generations)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
-    device = model.device
-
-    guided = lam_rows < 1.0
-    guided_prompts = sorted(set(group_ids[guided].tolist()))
-    guide_context_index = {prompt: num_prompts + k for k, prompt in enumerate(guided_prompts)}
-    contexts = plain_contexts + [guide_contexts[prompt] for prompt in guided_prompts]
-    context_prompt = list(range(num_prompts)) + guided_prompts
-    row_context = torch.cat(
-        [group_ids, torch.tensor([guide_context_index[int(p)] for p in group_ids[guided]], dtype=torch.long)]
-    )
-    pad_id, eos_ids = _pad_id(tokenizer), _eos_ids(model, tokenizer)
-
-    rollouts = num_prompts * num_generations
-    record = {
-        name: torch.zeros(rollouts, max_new_tokens, dtype=torch.float32)
-        for name in ("logprobs", "plain_logprobs", "guide_logprobs")
-    }
-    completion_ids = torch.full((rollouts, max_new_tokens), pad_id, dtype=torch.long)
-    lengths = torch.zeros(rollouts, dtype=torch.long)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    lam_device = lam_rows.to(device)
-
+    lam_rows = settings.lam_per_rollout(len(prompts), num_generations)
+    group_ids = torch.arange(len(prompts)).repeat_interleave(num_generations)
+    plan = _plan_contexts(plain_contexts, guide_contexts, group_ids, guided=lam_rows < 1)
+    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    pad_id = _pad_id(tokenizer)
     with _EvalMode(model):
-        logits, cache, attention_mask = _prefill(model, contexts, context_prompt, row_context, pad_id)
-        batch = _DecodeBatch(cache, attention_mask, torch.arange(rollouts, device=device), guided.to(device))
-        for position in range(max_new_tokens):
-            plain_logits, guide_logits = batch.split_logits(logits)
-            drawn = product_sample(
-                plain_logits,
-                guide_logits,
-                lam_device[batch.rollouts],
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                seed=seed,
-                rollout_ids=batch.rollouts,
-                positions=position,
-            )
-            rows = batch.rollouts.cpu()
-            completion_ids[rows, position] = drawn.token_ids.cpu()
-            for name in record:
-                record[name][rows, position] = getattr(drawn, name).cpu()
-            lengths[rows] = position + 1
-            running = ~torch.isin(drawn.token_ids, eos)
-            if position + 1 == max_new_tokens or not bool(running.any()):
-                break
-            batch.keep(running)
-            next_tokens = batch.row_tokens(drawn.token_ids[running])
-            batch.attention_mask = torch.cat(
-                [batch.attention_mask, batch.attention_mask.new_ones((batch.attention_mask.shape[0], 1))], dim=1
-            )
-            positions = batch.attention_mask.sum(dim=1, keepdim=True) - 1
-            out = model(
-                input_ids=next_tokens.unsqueeze(1),
-                attention_mask=batch.attention_mask,
-                position_ids=positions,
-                past_key_values=batch.cache,
-                use_cache=True,
-            )
-            batch.cache = out.past_key_values
-            logits = out.logits[:, -1]
-
-    width = int(lengths.max())
-    completion_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-    return GuidedRollout(
-        prompt_ids=[list(plain_contexts[int(group)]) for group in group_ids],
-        completion_ids=completion_ids[:, :width],
-        completion_mask=completion_mask,
-        **{name: values[:, :width] * completion_mask for name, values in record.items()},
-        lam=lam_rows.clone(),
-        guided=guided.clone(),
-        desynced=torch.zeros(rollouts, dtype=torch.bool),
-        group_ids=group_ids,
+        records = _decode(model, plan, lam_rows, settings, seed, max_new_tokens, pad_id, _eos_ids(model, tokenizer))
+    return GuidedRollout.from_lists(
+        prompt_ids=[plain_contexts[group] for group in group_ids], **records.per_rollout(), lam=lam_rows,
+        group_ids=group_ids, pad_token_id=pad_id,
     )
 
 
@@ -546,6 +591,21 @@ def _completion_logits(model, contexts: list[list[int]], completions: list[list[
         logits[row, width - len(completion) - 1 : width - 1]
         for row, completion in enumerate(completions)
     ]
+
+
+def _teacher_forced_logits(model, plain_contexts, guide_contexts, completions, guided: torch.Tensor, pad_id: int):
+    """Per rollout, the plain and the guide logits `[len(completion), V]` that predict its completion; an
+    unguided rollout (λ = 1) repeats its plain logits as guide logits and runs no guide forward."""
+    plain_logits = _completion_logits(model, plain_contexts, completions, pad_id)
+    guide_logits = list(plain_logits)
+    guided_rows = guided.nonzero().squeeze(1).tolist()
+    if guided_rows:
+        computed = _completion_logits(
+            model, [guide_contexts[r] for r in guided_rows], [completions[r] for r in guided_rows], pad_id
+        )
+        for row, logits in zip(guided_rows, computed):
+            guide_logits[row] = logits
+    return torch.cat(plain_logits), torch.cat(guide_logits)
 
 
 @torch.no_grad()
@@ -579,54 +639,26 @@ def score(
     for i, completion in enumerate(completions):
         if len(completion) == 0:
             raise ValueError(f"completions[{i}] is empty; score needs at least one token per completion")
-    _check_tokenizer_matches(model, tokenizer)
+    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+    check_tokenizer_matches(model, tokenizer)
     plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
-    rollouts = len(completions)
-    lam_rows = _rollout_lambdas(lam, rollouts, 1)
-    guided = lam_rows < 1.0
-    pad_id = _pad_id(tokenizer)
+    lam_rows = settings.lam_per_rollout(len(completions), 1)
     completions = [list(map(int, completion)) for completion in completions]
-
+    pad_id = _pad_id(tokenizer)
     with _EvalMode(model):
-        plain_logits = _completion_logits(model, plain_contexts, completions, pad_id)
-        guided_rows = guided.nonzero().squeeze(1).tolist()
-        guide_logits = list(plain_logits)
-        if guided_rows:
-            computed = _completion_logits(
-                model, [guide_contexts[r] for r in guided_rows], [completions[r] for r in guided_rows], pad_id
-            )
-            for row, logits in zip(guided_rows, computed):
-                guide_logits[row] = logits
-
-    lengths = torch.tensor([len(completion) for completion in completions])
-    token_lam = lam_rows.repeat_interleave(lengths)
+        plain_logits, guide_logits = _teacher_forced_logits(
+            model, plain_contexts, guide_contexts, completions, lam_rows < 1, pad_id
+        )
+    lengths = [len(completion) for completion in completions]
     scored = product_logprobs(
-        torch.cat(plain_logits),
-        torch.cat(guide_logits),
-        token_lam.to(model.device),
+        plain_logits,
+        guide_logits,
+        lam_rows.repeat_interleave(torch.tensor(lengths)).to(model.device),
         torch.tensor([token for completion in completions for token in completion], device=model.device),
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
+        **settings.sampler_kwargs(),
     )
-    width = int(lengths.max())
-    completion_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-
-    def padded(values: torch.Tensor, fill) -> torch.Tensor:
-        out = torch.full((rollouts, width), fill, dtype=values.dtype)
-        out[completion_mask] = values.cpu()
-        return out
-
-    return GuidedRollout(
-        prompt_ids=[list(ids) for ids in plain_contexts],
-        completion_ids=padded(scored.token_ids, pad_id),
-        completion_mask=completion_mask,
-        logprobs=padded(scored.logprobs, 0.0),
-        plain_logprobs=padded(scored.plain_logprobs, 0.0),
-        guide_logprobs=padded(scored.guide_logprobs, 0.0),
-        lam=lam_rows.clone(),
-        guided=guided,
-        desynced=torch.zeros(rollouts, dtype=torch.bool),
-        group_ids=torch.arange(rollouts),
+    per_rollout = {name: getattr(scored, name).cpu().split(lengths) for name in PER_TOKEN_RECORDS}
+    return GuidedRollout.from_lists(
+        prompt_ids=plain_contexts, completions=completions, **per_rollout, lam=lam_rows,
+        group_ids=torch.arange(len(completions)), pad_token_id=pad_id,
     )

@@ -107,7 +107,7 @@ class RolloutRequests:
         expected = [Role.GUIDE, Role.PLAIN] if self.plain.tag.paired else [Role.PLAIN]
         if roles != expected:
             raise ValueError(
-                f"rollout {self.name!r} with lam = {self.plain.tag.lam} needs requests with roles "
+                f"rollout {self.name!r} with lam = {self.plain.tag.settings.lam} needs requests with roles "
                 f"{[role.value for role in expected]} in this order, got {[role.value for role in roles]}"
             )
         if self.paired:

@@ -25,13 +25,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, NamedTuple
 
 import torch
 
-from .sampling import ProductSample, product_sample
+from .fused import ProductSample
+from .sampling import product_sample
+from .settings import SamplingSettings
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -44,7 +46,8 @@ __all__ = [
     "DesyncCause",
 ]
 
-EXTRA_ARGS_KEY = "prodsample"
+EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
+_REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
 
 
 class Role(str, Enum):
@@ -66,88 +69,68 @@ class DesyncCause(str, Enum):
 
 @dataclass(frozen=True)
 class GuidanceTag:
-    """What one request of a guided rollout carries in `SamplingParams.extra_args[EXTRA_ARGS_KEY]`.
+    """What one request of a guided rollout carries in `SamplingParams.extra_args`, checked when built.
 
     `rollout` names the rollout uniquely among everything the engine runs; `rollout_index` is its noise
-    key r = i·G + g. A rollout with λ = 1 has no guide request. The filters follow `product_sample`
-    (top_k 0, top_p 1 and min_p 0 are off).
+    key r = i·G + g. `settings` holds the rollout's one λ, its temperature and filters. A rollout with λ = 1
+    has no guide request. In `extra_args` the tag is flat (`to_extra_args`): one "prodsample.<field>" key per
+    field, each a str, int, float or list, as vLLM's HTTP server (`vllm_xargs`) passes them through.
     """
 
     rollout: str
     role: Role
     rollout_index: int
     seed: int
-    lam: float
-    temperature: float
     release_token: int
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    settings: SamplingSettings
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "role", Role(self.role))
+        except ValueError:
+            raise ValueError(f"prodsample role must be 'plain' or 'guide', got {self.role!r}") from None
+        if not isinstance(self.rollout, str) or not self.rollout:
+            raise ValueError(f"prodsample rollout must be a non-empty string, got {self.rollout!r}")
+        _integer(self.rollout_index, "rollout_index", 0)
+        _integer(self.seed, "seed", -(2**63))
+        _integer(self.release_token, "release_token", 0)
+        if not isinstance(self.settings, SamplingSettings):
+            raise ValueError(f"prodsample settings must be a SamplingSettings, got {type(self.settings).__name__}")
+        if not isinstance(self.settings.lam, float):
+            raise ValueError(f"a prodsample tag holds the λ of one rollout, got lam={list(self.settings.lam)}")
+        if self.role is Role.GUIDE and not self.paired:
+            raise ValueError("a guide request needs lam < 1 (a rollout with lam = 1 has no guide request)")
 
     @property
     def paired(self) -> bool:
-        return self.lam < 1.0
+        return self.settings.lam < 1.0
 
-    def to_extra_args(self) -> dict[str, Any]:
-        return {EXTRA_ARGS_KEY: {f: getattr(self, f) for f in self.__dataclass_fields__} | {"role": self.role.value}}
-
-    @classmethod
-    def checked(
-        cls, *, rollout: str, role: Role | str, rollout_index: int, seed: int, lam: float, temperature: float,
-        release_token: int, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-    ) -> GuidanceTag:
-        """A tag from raw values, each checked: a bad one raises ValueError naming it."""
-        try:
-            role = Role(role)
-        except ValueError:
-            raise ValueError(f"prodsample role must be 'plain' or 'guide', got {role!r}") from None
-        tag = cls(
-            rollout=str(rollout),
-            role=role,
-            rollout_index=_integer(rollout_index, "rollout_index", 0),
-            seed=_integer(seed, "seed", -(2**63)),
-            lam=_real(lam, "lam", 0.0, 1.0),
-            temperature=_real(temperature, "temperature", 0.0, math.inf),
-            release_token=_integer(release_token, "release_token", 0),
-            top_k=_integer(top_k, "top_k", 0),
-            top_p=_real(top_p, "top_p", 0.0, 1.0, low_open=True),
-            min_p=_real(min_p, "min_p", 0.0, 1.0),
-        )
-        if tag.role is Role.GUIDE and not tag.paired:
-            raise ValueError("a guide request needs lam < 1 (a rollout with lam = 1 has no guide request)")
-        return tag
+    def to_extra_args(self) -> dict[str, str | int | float | list]:
+        request = {name: getattr(self, name) for name in _REQUEST_FIELDS} | {"role": self.role.value}
+        return {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in (request | self.settings.to_flat()).items()}
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> GuidanceTag | None:
         """The tag in `extra_args`, None for an untagged request; a malformed tag raises ValueError."""
-        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+        prefix = f"{EXTRA_ARGS_KEY}."
+        raw = {key.removeprefix(prefix): value for key, value in (extra_args or {}).items() if key.startswith(prefix)}
+        if not raw:
+            if extra_args and EXTRA_ARGS_KEY in extra_args:
+                raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]: a prodsample tag is flat, one '{prefix}<field>' key per field")
             return None
-        raw = extra_args[EXTRA_ARGS_KEY]
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a mapping, got {type(raw).__name__}")
-        fields = cls.__dataclass_fields__
-        missing = {name for name, f in fields.items() if f.default is MISSING} - raw.keys()
+        missing = {*_REQUEST_FIELDS, "lam"} - raw.keys()
         if missing:
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] lacks {sorted(missing)}")
-        unknown = raw.keys() - fields.keys()
+            raise ValueError(f"the prodsample tag in extra_args lacks {sorted(prefix + name for name in missing)}")
+        unknown = raw.keys() - {*_REQUEST_FIELDS, *(f.name for f in fields(SamplingSettings))}
         if unknown:
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown fields {sorted(unknown)}")
-        return cls.checked(**raw)
+            raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
+        settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
 
 
-def _integer(value, name: str, low: int) -> int:
+def _integer(value, name: str, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
         raise ValueError(f"prodsample {name} must be an integer in [{low}, 2**63), got {value!r}")
-    return value
-
-
-def _real(value, name: str, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"prodsample {name} must be a number, got {value!r}")
-    below = value <= low if low_open else value < low
-    if math.isnan(value) or below or value > high:
-        raise ValueError(f"prodsample {name} must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
-    return float(value)
 
 
 class RequestKey(NamedTuple):
@@ -330,6 +313,7 @@ class PairedSampler:
     def _draw(self, logits: torch.Tensor, draws: list[_Draw]) -> list[_Token]:
         device = logits.device
         tags = [self._tags[d.plain.request] for d in draws]
+        settings = [tag.settings for tag in tags]
 
         def per_row(values, dtype=torch.int64):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -339,11 +323,11 @@ class PairedSampler:
         sample: ProductSample = product_sample(
             logits.index_select(0, plain_rows),
             logits.index_select(0, guide_rows),
-            per_row([t.lam if d.guide is not None else 1.0 for t, d in zip(tags, draws)], torch.float32),
-            temperature=per_row([t.temperature for t in tags], torch.float32),
-            top_k=per_row([t.top_k for t in tags]),
-            top_p=per_row([t.top_p for t in tags], torch.float32),
-            min_p=per_row([t.min_p for t in tags], torch.float32),
+            per_row([s.lam if d.guide is not None else 1.0 for s, d in zip(settings, draws)], torch.float32),
+            temperature=per_row([s.temperature for s in settings], torch.float32),
+            top_k=per_row([s.top_k for s in settings]),
+            top_p=per_row([s.top_p for s in settings], torch.float32),
+            min_p=per_row([s.min_p for s in settings], torch.float32),
             seed=per_row([t.seed for t in tags]),
             rollout_ids=per_row([t.rollout_index for t in tags]),
             positions=per_row([d.plain.position for d in draws]),

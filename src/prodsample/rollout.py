@@ -1,12 +1,39 @@
-"""`GuidedRollout`: what every generation backend returns, and what a trainer consumes."""
+"""`GuidedRollout`: what every generation backend returns, and what a trainer consumes.
+
+Backends build it with `GuidedRollout.from_lists` (ragged per-rollout lists, as each backend records
+them) and join batches with `GuidedRollout.concat`, which set the padding, the mask and the defaults of
+`guided` and `desynced` in one way.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["GuidedRollout"]
+__all__ = ["GuidedRollout", "PER_TOKEN_RECORDS"]
+
+PER_TOKEN_RECORDS = ("logprobs", "plain_logprobs", "guide_logprobs")
+
+
+def _per_rollout(values, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.as_tensor(values).to("cpu", dtype)
+    if tensor.shape != (rows,):
+        raise ValueError(f"{name} must have one value per rollout ({rows}), got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _right_padded(rows: Sequence[Sequence], lengths: list[int], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged rows as one zero-padded `[R, max(lengths)]` CPU tensor; row r must hold `lengths[r]` entries."""
+    if len(rows) != len(lengths):
+        raise ValueError(f"{name} must have one entry per completion ({len(lengths)}), got {len(rows)}")
+    out = torch.zeros((len(rows), max(lengths, default=0)), dtype=dtype)
+    for r, (row, length) in enumerate(zip(rows, lengths)):
+        if len(row) != length:
+            raise ValueError(f"{name}[{r}] has {len(row)} entries for a completion of {length} tokens")
+        out[r, :length] = torch.as_tensor(row, dtype=dtype)
+    return out
 
 
 @dataclass
@@ -41,6 +68,67 @@ class GuidedRollout:
     desynced: torch.Tensor
     group_ids: torch.Tensor
 
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        prompt_ids: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        logprobs: Sequence[Sequence[float]],
+        plain_logprobs: Sequence[Sequence[float]],
+        guide_logprobs: Sequence[Sequence[float]],
+        lam,
+        group_ids,
+        pad_token_id: int,
+        guided=None,
+        desynced=None,
+    ) -> GuidedRollout:
+        """R rollouts from ragged per-rollout lists (or 1-D tensors, on any device): `completions[r]` and
+        each per-token record of rollout r have one entry per token. The result is on the CPU, right-padded
+        to the longest rollout with `pad_token_id` and log-prob 0. `lam`, `group_ids`, `guided` and
+        `desynced` are `[R]` tensors or sequences; `desynced` defaults to all False and `guided` to λ < 1
+        and not desynced."""
+        if len(prompt_ids) != len(completions):
+            raise ValueError(f"prompt_ids ({len(prompt_ids)}) and completions ({len(completions)}) must be as many")
+        lengths = [len(completion) for completion in completions]
+        rows = len(lengths)
+        mask = torch.arange(max(lengths, default=0)).unsqueeze(0) < torch.tensor(lengths, dtype=torch.int64).unsqueeze(1)
+        lam = _per_rollout(lam, "lam", rows, torch.float32)
+        desynced = torch.zeros(rows, dtype=torch.bool) if desynced is None else _per_rollout(desynced, "desynced", rows, torch.bool)
+        return cls(
+            prompt_ids=[list(map(int, ids)) for ids in prompt_ids],
+            completion_ids=_right_padded(completions, lengths, "completions", torch.int64).masked_fill(~mask, pad_token_id),
+            completion_mask=mask,
+            logprobs=_right_padded(logprobs, lengths, "logprobs", torch.float32),
+            plain_logprobs=_right_padded(plain_logprobs, lengths, "plain_logprobs", torch.float32),
+            guide_logprobs=_right_padded(guide_logprobs, lengths, "guide_logprobs", torch.float32),
+            lam=lam,
+            guided=(lam < 1) & ~desynced if guided is None else _per_rollout(guided, "guided", rows, torch.bool),
+            desynced=desynced,
+            group_ids=_per_rollout(group_ids, "group_ids", rows, torch.int64),
+        )
+
+    @classmethod
+    def concat(cls, rollouts: Sequence[GuidedRollout], *, pad_token_id: int) -> GuidedRollout:
+        """One batch of `rollouts` in order, right-padded to the longest; each batch's group ids are shifted
+        past the previous batches' so that groups stay apart."""
+        if not rollouts:
+            raise ValueError("concat needs at least one GuidedRollout")
+        group_ids, next_group = [], 0
+        for rollout in rollouts:
+            group_ids.append(rollout.group_ids + next_group)
+            next_group += int(rollout.group_ids.max()) + 1 if len(rollout) else 0
+        return cls.from_lists(
+            prompt_ids=[ids for rollout in rollouts for ids in rollout.prompt_ids],
+            completions=[ids for rollout in rollouts for ids in rollout.completion_lists()],
+            **{name: [row for rollout in rollouts for row in rollout.token_lists(name)] for name in PER_TOKEN_RECORDS},
+            lam=torch.cat([rollout.lam for rollout in rollouts]),
+            group_ids=torch.cat(group_ids),
+            pad_token_id=pad_token_id,
+            guided=torch.cat([rollout.guided for rollout in rollouts]),
+            desynced=torch.cat([rollout.desynced for rollout in rollouts]),
+        )
+
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
@@ -49,7 +137,7 @@ class GuidedRollout:
         return self._ragged(self.completion_ids)
 
     def token_lists(self, name: str) -> list[list[float]]:
-        """A per-token tensor field ("logprobs", "plain_logprobs", "guide_logprobs") per rollout, unpadded."""
+        """A per-token record (one of PER_TOKEN_RECORDS) per rollout, unpadded."""
         return self._ragged(getattr(self, name))
 
     def _ragged(self, tensor: torch.Tensor) -> list[list]:

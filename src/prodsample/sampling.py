@@ -21,43 +21,29 @@ warpers do: temperature → top-k → top-p → min-p. Each keeps the tokens who
 threshold, so they compose into one threshold; tokens tied with the boundary are kept.
 
 The pipeline, in small named steps:  `_settings_rows` (validate and broadcast the per-row settings) →
-`_noise_keys` → `filter_threshold` (only when a filter is on) → a backend's fused pass (`reference_fused_sample`,
-or the compiled / Triton paths chosen by `select_backend`) → `_check_result` (no NaN leaves this module).
+`_noise_keys` → `filter_threshold` (only when a filter is on) → a backend's fused pass on `FusedInputs`
+(`prodsample.fused.reference_fused_sample`, or the compiled / Triton paths chosen by `select_backend`) →
+`_check_result` (no NaN leaves this module).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from .mixing import as_row_tensor, check_logits_pair, check_no_nan, fully_masked_message, weighted_logprob_sum
-from .noise import log_exponential_noise, row_keys
+from . import dispatch
+from .fused import FusedInputs, FusedSampler, ProductSample, kept_mixed_logits, mixed_logits, outputs_at
+from .mixing import as_row_tensor, check_logits_pair, check_no_nan, fully_masked_message
+from .noise import row_keys
+from .settings import check_sampling_values
 
-__all__ = [
-    "ProductSample",
-    "product_sample",
-    "product_logprobs",
-    "filter_threshold",
-    "reference_fused_sample",
-    "select_backend",
-]
+__all__ = ["product_sample", "product_logprobs", "filter_threshold", "select_backend"]
 
 # Backends compute z with their own float rounding (an FMA here, a reciprocal there); a filter threshold is
 # lowered by this relative amount so the token that sets it is kept by every backend.
 THRESHOLD_SLACK = 2.0**-20
-
-
-class ProductSample(NamedTuple):
-    """What one sampling step drew, and from what. All `[B]`."""
-
-    token_ids: torch.Tensor  # int64
-    logprobs: torch.Tensor  # log q_t(o_t), float32
-    plain_logprobs: torch.Tensor  # log_softmax(plain / T)(o_t)
-    guide_logprobs: torch.Tensor  # log_softmax(guide / T)(o_t)
-    log_normalizer: torch.Tensor  # see the module docstring
 
 
 class SamplingRows(NamedTuple):
@@ -70,42 +56,25 @@ class SamplingRows(NamedTuple):
     min_p: torch.Tensor | None  # float32, 0 = off
 
 
-FusedSampler = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], ProductSample
-]
-
-
-def _check_range(value, name: str, low: float, high: float, *, low_open: bool = False) -> None:
-    tensor = torch.as_tensor(value, dtype=torch.float64)
-    below = tensor <= low if low_open else tensor < low
-    if torch.isnan(tensor).any() or below.any() or (tensor > high).any():
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must lie in {interval}, got {value if tensor.dim() == 0 else tensor.tolist()}")
-
-
-def _optional_rows(value, name, rows, device, dtype, off_value, low, high, low_open=False):
+def _optional_rows(value, name, rows, device, dtype, off_value):
     if value is None:
         return None
-    _check_range(value, name, low, high, low_open=low_open)
     tensor = as_row_tensor(value, name, rows, device, dtype)
     return None if bool((tensor == off_value).all()) else tensor
 
 
 def _settings_rows(rows: int, vocab: int, device, lam, temperature, top_k, top_p, min_p) -> SamplingRows:
     """Validate λ, temperature and the filters, and broadcast each to `[B]` (filters that are off → None)."""
-    _check_range(lam, "lam", 0.0, 1.0)
-    _check_range(temperature, "temperature", 0.0, math.inf)
-    if top_k is not None and (torch.as_tensor(top_k) < 0).any():
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    top_k_rows = None if top_k is None else as_row_tensor(top_k, "top_k", rows, device, torch.int64)
+    check_sampling_values(lam=lam, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    top_k_rows = _optional_rows(top_k, "top_k", rows, device, torch.int64, 0)
     if top_k_rows is not None and bool(((top_k_rows == 0) | (top_k_rows >= vocab)).all()):
         top_k_rows = None
     return SamplingRows(
         lam=as_row_tensor(lam, "lam", rows, device),
         temperature=as_row_tensor(temperature, "temperature", rows, device),
         top_k=top_k_rows,
-        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0, 0.0, 1.0, low_open=True),
-        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0, 0.0, 1.0),
+        top_p=_optional_rows(top_p, "top_p", rows, device, torch.float32, 1.0),
+        min_p=_optional_rows(min_p, "min_p", rows, device, torch.float32, 0.0),
     )
 
 
@@ -139,15 +108,6 @@ def _filter_threshold_if_any(plain_logits, guide_logits, settings: SamplingRows)
     return filter_threshold(mixed_logits(plain_logits, guide_logits, settings.lam, settings.temperature), settings)
 
 
-def mixed_logits(
-    plain_logits: torch.Tensor, guide_logits: torch.Tensor, lam: torch.Tensor, temperature: torch.Tensor
-) -> torch.Tensor:
-    """z = (λ·a + (1−λ)·b)/T in float32 `[B, V]` (T = 0 rows use T = 1; a weight-0 context has no say)."""
-    weights = torch.stack([lam, 1.0 - lam], dim=1)
-    inverse_temperature = torch.where(temperature > 0, 1.0 / temperature.clamp_min(1e-30), 1.0).unsqueeze(1)
-    return weighted_logprob_sum([plain_logits.float(), guide_logits.float()], weights) * inverse_temperature
-
-
 def filter_threshold(z: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Per-row threshold on z that applies top-k → top-p → min-p (multi-pass: one sort). `[B, V]` → `[B]`."""
     values, _ = torch.sort(z, dim=-1, descending=True)
@@ -169,60 +129,8 @@ def filter_threshold(z: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     return threshold - THRESHOLD_SLACK * threshold.abs().clamp_min(1.0)
 
 
-def reference_fused_sample(
-    plain_logits: torch.Tensor,
-    guide_logits: torch.Tensor,
-    lam: torch.Tensor,
-    temperature: torch.Tensor,
-    threshold: torch.Tensor | None,
-    keys: torch.Tensor,
-) -> ProductSample:
-    """The eager reference of the fused pass: what the compiled and Triton backends must reproduce.
-
-    Shapes: logits `[B, V]` (any float dtype), `lam`, `temperature`, `threshold` (z units, None = no filter)
-    float32 `[B]`, `keys` int64 `[B]`.
-    """
-    z = _kept_mixed_logits(plain_logits, guide_logits, lam, temperature, threshold)
-    raced = z - log_exponential_noise(keys, z.shape[1])
-    token_ids = torch.where(temperature == 0, z.argmax(dim=-1), raced.argmax(dim=-1))
-    return _outputs_at(plain_logits, guide_logits, lam, temperature, z, token_ids)
-
-
-def _kept_mixed_logits(plain_logits, guide_logits, lam, temperature, threshold) -> torch.Tensor:
-    """z with the tokens the filters drop set to −inf."""
-    z = mixed_logits(plain_logits, guide_logits, lam, temperature)
-    return z if threshold is None else torch.where(z >= threshold.unsqueeze(1), z, -math.inf)
-
-
-def _outputs_at(plain_logits, guide_logits, lam, temperature, z, token_ids) -> ProductSample:
-    """Every output for given tokens, from the kept mixed logits z. Greedy rows give log q = 0 to the argmax
-    (and −inf to any other token)."""
-    greedy = temperature == 0
-    inverse_temperature = torch.where(greedy, 1.0, 1.0 / temperature.clamp_min(1e-30))
-    plain = plain_logits.float()
-    guide = guide_logits.float()
-    chosen = token_ids.unsqueeze(1)
-    z_chosen = z.gather(1, chosen).squeeze(1)
-    log_mass = torch.logsumexp(z, dim=-1)
-    expert_lse = weighted_logprob_sum(
-        [torch.logsumexp(plain, dim=-1, keepdim=True), torch.logsumexp(guide, dim=-1, keepdim=True)],
-        torch.stack([lam, 1.0 - lam], dim=1),
-    ).squeeze(1)
-    is_argmax = z_chosen >= z.max(dim=-1).values
-    log_normalizer = torch.where(greedy, z_chosen, log_mass) - expert_lse * inverse_temperature
-    logprobs = torch.where(greedy, torch.where(is_argmax, 0.0, -math.inf), z_chosen - log_mass)
-
-    def tempered_logprob(logits: torch.Tensor) -> torch.Tensor:
-        scaled = logits * inverse_temperature.unsqueeze(1)
-        return scaled.gather(1, chosen).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-
-    return ProductSample(token_ids, logprobs, tempered_logprob(plain), tempered_logprob(guide), log_normalizer)
-
-
 def select_backend(device: torch.device, backend: str = "auto") -> FusedSampler:
     """The fused pass for `device`: "reference" (eager torch), or "auto" (the fastest verified path)."""
-    from . import dispatch
-
     return dispatch.fused_sampler(device, backend)
 
 
@@ -288,7 +196,7 @@ def product_sample(
     keys = _noise_keys(rows, device, generator, seed, rollout_ids, positions)
     threshold = _filter_threshold_if_any(plain_logits, guide_logits, settings)
     fused = select_backend(device, backend)
-    result = fused(plain_logits, guide_logits, settings.lam, settings.temperature, threshold, keys)
+    result = fused(FusedInputs(plain_logits, guide_logits, settings.lam, settings.temperature, threshold, keys))
     _check_result(result, plain_logits, guide_logits)
     return result
 
@@ -325,8 +233,10 @@ def product_logprobs(
     if ((token_ids < 0) | (token_ids >= vocab)).any():
         raise ValueError(f"token_ids must lie in [0, {vocab}) (the vocabulary of the logits)")
     settings = _settings_rows(rows, vocab, plain_logits.device, lam, temperature, top_k, top_p, min_p)
-    threshold = _filter_threshold_if_any(plain_logits, guide_logits, settings)
-    z = _kept_mixed_logits(plain_logits, guide_logits, settings.lam, settings.temperature, threshold)
-    result = _outputs_at(plain_logits, guide_logits, settings.lam, settings.temperature, z, token_ids.long())
+    inputs = FusedInputs(
+        plain_logits, guide_logits, settings.lam, settings.temperature,
+        _filter_threshold_if_any(plain_logits, guide_logits, settings), keys=None,  # scoring draws no noise
+    )
+    result = outputs_at(inputs, kept_mixed_logits(inputs), token_ids.long())
     _check_result(result, plain_logits, guide_logits)
     return result

@@ -48,7 +48,7 @@ from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
-from .hf import _check_tokenizer_matches, guided_generate
+from .hf import check_tokenizer_matches, guided_generate
 from .importance import OFF_POLICY_MODE_NAMES, ImportanceConfig, OffPolicyWeights, off_policy_mode_weights
 from .metrics import guidance_metrics
 from .prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
@@ -678,7 +678,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
         self.engine_config = engine_importance_config(self.args) if self.use_vllm else ImportanceConfig()
         self._open_batches = _OpenBatches()
-        _check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
+        check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
         _check_answers(self.train_dataset, "train_dataset", rollout_func.answer_column)
         _check_answers(self.eval_dataset, "eval_dataset", rollout_func.answer_column)
         _warn_if_never_plain(rollout_func.controller.schedule, self.args.max_steps)

@@ -1,5 +1,5 @@
-"""Inputs of a fused sampling backend `(plain, guide, lam, temperature, threshold, keys)`, shared by the
-compiled-path and Triton-kernel tests so that both face the same cases."""
+"""Inputs of a fused sampling backend (`prodsample.fused.FusedInputs`), shared by the compiled-path and
+Triton-kernel tests so that both face the same cases."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import torch
 from hypothesis import strategies as st
 
 from prodsample import noise
-from prodsample.sampling import mixed_logits
+from prodsample.fused import FusedInputs, mixed_logits
 
 
 def noise_keys(rows: int, seed: int = 0) -> torch.Tensor:
     return noise.row_keys(torch.full((rows,), seed), torch.arange(rows), torch.full((rows,), 5))
 
 
-def fused_inputs(draw, rows: int, vocab: int):
-    """The arguments of a fused backend, drawn to reach every code path: λ ∈ {0, 1} or inside, greedy rows,
+def fused_inputs(draw, rows: int, vocab: int) -> FusedInputs:
+    """The inputs of a fused backend, drawn to reach every code path: λ ∈ {0, 1} or inside, greedy rows,
     −inf logits, a per-row threshold, half-precision inputs, ties."""
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     scale = draw(st.sampled_from([0.0, 1.0, 4.0, 30.0]))  # 0: every logit equal, all ties
@@ -37,7 +37,7 @@ def fused_inputs(draw, rows: int, vocab: int):
         z = mixed_logits(plain, guide, lam, temperature)
         keep = torch.randint(1, vocab + 1, (rows, 1), generator=generator)
         threshold = torch.sort(z, dim=1, descending=True).values.gather(1, keep - 1).squeeze(1)
-    return plain, guide, lam, temperature, threshold, noise_keys(rows, draw(st.integers(0, 2**40)))
+    return FusedInputs(plain, guide, lam, temperature, threshold, noise_keys(rows, draw(st.integers(0, 2**40))))
 
 
 def chi_square_logits():

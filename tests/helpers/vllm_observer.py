@@ -56,11 +56,11 @@ class StepObserver(V1LogitsProcessor):
         for index in batch_update.removed:
             self.rows.pop(index, None)
         for index, params, _prompt, output in batch_update.added:
-            tag = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
-            if tag is None:
+            extra = params.extra_args or {}
+            if f"{EXTRA_ARGS_KEY}.rollout" not in extra:
                 self.rows.pop(index, None)
                 continue
-            request = (tag["rollout"], tag["role"])
+            request = (extra[f"{EXTRA_ARGS_KEY}.rollout"], extra[f"{EXTRA_ARGS_KEY}.role"])
             LOG.outputs[request] = output
             self.rows[index] = (request, output)
         for source, target, direction in batch_update.moved:
