@@ -20,7 +20,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
-from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
+from prodsample.hf import build_contexts, guided_generate  # noqa: E402
 from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
@@ -28,6 +28,7 @@ from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
 from .helpers import vllm_observer  # noqa: E402
 from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engines for the session: seconds to build, more to stop
 
@@ -43,7 +44,6 @@ PROMPTS = [
 ]
 ANSWERS = ["19", "7", "81", "2 hours", "11 or 13", "42", "Paris", "32"]
 LAMS = [0.5, 0.0, 0.3, 1.0, 0.8, 0.5, 0.2, 0.6]  # per prompt; 0 and 1 included
-TOL = 2e-4  # fp32 logits of two engines (vLLM's CPU kernels vs transformers')
 ENGINE = dict(dtype="float32", enforce_eager=True, seed=0)
 
 
@@ -61,38 +61,6 @@ def hf(model_dir):
 @pytest.fixture(scope="session")
 def guided(model_dir):
     return GuidedLLM(model_dir, max_model_len=256, **ENGINE)
-
-
-def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k=None, top_p=None):
-    """Recorded log-probs equal teacher-forced ones: λ's q up to the first position whose guide log-prob is
-    NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error."""
-    model, tokenizer = hf
-    completions = rollout.completion_lists()
-    lams = rollout.lam.tolist()
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    with_lam = score(model, tokenizer, prompts, answers, completions, lam=lams, **filters)
-    on_policy = score(model, tokenizer, prompts, answers, completions, lam=1.0, **filters)
-    worst = 0.0
-    for r, completion in enumerate(completions):
-        guide = rollout.guide_logprobs[r, : len(completion)]
-        lost = int(torch.isnan(guide).nonzero()[0]) if torch.isnan(guide).any() else len(completion)
-        assert bool(torch.isnan(guide[lost:]).all()), "guide log-probs are NaN from the loss on"
-        assert lost == len(completion) or rollout.desynced[r], "a rollout that lost its guide context is flagged"
-        expected = torch.cat([with_lam.logprobs[r, :lost], on_policy.logprobs[r, lost : len(completion)]])
-        pairs = [
-            (rollout.logprobs[r, : len(completion)], expected),
-            (rollout.plain_logprobs[r, : len(completion)], with_lam.plain_logprobs[r, : len(completion)]),
-            (guide[:lost], with_lam.guide_logprobs[r, :lost]),
-        ]
-        for got, want in pairs:
-            both_inf = torch.isinf(got) & torch.isinf(want) & (got.sign() == want.sign())
-            errors = torch.where(both_inf, 0.0, (got - want).abs())
-            worst = max([worst, *errors.tolist()])
-    return worst
-
-
-def per_rollout(values, generations):
-    return [v for v in values for _ in range(generations)]
 
 
 # -- agreement with the HF path ----------------------------------------------------------------------------

@@ -37,9 +37,13 @@ class GuidedCall:
     """The requests of one call, prompt-major (rollout r = i·G + g), and what `rollout` needs to read them back."""
 
     rollouts: list[RolloutRequests]
+    prompts: list  # as given (strings or chat message lists), with their answers
+    answers: list[str]
     plain_ids: list[list[int]]  # per prompt
     lams: list[float]  # per rollout
     num_generations: int
+    settings: SamplingSettings  # λ as given, temperature and filters
+    hint_template: str
 
     @classmethod
     def plan(
@@ -80,7 +84,7 @@ class GuidedCall:
                               lams[r], seed, settings, max_new_tokens, tokenizer.eos_token_id)
             for r in range(rollouts)
         ]
-        return cls(requests, plain_ids, lams, num_generations)
+        return cls(requests, list(prompts), list(answers), plain_ids, lams, num_generations, settings, hint_template)
 
     @property
     def names(self) -> list[str]:

@@ -43,6 +43,7 @@ __all__ = [
     "RolloutDriver",
     "PacedDriver",
     "AdmitAll",
+    "check_pairs_fit",
     "RolloutOutcome",
     "settle",
     "GenerationStats",
@@ -259,20 +260,26 @@ class AdmitAll(PacedDriver):
     prefill budget, so those are refused here, before anything reaches the engine."""
 
     def run(self, engine: SteppedEngine, rollouts: Sequence[RolloutRequests]) -> DriveResult:
-        budget = engine.limits().max_num_batched_tokens
-        too_long = [rollout for rollout in rollouts if rollout.paired and rollout.prompt_tokens > budget]
-        if too_long:
-            raise ValueError(
-                f"the prompts of rollout {too_long[0].name!r} (guide + plain) hold {too_long[0].prompt_tokens} tokens, "
-                f"more than one engine step prefills (max_num_batched_tokens = {budget}), so the pair could not be "
-                f"kept in step ({len(too_long)} such rollouts); raise max_num_batched_tokens or shorten the prompts"
-            )
+        check_pairs_fit(rollouts, engine.limits().max_num_batched_tokens)
         return super().run(engine, rollouts)
 
     def admit(
         self, waiting: Sequence[RolloutRequests], running: Mapping[str, RolloutRequests], limits: EngineLimits
     ) -> int:
         return len(waiting)
+
+
+def check_pairs_fit(rollouts: Sequence[RolloutRequests], max_num_batched_tokens: int) -> None:
+    """Raise ValueError if the two prompts of a pair exceed what one engine step prefills: no scheduler keeps
+    such a pair in step (prodsample's refuses it)."""
+    too_long = [rollout for rollout in rollouts if rollout.paired and rollout.prompt_tokens > max_num_batched_tokens]
+    if too_long:
+        raise ValueError(
+            f"the prompts of rollout {too_long[0].name!r} (guide + plain) hold {too_long[0].prompt_tokens} tokens, "
+            f"more than one engine step prefills (max_num_batched_tokens = {max_num_batched_tokens}), so the pair "
+            f"could not be kept in step ({len(too_long)} such rollouts); raise max_num_batched_tokens or shorten "
+            "the prompts"
+        )
 
 
 class RolloutOutcome(NamedTuple):
