@@ -4,6 +4,7 @@ recomputes, and how it fails. The real server runs in tests/test_server.py."""
 import asyncio
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("transformers", reason="the client's tests need the hf extra (the tiny model and score)")
 httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from prodsample.client import AsyncGuidedClient, GuidedClient  # noqa: E402
+from prodsample.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
 from prodsample.hf import score  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
@@ -222,3 +223,27 @@ def test_the_blocking_client_refuses_to_run_inside_an_event_loop_and_the_async_o
 def test_bad_client_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GuidedClient("http://server", tiny_tokenizer(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "url"),
+    [
+        (dict(vllm_server_base_url="http://base:1", vllm_server_host="h", vllm_server_port=2), "http://base:1"),
+        (dict(vllm_server_base_url=None, vllm_server_host="h", vllm_server_port=2), "http://h:2"),
+    ],
+)
+def test_the_trl_server_backend_finds_trls_server_and_uses_the_trainers_tokenizer(args, url):
+    """The TRL hook's backend contract: backend(trainer, prompts, answers, **sampling) -> GuidedRollout."""
+    completion = [40, EOS]
+    server = FakeServer(lambda tag: completion, records=_RecordsFor(lambda name: record(completion)))
+    seen = []
+
+    def recorded(request):
+        seen.append(str(request.url))
+        return server(request)
+
+    trainer = SimpleNamespace(args=SimpleNamespace(**args), processing_class=tiny_tokenizer())
+    backend = ServerBackend(transport=httpx.MockTransport(recorded))
+    got = backend(trainer, PROMPTS, ANSWERS, lam=0.5, num_generations=2, seed=0, max_new_tokens=2, temperature=1.0,
+                  top_k=None, top_p=None, min_p=None, hint_template="{prompt} ({answer})")
+    assert len(got) == 4 and all(address.startswith(url) for address in seen)

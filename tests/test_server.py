@@ -11,6 +11,7 @@ Both servers start together (startup dominates: one to two minutes on a loaded 2
 """
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -30,7 +31,7 @@ from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E40
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-batched-tokens", "2048",
+SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "2048",
                 "--seed", "0", "--distributed-executor-backend", "uni",
                 "--worker-extension-cls", "prodsample.vllm.RecordsExtension"]
 # Prompts of about 5 to 300 characters (the tokenizer is character-level), each with its answer.
@@ -164,3 +165,22 @@ def test_without_the_pair_scheduler_every_desync_is_flagged_and_never_guided(ser
         prompts, answers = per_rollout(call["prompts"], GENERATIONS), per_rollout(call["answers"], GENERATIONS)
         # a desync the records missed would leave a solo draw's log π where log q is expected: this fails
         assert records_match_score(rollout, hf, prompts, answers) <= TOL
+
+
+def test_the_benchmark_command_at_toy_size(servers, tmp_path):
+    """`prodsample server` against the running servers: every run kind, per-client ratios and both desync rates."""
+    from prodsample import cli
+
+    out = tmp_path / "server-tiny"
+    assert cli.main(["server", "--model", "tiny", "--dtype", "float32", "--clients", "1", "2", "--prompts-per-client",
+                     "1", "--generations", "2", "--max-new-tokens", "4", "--rounds", "2", "--desync-prompts", "2",
+                     "--paired-url", servers["paired"], "--stock-url", servers["stock"], "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert {(run["kind"], run["clients"]) for run in summary["runs"] if run["kind"] != "desync"} == {
+        ("plain", 1), ("guided", 1), ("plain", 2), ("guided", 2)}
+    assert set(summary["time_per_token_ratio_guided_over_plain"]) == {"1", "2"}
+    assert all(len(r["per_round"]) == 2 for r in summary["time_per_token_ratio_guided_over_plain"].values())
+    assert summary["desync"]["with_scheduler"] == {"pairs": 4, "desynced": 0, "rate": 0.0, "causes": {}}
+    assert summary["desync"]["without_scheduler"]["pairs"] == 4
+    assert summary["command"].startswith("prodsample server --model tiny") and summary["git"]["revision"]
+    assert (out / "runs.csv").read_text().startswith("round,kind,server,clients,")

@@ -41,7 +41,7 @@ from .pairing import DesyncCause, RolloutRecord
 from .prompts import DEFAULT_HINT_TEMPLATE
 from .rollout import GuidedRollout
 
-__all__ = ["AsyncGuidedClient", "GuidedClient", "recompute_records"]
+__all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
 RECORDS_MODES = ("auto", "server", "recompute")
 
@@ -358,3 +358,25 @@ class GuidedClient:
     @property
     def last_records_source(self) -> str | None:
         return self.client.last_records_source
+
+
+class ServerBackend:
+    """A rollout backend of the TRL hook that samples through a vLLM server running prodsample:
+    `prodsample.trl.guided_rollout_func(schedule, backend=ServerBackend())` with TRL's server mode
+    (`GRPOConfig(use_vllm=True, vllm_mode="server")`). TRL pushes the trained weights into the server before
+    each rollout call (its NCCL weight transfer, which needs GPUs: not verified here); this backend sends the
+    rollouts with `GuidedClient`, rendering prompts with the trainer's tokenizer.
+
+    Args:
+        base_url: the server (default: TRL's `vllm_server_base_url`, else `vllm_server_host`:`vllm_server_port`).
+        client_kwargs: for `GuidedClient` (e.g. `policy=` to recompute records when the server has no dev mode).
+    """
+
+    def __init__(self, base_url: str | None = None, **client_kwargs) -> None:
+        self.base_url = base_url
+        self.client_kwargs = client_kwargs
+
+    def __call__(self, trainer, prompts, answers, **sampling) -> GuidedRollout:
+        args = trainer.args
+        url = self.base_url or args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+        return GuidedClient(url, trainer.processing_class, **self.client_kwargs).generate(prompts, answers, **sampling)
