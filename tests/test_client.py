@@ -26,12 +26,14 @@ class FakeServer:
     """A vLLM server in miniature: `tokens(tag)` says what a tagged request returns; records are served (dev
     mode) when `records` is set, by rollout name. Logs every request body by path."""
 
-    def __init__(self, tokens, *, records=None, dev_mode=True, processor=True, info=None, fail=None, hang=False):
+    def __init__(self, tokens, *, records=None, dev_mode=True, processor=True, info=None, fail=None, hang=False,
+                 slow_first_read=False):
         self.tokens, self.records, self.dev_mode, self.processor = tokens, records, dev_mode, processor
         self.info = {"samplers": 1, "keeps_pairs": True, "max_num_batched_tokens": 2048, "max_model_len": 256}
         self.info |= info or {}
         self.fail = fail  # tag → an httpx.Response to answer that request with
         self.hang = hang  # requests not failed never finish: they wait to be cancelled
+        self.slow_first_read = slow_first_read  # the first read of records takes 50 ms
         self.log: dict[str, list] = {}
         self.cancelled = 0
 
@@ -46,6 +48,8 @@ class FakeServer:
             if body["method"] == "prodsample_engine_info":
                 return httpx.Response(200, json={"results": [self.info]})
             names = json.loads(body["args"][0])
+            if self.slow_first_read and len(self.log["/collective_rpc"]) == 2:  # after the engine info
+                await asyncio.sleep(0.05)
             records = {name: self.records[name] for name in names if name in self.records}
             return httpx.Response(200, json={"results": [json.dumps(records)]})
         tag = GuidanceTag.from_extra_args(body["vllm_xargs"])
@@ -86,7 +90,10 @@ def test_requests_carry_the_tag_and_neutral_sampling_and_records_come_from_the_s
         return completion
 
     server.tokens = tokens
+    server.slow_first_read = True
     got = client(server).generate(PROMPTS, ANSWERS, lam=0.5, num_generations=2, max_new_tokens=3, seed=9)
+    reads = [json.loads(body["args"][0]) for body in server.log["/collective_rpc"][1:]]
+    assert len(reads) == 2 and sorted(map(len, reads)) == [1, 3], "the rollouts that finish during a read wait for one"
     bodies = server.log["/v1/completions"]
     assert len(bodies) == 8, "two requests per rollout"
     for body in bodies:

@@ -259,11 +259,12 @@ async def _run(
     records are read as soon as it finishes (the processor forgets records nobody reads, see `record_ttl_s`).
     On any failure the requests in flight are cancelled (the server aborts them) and their records dropped."""
     gate = asyncio.Semaphore(max_concurrency)
+    reader = _RecordReader(server)
 
     async def one(rollout: RolloutRequests):
         async with gate:
             tokens = await asyncio.gather(*(server.complete(request) for request in rollout.requests))
-            records = await server.take_records([rollout.name]) if take_records else {}
+            records = await reader.take(rollout.name) if take_records else {}
         return {request.request_id: t for request, t in zip(rollout.requests, tokens)}, records
 
     tasks = [asyncio.ensure_future(one(rollout)) for rollout in rollouts]
@@ -283,6 +284,39 @@ async def _run(
         completions.update(rollout_completions)
         records.update(rollout_records)
     return completions, records
+
+
+class _RecordReader:
+    """Reads the records of finished rollouts, many per call: the rollouts that finish while a read is in
+    flight are read together by the next one (each read is a `/collective_rpc`, which the engine serves
+    between two steps)."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.reading = asyncio.Lock()
+
+    async def take(self, rollout: str) -> dict[str, RolloutRecord]:
+        """{rollout: its record}, or {} if the server has none for it."""
+        mine = asyncio.get_running_loop().create_future()
+        self.waiting[rollout] = mine
+        async with self.reading:
+            if not mine.done():  # no earlier read took it along
+                batch, self.waiting = self.waiting, {}
+                try:
+                    records = await self.server.take_records(list(batch))
+                except BaseException as error:
+                    for waiter in batch.values():
+                        if waiter is mine:
+                            continue  # raised here
+                        if isinstance(error, Exception):
+                            waiter.set_exception(error)
+                        else:
+                            waiter.cancel()
+                    raise
+                for name, waiter in batch.items():
+                    waiter.set_result({name: records[name]} if name in records else {})
+        return await mine
 
 
 def recompute_records(
