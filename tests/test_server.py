@@ -31,7 +31,7 @@ from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E40
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "2048",
+SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1536",
                 "--seed", "0", "--distributed-executor-backend", "uni",
                 "--worker-extension-cls", "prodsample.vllm.RecordsExtension"]
 # Prompts of about 5 to 300 characters (the tokenizer is character-level), each with its answer.
@@ -147,10 +147,16 @@ def test_records_recomputed_on_a_local_policy_equal_the_servers(servers, hf):
         assert torch.allclose(getattr(served, name), getattr(recomputed, name), atol=TOL, rtol=0)
 
 
-def test_a_pair_the_server_cannot_prefill_whole_is_refused_before_sending(servers, hf):
-    _, tokenizer = hf
-    with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        GuidedClient(servers["paired"], tokenizer).generate(["x" * 2100], ["1"], lam=0.5, max_new_tokens=2)
+def test_a_pair_one_step_cannot_prefill_is_refused(servers, hf):
+    """About 1850 prompt tokens against a budget of 1536 a step: refused by the client where it can read the
+    budget (dev mode), else by the server's scheduler (an error the client names)."""
+    model, tokenizer = hf
+    prompt = "x" * 900  # the tokenizer is character-level
+    with pytest.raises(ValueError, match="max_num_batched_tokens = 1536"):
+        GuidedClient(servers["paired"], tokenizer).generate([prompt], ["1"], lam=0.5, max_new_tokens=2)
+    unchecked = GuidedClient(servers["paired"], tokenizer, policy=model, records="recompute")
+    with pytest.raises(RuntimeError, match=r"HTTP 500.*refuses a pair that one step cannot prefill"):
+        unchecked.generate([prompt], ["1"], lam=0.5, max_new_tokens=2)
 
 
 @pytest.mark.filterwarnings("ignore:prodsample. the server does not run")
