@@ -17,7 +17,7 @@ from reasoning-gym tasks, their answers as hints, G rollouts each.
   records.
 
 Writes results.json (every run, the load average before and after each, the command, git revision,
-versions, machine) and runs.csv into --out.
+versions, machine) and runs.csv into --out, and the servers' logs into --out/logs.
 """
 
 from __future__ import annotations
@@ -138,10 +138,11 @@ def main(argv=None) -> dict:
     servers = {}
     flags = server_flags(args.dtype, args.seed)
     wanted = {"paired": (args.paired_url, [*flags, "--scheduler-cls", SCHEDULER_CLS]), "stock": (args.stock_url, flags)}
+    (args.out / "logs").mkdir(exist_ok=True)  # not committed (.gitignore)
     for name, (url, server_args) in wanted.items():
         if url is None:
             servers[name] = LocalVllmServer(model_dir, server_args, env={"VLLM_SERVER_DEV_MODE": "1"},
-                                            log=args.out / f"server-{name}.log").start()
+                                            log=args.out / "logs" / f"server-{name}.log").start()
     started = time.perf_counter()
     try:
         urls = {name: url or servers[name].wait_ready() for name, (url, _) in wanted.items()}

@@ -12,7 +12,6 @@ Both servers start together (startup dominates: one to two minutes on a loaded 2
 
 import asyncio
 import json
-import threading
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from prodsample.benchmarks.vllm_server import in_threads  # noqa: E402
 from prodsample.client import AsyncGuidedClient, GuidedClient  # noqa: E402
 from prodsample.hf import guided_generate  # noqa: E402
 from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
@@ -88,33 +88,22 @@ def servers(model_dir, tmp_path_factory):
             server.stop()
 
 
-def run_load(url: str, tokenizer) -> list[tuple[dict, object, object]]:
+def run_load(url: str, tokenizer) -> list[tuple]:
     """Every thread's call at once; thread 0 through the asyncio client, the others blocking. Returns
-    (call, rollout, stats) per thread."""
-    results: list = [None] * THREADS
-    errors: list = []
+    (call, rollout, stats, records source) per thread."""
 
-    def work(t: int) -> None:
-        try:
-            call = thread_load(t)
-            if t == 0:
-                client = AsyncGuidedClient(url, tokenizer, max_concurrency=32)
-                rollout = asyncio.run(client.generate(call.pop("prompts"), call.pop("answers"), **call))
-            else:
-                client = GuidedClient(url, tokenizer, max_concurrency=32)
-                rollout = client.generate(call.pop("prompts"), call.pop("answers"), **call)
-            results[t] = (thread_load(t), rollout, client.last_stats, client.last_records_source)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(error)
+    def work(t: int) -> tuple:
+        call = thread_load(t)
+        prompts, answers = call.pop("prompts"), call.pop("answers")
+        if t == 0:
+            client = AsyncGuidedClient(url, tokenizer, max_concurrency=32)
+            rollout = asyncio.run(client.generate(prompts, answers, **call))
+        else:
+            client = GuidedClient(url, tokenizer, max_concurrency=32)
+            rollout = client.generate(prompts, answers, **call)
+        return thread_load(t), rollout, client.last_stats, client.last_records_source
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
+    return in_threads(THREADS, work)[1]
 
 
 def test_the_pair_scheduler_keeps_every_pair_of_a_concurrent_load_in_step(servers, hf):

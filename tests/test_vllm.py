@@ -10,6 +10,8 @@
   happen, and no pair falls out of step.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -208,7 +210,9 @@ def stressed(model_dir):
 
 @pytest.fixture(scope="session")
 def paired_stressed(model_dir):
-    return GuidedLLM(build_engine(model_dir, max_num_batched_tokens=256, **SMALL_CACHE, **ENGINE))
+    timeout = {"prodsample": {"pair_timeout_s": 5}}
+    engine = build_engine(model_dir, max_num_batched_tokens=256, additional_config=timeout, **SMALL_CACHE, **ENGINE)
+    return GuidedLLM(engine)
 
 
 def preemptions(llm) -> float:
@@ -293,3 +297,23 @@ def test_a_pair_one_step_cannot_prefill_is_refused(paired_stressed):
         unchecked.generate([long_prompt], ["1"], lam=0.5, max_new_tokens=4)
     again = paired_stressed.generate(PROMPTS[:2], ANSWERS[:2], lam=0.5, max_new_tokens=4, seed=0)
     assert again.guided.all(), "the engine serves the next call"
+
+
+def test_a_lone_request_waits_for_its_partner_then_runs_alone_flagged(paired_stressed):
+    """The engine steps while the first request of a pair waits (empty steps), and runs it alone once the
+    pair timeout (5 s here) has passed; the pairing records its rollout as lost at position 0."""
+    llm, tokenizer = paired_stressed.llm, paired_stressed.tokenizer
+    tag = GuidanceTag(rollout="lone", role=Role.PLAIN, rollout_index=0, seed=0,
+                      release_token=tokenizer.eos_token_id, settings=SamplingSettings(lam=0.5))
+    params = SamplingParams(max_tokens=4, temperature=0.0, extra_args=tag.to_extra_args())
+    added = time.monotonic()
+    llm.llm_engine.add_request("lone-plain", {"prompt_token_ids": tokenizer("9*9=")["input_ids"]}, params)
+    held = [llm.llm_engine.step() for _ in range(3)]
+    assert time.monotonic() - added < 5 and all(not outputs for outputs in held), "held while within the timeout"
+    time.sleep(max(0.0, 5.2 - (time.monotonic() - added)))
+    finished = []
+    while llm.llm_engine.has_unfinished_requests():
+        finished += [output for output in llm.llm_engine.step() if output.finished]
+    assert [output.request_id for output in finished] == ["lone-plain"]
+    record = paired_stressed._take(["lone"])["lone"]
+    assert (record.lost_at, record.cause) == (0, "partner_absent")
