@@ -313,7 +313,7 @@ def test_aborting_one_request_of_a_pair_aborts_the_other(base_config, running):
     assert scheduled == {} and finished["r0-guide"].finish_reason.name == "ABORT"
     assert "r0-plain" not in finished, "the client that aborted it is not told again"
     assert scheduler.pair_stats.partner_aborts == 1 and not scheduler.requests
-    assert not scheduler._members and not scheduler._rollout_of, "nothing of the pair is kept"
+    assert len(scheduler.pair_book) == 0, "nothing of the pair is kept"
 
 
 def test_finishing_a_lone_request_leaves_nothing_behind(base_config):
@@ -321,7 +321,7 @@ def test_finishing_a_lone_request_leaves_nothing_behind(base_config):
     guide, _ = pair("r0", 6)
     scheduler.add_request(guide)
     scheduler.finish_requests(["r0-guide"], RequestStatus.FINISHED_ABORTED)
-    assert scheduler.pair_stats.partner_aborts == 0 and not scheduler._members and not scheduler._deadlines
+    assert scheduler.pair_stats.partner_aborts == 0 and len(scheduler.pair_book) == 0
 
 
 def test_pairs_that_finish_together_are_forgotten(base_config):
@@ -332,7 +332,7 @@ def test_pairs_that_finish_together_are_forgotten(base_config):
     finished = {}
     while scheduler.has_requests():
         finished |= step(scheduler)[1]
-    assert set(finished) == {"r0-guide", "r0-plain"} and not scheduler._members and not scheduler._rollout_of
+    assert set(finished) == {"r0-guide", "r0-plain"} and len(scheduler.pair_book) == 0
 
 
 # -- refusal ---------------------------------------------------------------------------------------------

@@ -147,21 +147,224 @@ def _check_supported(vllm_config) -> None:
         )
 
 
-class _PairKeeping:
-    """The pair logic, mixed into vLLM's `Scheduler` or `AsyncScheduler` (see the module docstring)."""
+class _PairBook:
+    """Which requests are the two of a pair, which one waits for its partner (and until when), and which run as
+    single requests. Keyed by rollout (the tag), since a server names requests itself."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._members: dict[str, dict[Role, Request]] = {}  # rollout → its requests that arrived
+        self._rollout_of: dict[str, str] = {}  # request id → rollout
+        self._deadlines: dict[str, float] = {}  # rollout → when its lone request runs alone
+        self._alone: set[str] = set()  # request ids that run as single requests (flagged by the pairing)
+
+    def add(self, request: Request, tag: GuidanceTag) -> tuple[str, Request | None]:
+        """Book a request of a pair (λ < 1): ("lone", None) for the first of its rollout, ("pair", partner),
+        ("late", partner) when the partner already runs alone (so does this one), or ("duplicate", other)
+        when its role is taken."""
+        members = self._members.setdefault(tag.rollout, {})
+        if tag.role in members:
+            return "duplicate", members[tag.role]
+        members[tag.role] = request
+        self._rollout_of[request.request_id] = tag.rollout
+        if len(members) == 1:
+            self._deadlines[tag.rollout] = time.monotonic() + self.timeout_s
+            return "lone", None
+        self._deadlines.pop(tag.rollout, None)
+        partner = members[Role.GUIDE if tag.role is Role.PLAIN else Role.PLAIN]
+        if partner.request_id in self._alone:
+            self._alone.add(request.request_id)
+            return "late", partner
+        return "pair", partner
+
+    def partner(self, request: Request) -> Request | None:
+        """The other request of `request`'s pair, if both arrived and they still run as a pair."""
+        rollout = self._rollout_of.get(request.request_id)
+        if rollout is None or request.request_id in self._alone or len(self._members[rollout]) < 2:
+            return None
+        members = self._members[rollout]
+        return members[Role.GUIDE] if members[Role.PLAIN] is request else members[Role.PLAIN]
+
+    def waits(self, request: Request) -> bool:
+        """Whether `request` is the first of a pair, waiting for its partner."""
+        rollout = self._rollout_of.get(request.request_id)
+        return rollout is not None and rollout in self._deadlines and request.request_id not in self._alone
+
+    def overdue(self, now: float) -> list[Request]:
+        """The lone requests whose partner is later than the timeout, from now on single."""
+        late = [rollout for rollout, deadline in self._deadlines.items() if now >= deadline]
+        released = []
+        for rollout in late:
+            del self._deadlines[rollout]
+            released.extend(self._members[rollout].values())
+        self.run_alone(*released)
+        return released
+
+    def run_alone(self, *requests: Request) -> None:
+        self._alone.update(request.request_id for request in requests)
+
+    def forget(self, request: Request) -> None:
+        self._alone.discard(request.request_id)
+        rollout = self._rollout_of.pop(request.request_id, None)
+        if rollout is None:
+            return
+        members = self._members[rollout]
+        for role in [role for role, member in members.items() if member is request]:
+            del members[role]
+        if not members:
+            del self._members[rollout]
+            self._deadlines.pop(rollout, None)
+
+    def __len__(self) -> int:
+        """Rollouts with a request booked."""
+        return len(self._members)
+
+
+class _StepMeasure:
+    """What vLLM's scheduler gives a request in one step, counted as it counts: tokens, a request slot, KV
+    blocks (from the live `KVCacheManager`, no prefix-cache hit assumed, so upper bounds)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.kv = scheduler.kv_cache_manager
+        self.max_model_len = scheduler.max_model_len
+        self.lookahead = scheduler.num_lookahead_tokens
+        self.sampled_per_step = scheduler.num_sampled_tokens_per_step
+        self.long_prefill_threshold = scheduler.scheduler_config.long_prefill_token_threshold
+        tokens = min(scheduler.max_num_scheduled_tokens, scheduler.scheduler_config.max_num_batched_tokens)
+        blocks = self.kv.block_pool.num_gpu_blocks - 1  # one null block
+        self.capacity = _Share(tokens, scheduler.max_num_active_reqs, blocks - self.kv.watermark_blocks)
+
+    def free_blocks(self) -> int:
+        """Free KV blocks, less the watermark vLLM keeps back when it admits requests."""
+        return self.kv.block_pool.get_num_free_blocks() - self.kv.watermark_blocks
+
+    def tokens(self, request: Request) -> int:
+        """An upper bound on the tokens vLLM schedules for `request` in the next step."""
+        if request.status == RequestStatus.RUNNING:
+            if (
+                request.num_output_placeholders > 0
+                and request.num_computed_tokens + 2 - request.num_output_placeholders
+                >= request.num_prompt_tokens + request.max_tokens
+            ):
+                return 0  # async scheduling: its last token is already in flight
+            tokens = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
+        else:
+            tokens = request.num_tokens - request.num_computed_tokens
+        room = self.max_model_len - request.num_computed_tokens - self.sampled_per_step
+        return max(0, min(tokens, room))
+
+    def blocks(self, request: Request, tokens: int) -> int:
+        """KV blocks vLLM allocates for `tokens` more tokens of `request` (`KVCacheManager.allocate_slots`)."""
+        if tokens == 0:
+            return 0
+        computed = request.num_computed_tokens
+        return self.kv.coordinator.get_num_blocks_to_allocate(
+            request_id=request.request_id,
+            num_tokens=min(computed + tokens + self.lookahead, self.max_model_len),
+            new_computed_blocks=self.kv.empty_kv_cache_blocks.blocks,
+            num_encoder_tokens=0,
+            total_computed_tokens=computed,
+            num_local_computed_tokens=computed,
+            num_tokens_main_model=computed + tokens,
+            prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
+        )
+
+    def share(self, request: Request, tokens: int, *, admitting: bool) -> _Share:
+        """What `request` takes of a step: a slot and KV blocks count when it is admitted (a running
+        request's blocks are seen to by the preemption)."""
+        return _Share(tokens, 1, self.blocks(request, tokens)) if admitting else _Share(tokens)
+
+    def never_fits(self, *pair: Request) -> str | None:
+        """Why `pair` cannot be prefilled whole in one step even on an empty engine (None: it can)."""
+        tokens = [request.num_tokens for request in pair]
+        threshold = self.long_prefill_threshold
+        if threshold > 0 and max(tokens) > threshold:
+            return f"a prompt of {max(tokens)} tokens exceeds long_prefill_token_threshold = {threshold}"
+        if sum(tokens) > self.capacity.tokens:
+            return (f"its prompts hold {sum(tokens)} tokens together, more than one step prefills "
+                    f"(max_num_batched_tokens = {self.capacity.tokens}); raise --max-num-batched-tokens")
+        blocks = sum(self.blocks(request, request.num_tokens) for request in pair)
+        if blocks > self.capacity.blocks:
+            return f"its prompts need {blocks} KV-cache blocks, the cache holds {self.capacity.blocks}"
+        return None
+
+
+def _ready(request: Request) -> bool:
+    """Whether vLLM would consider a waiting request at all this step (it skips, and goes on past, one that
+    is blocked or still has output of a preempted step in flight)."""
+    if request.status == RequestStatus.RUNNING:
+        return True
+    if Scheduler._is_blocked_waiting_status(request.status):
+        return False
+    return not (request.num_stale_output_tokens and not request.drop_stale_output)
+
+
+def _walk(
+    queue: Sequence[Request], left: _Share, book: _PairBook, measure: _StepMeasure, *, admitting: bool
+) -> tuple[_Share, list[Request]]:
+    """Walk `queue` in vLLM's order, taking from `left` what vLLM would give each request. Returns what is left
+    and the requests to hold out of this step so that no pair is split: a pair goes only whole, and a request
+    between the two of a pair may not take what the second needs. `admitting`: `queue` is the waiting queue
+    (slots and KV blocks count, lone requests wait, and after a pair that has to wait everything later waits,
+    first come, first served); otherwise the running queue (tokens only)."""
+    in_queue = {request.request_id for request in queue}
+    held: list[Request] = []
+    held_ids: set[str] = set()
+    reserved = _Share()  # set aside for the second requests of pairs whose first was taken
+    second_of_taken: dict[str, _Share] = {}
+    blocked = False
+
+    def hold(*requests: Request) -> None:
+        held.extend(requests)
+        held_ids.update(request.request_id for request in requests)
+
+    for index, request in enumerate(queue):
+        if blocked and not second_of_taken:
+            hold(*(r for r in queue[index:] if r.request_id not in held_ids))
+            break
+        if request.request_id in held_ids:
+            continue
+        if request.request_id in second_of_taken:
+            reserved -= second_of_taken.pop(request.request_id)
+            continue
+        partner = book.partner(request)
+        if partner is not None and partner.request_id in in_queue:
+            shares = [measure.share(r, measure.tokens(r), admitting=admitting) for r in (request, partner)]
+            if blocked or not (_ready(request) and _ready(partner)):
+                hold(request, partner)
+            elif left.covers(shares[0] + shares[1]):
+                left -= shares[0] + shares[1]
+                reserved += shares[1]
+                second_of_taken[partner.request_id] = shares[1]
+            else:
+                hold(request, partner)
+                blocked = admitting
+            continue
+        if admitting and (blocked or book.waits(request) or left.seats < 1):
+            hold(request)
+            continue
+        tokens = min(measure.tokens(request), left.tokens + reserved.tokens)
+        share = measure.share(request, tokens, admitting=admitting)
+        if tokens > left.tokens or share.blocks > left.blocks:
+            hold(request)  # it would take what a pair's second request needs, or vLLM stops at it
+            blocked = admitting
+            continue
+        left -= share
+    return left, held
+
+
+class _PairLifecycle:
+    """Pairs arriving and leaving, mixed into vLLM's `Scheduler` or `AsyncScheduler`: books the requests of
+    pairs, refuses a pair one step cannot prefill, aborts a request with its partner, and reports the finishes
+    it makes itself. Holds the state `_PairStepping` plans each step with."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _check_supported(self.vllm_config)
-        self.pair_timeout_s = EngineSettings.of(self.vllm_config).pair_timeout_s
+        self.pair_book = _PairBook(EngineSettings.of(self.vllm_config).pair_timeout_s)
         self.pair_stats = PairStats()
-        self._members: dict[str, dict[Role, Request]] = {}  # rollout → its requests that arrived
-        self._rollout_of: dict[str, str] = {}  # request id → rollout, for requests of pairs (λ < 1)
-        self._deadlines: dict[str, float] = {}  # rollout → when its lone request runs alone
-        self._alone: set[str] = set()  # request ids that run as single requests (flagged by the pairing)
+        self.step_measure = _StepMeasure(self)
         self._unreported: list[Request] = []  # finished here, not by a step: their clients still wait
-
-    # -- arrival and departure -------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         known = request.request_id in self.requests
@@ -176,29 +379,20 @@ class _PairKeeping:
             return
         if tag is None or not tag.paired:
             return
-        members = self._members.setdefault(tag.rollout, {})
-        if tag.role in members:
+        outcome, partner = self.pair_book.add(request, tag)
+        if outcome == "duplicate":
             logger.error("prodsample: two requests claim the %s role of rollout %r; refused %s",
                          tag.role.value, tag.rollout, request.request_id)
             self._finish_here([request], RequestStatus.FINISHED_ERROR)
-            return
-        members[tag.role] = request
-        self._rollout_of[request.request_id] = tag.rollout
-        if len(members) == 1:
-            self._deadlines[tag.rollout] = time.monotonic() + self.pair_timeout_s
-            return
-        self._deadlines.pop(tag.rollout, None)
-        partner = members[Role.GUIDE if tag.role is Role.PLAIN else Role.PLAIN]
-        if partner.request_id in self._alone:
-            self._alone.add(request.request_id)  # too late: its partner already runs alone
+        elif outcome == "late":
             self.pair_stats.released_alone += 1
-            return
-        self.pair_stats.pairs += 1
-        reason = self._never_fits(partner, request)
-        if reason is not None:
-            logger.warning("prodsample: refused the pair of rollout %r: %s", tag.rollout, reason)
-            self.pair_stats.refused += 1
-            self._finish_here([partner, request], RequestStatus.FINISHED_ERROR)
+        elif outcome == "pair":
+            self.pair_stats.pairs += 1
+            reason = self.step_measure.never_fits(partner, request)
+            if reason is not None:
+                logger.warning("prodsample: refused the pair of rollout %r: %s", tag.rollout, reason)
+                self.pair_stats.refused += 1
+                self._finish_here([partner, request], RequestStatus.FINISHED_ERROR)
 
     def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
         """vLLM's finish, and the partner of each finished request of a pair aborted with it."""
@@ -208,7 +402,7 @@ class _PairKeeping:
         partners = []
         for request_id in ids:
             request = self.requests.get(request_id)
-            partner = None if request is None or request.is_finished() else self._partner(request)
+            partner = None if request is None or request.is_finished() else self.pair_book.partner(request)
             if partner is not None and partner.request_id not in ids and not partner.is_finished():
                 partners.append(partner)
         finished = super().finish_requests(ids, finished_status)
@@ -222,21 +416,8 @@ class _PairKeeping:
         self._unreported.extend(super().finish_requests([r.request_id for r in requests], status))
 
     def _free_request(self, request: Request, *args, **kwargs):
-        self._forget(request)
+        self.pair_book.forget(request)
         return super()._free_request(request, *args, **kwargs)
-
-    def _forget(self, request: Request) -> None:
-        self._alone.discard(request.request_id)
-        rollout = self._rollout_of.pop(request.request_id, None)
-        if rollout is None:
-            return
-        members = self._members.get(rollout, {})
-        for role, member in list(members.items()):
-            if member is request:
-                del members[role]
-        if not members:
-            self._members.pop(rollout, None)
-            self._deadlines.pop(rollout, None)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -252,113 +433,24 @@ class _PairKeeping:
         self._unreported.clear()
         return outputs
 
-    # -- pairs -----------------------------------------------------------------------------------------
 
-    def _partner(self, request: Request) -> Request | None:
-        """The other request of `request`'s pair, if both arrived and they still run as a pair."""
-        rollout = self._rollout_of.get(request.request_id)
-        if rollout is None or request.request_id in self._alone:
-            return None
-        members = self._members[rollout]
-        if len(members) < 2:
-            return None
-        return members[Role.GUIDE] if members[Role.PLAIN] is request else members[Role.PLAIN]
-
-    def _waits_for_partner(self, request: Request) -> bool:
-        return (
-            request.request_id in self._rollout_of
-            and request.request_id not in self._alone
-            and self._partner(request) is None
-        )
-
-    def _release_overdue(self) -> None:
-        now = time.monotonic()
-        for rollout, deadline in list(self._deadlines.items()):
-            if now < deadline:
-                continue
-            del self._deadlines[rollout]
-            for request in self._members[rollout].values():
-                self._alone.add(request.request_id)
-                self.pair_stats.released_alone += 1
-                logger.warning(
-                    "prodsample: request %s of rollout %r runs alone: its partner did not arrive within %.3g s (its "
-                    "rollout is flagged desynced)", request.request_id, rollout, self.pair_timeout_s,
-                )
-
-    # -- what a step can take --------------------------------------------------------------------------
-
-    def _step_capacity(self) -> _Share:
-        """Tokens, request slots and KV blocks of an empty step."""
-        tokens = min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens)
-        blocks = self.kv_cache_manager.block_pool.num_gpu_blocks - 1  # one null block
-        return _Share(tokens, self.max_num_active_reqs, blocks - self.kv_cache_manager.watermark_blocks)
-
-    def _never_fits(self, *pair: Request) -> str | None:
-        """Why `pair` cannot be prefilled whole in one step even on an empty engine (None: it can)."""
-        capacity = self._step_capacity()
-        tokens = [request.num_tokens for request in pair]
-        threshold = self.scheduler_config.long_prefill_token_threshold
-        if threshold > 0 and max(tokens) > threshold:
-            return f"a prompt of {max(tokens)} tokens exceeds long_prefill_token_threshold = {threshold}"
-        if sum(tokens) > capacity.tokens:
-            return (f"its prompts hold {sum(tokens)} tokens together, more than one step prefills "
-                    f"(max_num_batched_tokens = {capacity.tokens}); raise --max-num-batched-tokens")
-        blocks = sum(self._blocks(request, request.num_tokens) for request in pair)
-        if blocks > capacity.blocks:
-            return f"its prompts need {blocks} KV-cache blocks, the cache holds {capacity.blocks}"
-        return None
-
-    def _tokens_this_step(self, request: Request) -> int:
-        """An upper bound on the tokens vLLM schedules for `request` in the next step."""
-        if request.status == RequestStatus.RUNNING:
-            if (
-                request.num_output_placeholders > 0
-                and request.num_computed_tokens + 2 - request.num_output_placeholders
-                >= request.num_prompt_tokens + request.max_tokens
-            ):
-                return 0  # async scheduling: its last token is already in flight
-            tokens = request.num_tokens_with_spec + request.num_output_placeholders - request.num_computed_tokens
-        else:
-            tokens = request.num_tokens - request.num_computed_tokens
-        room = self.max_model_len - request.num_computed_tokens - self.num_sampled_tokens_per_step
-        return max(0, min(tokens, room))
-
-    def _blocks(self, request: Request, tokens: int) -> int:
-        """KV blocks vLLM allocates for `tokens` more tokens of `request` (no prefix-cache hit assumed, so
-        an upper bound), as `KVCacheManager.allocate_slots` counts them."""
-        if tokens == 0:
-            return 0
-        computed = request.num_computed_tokens
-        return self.kv_cache_manager.coordinator.get_num_blocks_to_allocate(
-            request_id=request.request_id,
-            num_tokens=min(computed + tokens + self.num_lookahead_tokens, self.max_model_len),
-            new_computed_blocks=self.kv_cache_manager.empty_kv_cache_blocks.blocks,
-            num_encoder_tokens=0,
-            total_computed_tokens=computed,
-            num_local_computed_tokens=computed,
-            num_tokens_main_model=computed + tokens,
-            prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
-        )
-
-    def _share(self, request: Request, tokens: int, *, admitting: bool) -> _Share:
-        """What `request` takes of a step: slots and KV blocks count when it is admitted; a running request's
-        blocks are seen to by `_preempt_whole_pairs`."""
-        return _Share(tokens, 1, self._blocks(request, tokens)) if admitting else _Share(tokens)
-
-    # -- the step --------------------------------------------------------------------------------------
+class _PairStepping:
+    """Each step, mixed in with `_PairLifecycle`: which requests vLLM's `schedule()` may see (module docstring),
+    and whole-pair preemption."""
 
     def schedule(self, *args, **kwargs):
         self._release_overdue()
+        self._split_grown_pairs()
         preempted = self._preempt_whole_pairs()
-        left, held_running = self._walk(self.running, self._running_budget(), admitting=False)
-        left.tokens -= sum(self._tokens_this_step(request) for request in self.kv_holding_waiting)
+        left, held_running = _walk(self.running, self._running_budget(), self.pair_book, self.step_measure,
+                                   admitting=False)
+        left.tokens -= sum(self.step_measure.tokens(request) for request in self.kv_holding_waiting)
         if preempted:
             held_waiting = list(self.waiting)  # as vLLM: no admission in a step that preempts
         else:
-            free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self.kv_cache_manager.watermark_blocks
-            left.blocks = free - sum(self._running_blocks(self.running, held_running))
+            left.blocks = self.step_measure.free_blocks() - sum(self._running_blocks(held_running))
             left.seats = self.max_num_active_reqs - len(self.running) - self.num_waiting_for_streaming_input
-            _, held_waiting = self._walk(list(self.waiting), left, admitting=True)
+            _, held_waiting = _walk(list(self.waiting), left, self.pair_book, self.step_measure, admitting=True)
         running, waiting = list(self.running), list(self.waiting)
         held_ids = {request.request_id for request in held_running}
         self.running = [request for request in running if request.request_id not in held_ids]
@@ -373,23 +465,47 @@ class _PairKeeping:
             self.waiting.clear()
             self.waiting.extend(restored)
 
-    def _running_budget(self) -> _Share:
-        return _Share(tokens=self._step_capacity().tokens)
+    def _release_overdue(self) -> None:
+        for request in self.pair_book.overdue(time.monotonic()):
+            self.pair_stats.released_alone += 1
+            logger.warning(
+                "prodsample: request %s runs alone: its partner did not arrive within %.3g s (its rollout is "
+                "flagged desynced)", request.request_id, self.pair_book.timeout_s,
+            )
 
-    def _running_blocks(self, running: Sequence[Request], held: Sequence[Request]) -> list[int]:
+    def _split_grown_pairs(self) -> None:
+        """A preempted pair that has grown past one step's prefill runs on as two single requests (vLLM cuts
+        their prefills; the pairing flags the rollout)."""
+        for request in self.waiting:
+            partner = self.pair_book.partner(request)
+            if request.status != RequestStatus.PREEMPTED or partner is None:
+                continue
+            reason = self.step_measure.never_fits(request, partner)
+            if reason is not None:
+                logger.warning("prodsample: the preempted pair of requests %s and %s runs on as two single "
+                               "requests: %s", request.request_id, partner.request_id, reason)
+                self.pair_book.run_alone(request, partner)
+                self.pair_stats.split_after_preemption += 1
+
+    def _running_budget(self) -> _Share:
+        return _Share(tokens=self.step_measure.capacity.tokens)
+
+    def _running_blocks(self, held: Sequence[Request]) -> list[int]:
+        """KV blocks each running request the step takes (all but `held`) allocates."""
         held_ids = {request.request_id for request in held}
-        return [self._blocks(r, self._tokens_this_step(r)) for r in running if r.request_id not in held_ids]
+        measure = self.step_measure
+        return [measure.blocks(r, measure.tokens(r)) for r in self.running if r.request_id not in held_ids]
 
     def _preempt_whole_pairs(self) -> bool:
         """Preempt from the back of the running queue, a pair at a time, until the running requests this step
         takes have their KV blocks. Returns whether anything was preempted."""
         preempted = False
         while self.running:
-            _, held = self._walk(self.running, self._running_budget(), admitting=False)
-            if sum(self._running_blocks(self.running, held)) <= self.kv_cache_manager.block_pool.get_num_free_blocks():
+            _, held = _walk(self.running, self._running_budget(), self.pair_book, self.step_measure, admitting=False)
+            if sum(self._running_blocks(held)) <= self.kv_cache_manager.block_pool.get_num_free_blocks():
                 return preempted
             victim = self.running[-1]
-            partner = self._partner(victim)
+            partner = self.pair_book.partner(victim)
             victims = [victim] + ([partner] if partner is not None and partner in self.running else [])
             victims.sort(key=self.running.index, reverse=True)  # each goes first in the queue: earlier one last
             self.running = [request for request in self.running if request not in victims]
@@ -400,84 +516,6 @@ class _PairKeeping:
                 self.pair_stats.preempted += 1
             preempted = True
         return preempted
-
-    def _walk(self, queue: Sequence[Request], left: _Share, *, admitting: bool) -> tuple[_Share, list[Request]]:
-        """Walk `queue` in vLLM's order, taking from `left` what vLLM would give each request. Returns what is
-        left and the requests to hold out of this step so that no pair is split: a pair goes only whole, and
-        a request between the two of a pair may not take what the second needs. `admitting`: `queue` is the
-        waiting queue (slots and KV blocks count, lone requests wait, and after a pair that has to wait
-        everything later waits); otherwise the running queue (tokens only: preemption sees to the blocks)."""
-        in_queue = {request.request_id for request in queue}
-        held: list[Request] = []
-        held_ids: set[str] = set()
-        reserved = _Share()  # set aside for second requests of pairs whose first was taken
-        second_of_taken: dict[str, _Share] = {}
-        blocked = False
-
-        def hold(*requests: Request) -> None:
-            held.extend(requests)
-            held_ids.update(request.request_id for request in requests)
-
-        for index, request in enumerate(queue):
-            if blocked and admitting and not reserved.tokens:
-                hold(*(r for r in queue[index:] if r.request_id not in held_ids))  # first come, first served
-                break
-            if request.request_id in held_ids:
-                continue
-            if request.request_id in second_of_taken:
-                reserved -= second_of_taken.pop(request.request_id)
-                continue
-            partner = self._partner(request)
-            if partner is not None and admitting and not self._fits_one_step(request, partner):
-                partner = None  # both run as single requests from now on
-            if partner is not None and partner.request_id in in_queue:
-                shares = [self._share(r, self._tokens_this_step(r), admitting=admitting) for r in (request, partner)]
-                if blocked or not (self._ready(request) and self._ready(partner)):
-                    hold(request, partner)
-                elif left.covers(shares[0] + shares[1]):
-                    left -= shares[0] + shares[1]
-                    reserved += shares[1]
-                    second_of_taken[partner.request_id] = shares[1]
-                else:
-                    hold(request, partner)
-                    blocked = admitting
-                continue
-            if admitting and (blocked or self._waits_for_partner(request) or left.seats < 1):
-                hold(request)
-                continue
-            tokens = min(self._tokens_this_step(request), left.tokens + reserved.tokens)
-            share = self._share(request, tokens, admitting=admitting)
-            if tokens > left.tokens or (admitting and share.blocks > left.blocks):
-                if reserved.tokens or reserved.blocks:
-                    hold(request)  # it would take what a pair's second request needs
-                    continue
-                if admitting and share.blocks > left.blocks:
-                    hold(request)  # vLLM stops at the first request it cannot place
-                    blocked = True
-                    continue
-            left -= share
-        return left, held
-
-    def _fits_one_step(self, first: Request, second: Request) -> bool:
-        """Whether a waiting pair can still be prefilled whole; a preempted pair that has grown past one
-        step runs on as two single requests from here (flagged by the pairing)."""
-        reason = self._never_fits(first, second)
-        if reason is None:
-            return True
-        logger.warning("prodsample: the preempted pair of requests %s and %s runs on as two single requests: %s",
-                       first.request_id, second.request_id, reason)
-        self._alone.update((first.request_id, second.request_id))
-        self.pair_stats.split_after_preemption += 1
-        return False
-
-    def _ready(self, request: Request) -> bool:
-        """Whether vLLM would consider a waiting request at all this step (it skips, and goes on past, one
-        that is blocked or still has output of a preempted step in flight)."""
-        if request.status == RequestStatus.RUNNING:
-            return True
-        if self._is_blocked_waiting_status(request.status):
-            return False
-        return not (request.num_stale_output_tokens and not request.drop_stale_output)
 
 
 def _restored(
@@ -494,10 +532,10 @@ def _restored(
 
 def keeps_pairs(vllm_config) -> bool:
     """Whether an engine of this config runs a scheduler that keeps pairs together (this module's)."""
-    return issubclass(vllm_config.scheduler_config.get_scheduler_cls(), _PairKeeping)
+    return issubclass(vllm_config.scheduler_config.get_scheduler_cls(), _PairStepping)
 
 
-class PairedScheduler(_PairKeeping, Scheduler):
+class PairedScheduler(_PairLifecycle, _PairStepping, Scheduler):
     """vLLM's synchronous `Scheduler` keeping pairs together (module docstring). The name to give vLLM
     (`SCHEDULER_CLS`): under async scheduling, constructing it yields a `PairedAsyncScheduler`."""
 
@@ -508,5 +546,5 @@ class PairedScheduler(_PairKeeping, Scheduler):
         return super().__new__(cls)
 
 
-class PairedAsyncScheduler(_PairKeeping, AsyncScheduler):
+class PairedAsyncScheduler(_PairLifecycle, _PairStepping, AsyncScheduler):
     """vLLM's `AsyncScheduler` keeping pairs together (module docstring)."""
