@@ -179,9 +179,13 @@ def test_external_harness_seam(monkeypatch, capsys):
         cli.main(["absent"])
 
 
-@pytest.mark.parametrize("command, option", [("kernel", "--quick"), ("train", "--arms"), ("vllm", "--desync-prompts")])
+@pytest.mark.parametrize(
+    "command, option",
+    [("kernel", "--quick"), ("train", "--arms"), ("vllm", "--desync-prompts"), ("server", "--paired-url")],
+)
 def test_own_parser_commands_reach_their_harness(command, option, capsys):
-    """Their runs are smoke-tested by their own suites (test_kernel_*, test_claim, test_vllm); here, the wiring."""
+    """Their runs are smoke-tested by their own suites (test_kernel_*, test_claim, test_vllm, test_server); here,
+    the wiring."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
     assert exit_info.value.code == 0 and option in capsys.readouterr().out
@@ -193,5 +197,5 @@ def test_console_script_is_installed():
     assert path is not None
     result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("quick", "reward", "generate", "report", "kernel", "vllm", "train"):
+    for command in ("quick", "reward", "generate", "report", "kernel", "vllm", "server", "train"):
         assert command in result.stdout

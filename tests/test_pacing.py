@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from prodsample.pacing import (
+    AdmitAll,
     EngineLimits,
     EngineRequest,
     FinishedRequest,
@@ -196,15 +197,22 @@ def test_a_rollout_too_big_for_the_prefill_budget_enters_an_empty_engine_alone()
     assert len(result.completions) == 6
 
 
-def test_a_custom_admission_is_honoured():
-    class AllAtOnce(PacedDriver):
-        def admit(self, waiting, running, limits):
-            return len(waiting)
-
-    rollouts = [rollout(i) for i in range(4)]
+def test_admit_all_adds_every_rollout_before_the_first_step():
+    """`AdmitAll` (a custom admission) leaves the pacing to the engine: here the fake engine runs all at once."""
+    rollouts = [rollout(i) for i in range(4)] + [rollout(4, lam=1.0)]
     engine = FakeEngine(ROOMY | dict(max_num_seqs=2))
-    result = AllAtOnce().run(engine, rollouts)
-    assert len(engine.log[0].added) == 8 and result.engine_steps == 3
+    result = AdmitAll().run(engine, rollouts)
+    assert len(engine.log[0].added) == 9 and result.engine_steps == 3 and len(result.completions) == 9
+
+
+def test_admit_all_refuses_a_pair_one_step_cannot_prefill_before_adding_anything():
+    limits = ROOMY | dict(max_num_batched_tokens=16)
+    engine = FakeEngine(limits)
+    with pytest.raises(ValueError, match=r"rollout 'call-1' .* hold 22 tokens, more .*max_num_batched_tokens = 16"):
+        AdmitAll().run(engine, [rollout(0, prompt_len=2), rollout(1, prompt_len=10), rollout(2, prompt_len=12)])
+    assert engine.log == [] and engine.pending == []
+    single = rollout(3, lam=1.0, prompt_len=20)  # one request: the engine may cut its prompt, no pair to split
+    assert len(AdmitAll().run(engine, [single]).completions) == 1
 
 
 @pytest.mark.parametrize("chosen", [-1, 5])

@@ -33,8 +33,8 @@ def tag(rollout: str, role: Role, *, index: int = 0, lam: float = 0.5, temperatu
 
 
 class FakeRunner:
-    def __init__(self, *, v2: bool = False):
-        self.sampler = PairedSampler(backend="reference")
+    def __init__(self, *, v2: bool = False, sampler: PairedSampler | None = None):
+        self.sampler = PairedSampler(backend="reference") if sampler is None else sampler
         self.outputs: dict[RequestKey, list[int]] = {}
         self.logits_seen: list[dict[RequestKey, torch.Tensor]] = []
         self.v2 = v2
@@ -265,6 +265,26 @@ def test_take_leaves_out_unknown_rollouts_and_rows_of_taken_ones_are_left_alone(
     runner.sampler.take(["a"])  # read out while its requests are still in the batch (an abort)
     processed = runner.step([guide, plain])
     assert torch.isfinite(processed).all()
+
+
+def test_rollouts_no_step_has_seen_for_the_ttl_are_forgotten():
+    """A server whose clients never take their records forgets them; the rows of a forgotten rollout that is
+    still in the batch are left alone (its records are gone: reading them fails, never silently)."""
+    now = [0.0]
+    runner = FakeRunner(sampler=PairedSampler(backend="reference", record_ttl_s=10.0, clock=lambda: now[0]))
+    runner.add(tag("old", Role.GUIDE), tag("old", Role.PLAIN), tag("new", Role.GUIDE), tag("new", Role.PLAIN))
+    old_plain, old_guide = keys("old")
+    new_plain, new_guide = keys("new")
+    runner.step([old_guide, old_plain, new_guide, new_plain])
+    now[0] = 5.0
+    runner.step([new_guide, new_plain])
+    now[0] = 10.0
+    runner.step([new_guide, new_plain])
+    assert len(runner.sampler) == 2, "10 s idle is not more than the ttl"
+    now[0] = 11.0  # the next sweep (at most one a second)
+    processed = runner.step([old_guide, old_plain, new_guide, new_plain])
+    assert len(runner.sampler) == 1 and torch.isfinite(processed[:2]).all(), "old is forgotten, its rows untouched"
+    assert set(runner.sampler.take(["old", "new"])) == {"new"}
 
 
 def test_tag_round_trips_through_flat_extra_args():

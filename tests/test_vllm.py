@@ -2,11 +2,15 @@
 
 - `guided`: GuidedLLM with its default settings. Same tokens as `prodsample.hf.guided_generate`, records
   equal to `prodsample.hf.score`, a chi-square test that the draws follow q, untagged requests untouched.
-- `stressed`: a KV cache of a few blocks and a prefill budget smaller than the prompts, every pair
-  submitted at once (no pacing), and a read-only observer (tests/helpers/vllm_observer.py) logging where each
-  request stands at every step. Preemptions and prefill chunks happen; every rollout the observer saw fall
-  out of step is flagged, no other, and every recorded log-prob is what was drawn.
+- `stressed`: vLLM's own scheduler, a KV cache of a few blocks and a prefill budget smaller than the
+  prompts, every pair submitted at once (no pacing), and a read-only observer (tests/helpers/vllm_observer.py)
+  logging where each request stands at every step. Preemptions and prefill chunks happen; every rollout the
+  observer saw fall out of step is flagged, no other, and every recorded log-prob is what was drawn.
+- `paired_stressed`: the same small KV cache under prodsample's scheduler (GuidedLLM's default): preemptions
+  happen, and no pair falls out of step.
 """
+
+import time
 
 import pytest
 import torch
@@ -18,14 +22,15 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
-from prodsample.hf import build_contexts, guided_generate, score  # noqa: E402
-from prodsample.pacing import PacedDriver  # noqa: E402
+from prodsample.hf import build_contexts, guided_generate  # noqa: E402
+from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
 from prodsample.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
 from .helpers import vllm_observer  # noqa: E402
 from .helpers.reference import chi_square_pvalue, product_distribution  # noqa: E402
+from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # two engines for the session: seconds to build, more to stop
 
@@ -41,7 +46,6 @@ PROMPTS = [
 ]
 ANSWERS = ["19", "7", "81", "2 hours", "11 or 13", "42", "Paris", "32"]
 LAMS = [0.5, 0.0, 0.3, 1.0, 0.8, 0.5, 0.2, 0.6]  # per prompt; 0 and 1 included
-TOL = 2e-4  # fp32 logits of two engines (vLLM's CPU kernels vs transformers')
 ENGINE = dict(dtype="float32", enforce_eager=True, seed=0)
 
 
@@ -59,38 +63,6 @@ def hf(model_dir):
 @pytest.fixture(scope="session")
 def guided(model_dir):
     return GuidedLLM(model_dir, max_model_len=256, **ENGINE)
-
-
-def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k=None, top_p=None):
-    """Recorded log-probs equal teacher-forced ones: λ's q up to the first position whose guide log-prob is
-    NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error."""
-    model, tokenizer = hf
-    completions = rollout.completion_lists()
-    lams = rollout.lam.tolist()
-    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    with_lam = score(model, tokenizer, prompts, answers, completions, lam=lams, **filters)
-    on_policy = score(model, tokenizer, prompts, answers, completions, lam=1.0, **filters)
-    worst = 0.0
-    for r, completion in enumerate(completions):
-        guide = rollout.guide_logprobs[r, : len(completion)]
-        lost = int(torch.isnan(guide).nonzero()[0]) if torch.isnan(guide).any() else len(completion)
-        assert bool(torch.isnan(guide[lost:]).all()), "guide log-probs are NaN from the loss on"
-        assert lost == len(completion) or rollout.desynced[r], "a rollout that lost its guide context is flagged"
-        expected = torch.cat([with_lam.logprobs[r, :lost], on_policy.logprobs[r, lost : len(completion)]])
-        pairs = [
-            (rollout.logprobs[r, : len(completion)], expected),
-            (rollout.plain_logprobs[r, : len(completion)], with_lam.plain_logprobs[r, : len(completion)]),
-            (guide[:lost], with_lam.guide_logprobs[r, :lost]),
-        ]
-        for got, want in pairs:
-            both_inf = torch.isinf(got) & torch.isinf(want) & (got.sign() == want.sign())
-            errors = torch.where(both_inf, 0.0, (got - want).abs())
-            worst = max([worst, *errors.tolist()])
-    return worst
-
-
-def per_rollout(values, generations):
-    return [v for v in values for _ in range(generations)]
 
 
 # -- agreement with the HF path ----------------------------------------------------------------------------
@@ -173,6 +145,7 @@ def test_untagged_requests_pass_through(guided, hf):
 
 def test_wrapping_an_existing_engine_gives_the_same_rollouts(guided):
     again = GuidedLLM(guided.llm)
+    assert isinstance(again.driver, AdmitAll), "the engine runs prodsample's scheduler: everything is added at once"
     a = guided.generate(PROMPTS[:3], ANSWERS[:3], lam=0.5, num_generations=4, max_new_tokens=12, seed=3)
     b = again.generate(PROMPTS[:3], ANSWERS[:3], lam=0.5, num_generations=4, max_new_tokens=12, seed=3)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
@@ -224,13 +197,22 @@ class Unpaced(PacedDriver):
         return len(waiting)
 
 
+SMALL_CACHE = dict(max_model_len=256, block_size=32, num_gpu_blocks_override=24, disable_log_stats=False,
+                   logits_processors=["tests.helpers.vllm_observer:StepObserver"])
+
+
 @pytest.fixture(scope="session")
 def stressed(model_dir):
-    llm = build_engine(
-        model_dir, max_model_len=256, block_size=32, num_gpu_blocks_override=24, max_num_batched_tokens=96,
-        logits_processors=["tests.helpers.vllm_observer:StepObserver"], disable_log_stats=False, **ENGINE,
-    )
+    llm = build_engine(model_dir, max_num_batched_tokens=96, scheduler_cls=None, **SMALL_CACHE, **ENGINE)
+    assert type(GuidedLLM(llm).driver) is PacedDriver, "vLLM's own scheduler: the driver paces"
     return GuidedLLM(llm, driver=Unpaced())
+
+
+@pytest.fixture(scope="session")
+def paired_stressed(model_dir):
+    timeout = {"prodsample": {"pair_timeout_s": 5}}
+    engine = build_engine(model_dir, max_num_batched_tokens=256, additional_config=timeout, **SMALL_CACHE, **ENGINE)
+    return GuidedLLM(engine)
 
 
 def preemptions(llm) -> float:
@@ -289,3 +271,49 @@ def test_benchmark_command_at_toy_size(tmp_path):
     assert summary["desync"]["pairs"] == 4 and summary["time_per_token_ratio_guided_over_plain"]["median"] > 0
     assert summary["command"].startswith("prodsample vllm --model tiny") and summary["git"]["revision"]
     assert (out / "runs.csv").read_text().startswith("round,kind,")
+
+
+def test_the_pair_scheduler_keeps_pairs_in_step_through_preemptions(paired_stressed, hf):
+    """The load that desyncs pairs under vLLM's scheduler (`test_preemptions_are_detected...`), all added at
+    once: prodsample's scheduler preempts and resumes whole pairs, and no rollout falls out of step."""
+    prompts, answers, generations = PROMPTS[:6], ANSWERS[:6], 4
+    before = preemptions(paired_stressed.llm)
+    rollout, observed, _ = observe(paired_stressed, prompts, answers, lam=0.5, num_generations=generations,
+                                   max_new_tokens=48, seed=7, temperature=1.0)
+    assert preemptions(paired_stressed.llm) > before, "the small KV cache forced preemptions"
+    assert not observed.any() and not rollout.desynced.any() and bool(rollout.guided.all())
+    assert paired_stressed.last_stats.desynced == 0
+    assert records_match_score(rollout, hf, per_rollout(prompts, generations), per_rollout(answers, generations)) <= TOL
+
+
+def test_a_pair_one_step_cannot_prefill_is_refused(paired_stressed):
+    """Guide and plain prompts of about 220 tokens each against a budget of 256 tokens a step: GuidedLLM
+    refuses before sending; sent anyway, the engine's scheduler refuses it."""
+    long_prompt = "x" * 200  # the tokenizer is character-level
+    with pytest.raises(ValueError, match="max_num_batched_tokens = 256"):
+        paired_stressed.generate([long_prompt], ["1"], lam=0.5, max_new_tokens=4)
+    unchecked = GuidedLLM(paired_stressed.llm, driver=Unpaced())
+    with pytest.raises(RuntimeError, match="finish reason 'error'"):
+        unchecked.generate([long_prompt], ["1"], lam=0.5, max_new_tokens=4)
+    again = paired_stressed.generate(PROMPTS[:2], ANSWERS[:2], lam=0.5, max_new_tokens=4, seed=0)
+    assert again.guided.all(), "the engine serves the next call"
+
+
+def test_a_lone_request_waits_for_its_partner_then_runs_alone_flagged(paired_stressed):
+    """The engine steps while the first request of a pair waits (empty steps), and runs it alone once the
+    pair timeout (5 s here) has passed; the pairing records its rollout as lost at position 0."""
+    llm, tokenizer = paired_stressed.llm, paired_stressed.tokenizer
+    tag = GuidanceTag(rollout="lone", role=Role.PLAIN, rollout_index=0, seed=0,
+                      release_token=tokenizer.eos_token_id, settings=SamplingSettings(lam=0.5))
+    params = SamplingParams(max_tokens=4, temperature=0.0, extra_args=tag.to_extra_args())
+    added = time.monotonic()
+    llm.llm_engine.add_request("lone-plain", {"prompt_token_ids": tokenizer("9*9=")["input_ids"]}, params)
+    held = [llm.llm_engine.step() for _ in range(3)]
+    assert time.monotonic() - added < 5 and all(not outputs for outputs in held), "held while within the timeout"
+    time.sleep(max(0.0, 5.2 - (time.monotonic() - added)))
+    finished = []
+    while llm.llm_engine.has_unfinished_requests():
+        finished += [output for output in llm.llm_engine.step() if output.finished]
+    assert [output.request_id for output in finished] == ["lone-plain"]
+    record = paired_stressed._take(["lone"])["lone"]
+    assert (record.lost_at, record.cause) == (0, "partner_absent")

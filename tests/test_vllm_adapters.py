@@ -49,7 +49,7 @@ def params(role: Role, *, rollout="r0", index=0, lam=0.5, **overrides) -> Sampli
 
 
 def config(name: str):
-    return SimpleNamespace(instance_id=name)
+    return SimpleNamespace(instance_id=name, additional_config={})
 
 
 def forced_token(row: torch.Tensor) -> int:

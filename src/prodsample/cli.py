@@ -6,12 +6,15 @@
     prodsample report DIR [DIR ...]    # rebuild tables, CSV/JSON and plots from a result directory
     prodsample kernel [options]        # the fused sampling kernel benchmark (issue 5)
     prodsample vllm --out DIR [...]    # guided vs plain decoding on one vLLM engine, desync rate (issue 4)
+    prodsample server --out DIR [...]  # the same through a vLLM server at 1/4/16 clients, with and without
+                                       #   prodsample's scheduler (issue 15)
     prodsample train --out DIR [...]   # the claim experiment: GRPO arms with and without guidance (issue 7)
 
 Each command's harness lives in `prodsample.benchmarks` (the repository's `benchmarks/`). The built-in ones
 expose `add_arguments(parser)` and `main(args)`; a harness that keeps its own argument parser (`kernel`,
-`vllm`, `train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the registry; a
-registered harness missing from an installation gets a subcommand that says which module and issue provide it.
+`vllm`, `server`, `train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the
+registry; a registered harness missing from an installation gets a subcommand that says which module and issue
+provide it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ HARNESSES = {
     "vllm": Harness("prodsample.benchmarks.vllm_generate", "guided vs plain tokens/s on one vLLM engine, and the "
                     "desync rate of GuidedLLM's defaults (issue 4)", own_parser=True,
                     provided_by="the vLLM integration (issue 4)"),
+    "server": Harness("prodsample.benchmarks.vllm_server", "guided vs plain time per token through a vLLM server at "
+                      "1, 4 and 16 concurrent clients, and the desync rate with and without prodsample's scheduler "
+                      "(issue 15)", own_parser=True, provided_by="server mode (issue 15)"),
     "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance "
                      "(issue 7)", own_parser=True, provided_by="the claim experiment (issue 7)"),
 }

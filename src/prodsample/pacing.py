@@ -19,8 +19,9 @@ implements (`prodsample.vllm` over `vllm.LLM.llm_engine`; the tests over a fake 
   abort(request_ids)         drop requests; ids the engine does not hold are ignored
   has_unfinished_requests()  whether the engine still holds any request
 
-A driver is anything with `PacedDriver.run`'s signature (`RolloutDriver`), so an engine that keeps pairs
-together by itself can be given one that admits everything at once.
+A driver is anything with `PacedDriver.run`'s signature (`RolloutDriver`). An engine that keeps pairs
+together by itself (vLLM with `prodsample.vllm_scheduler.PairedScheduler`) gets `AdmitAll`, which adds every
+rollout at once and leaves the pacing to the engine's scheduler.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ __all__ = [
     "DriveResult",
     "RolloutDriver",
     "PacedDriver",
+    "AdmitAll",
+    "check_pairs_fit",
     "RolloutOutcome",
     "settle",
     "GenerationStats",
@@ -249,6 +252,34 @@ class PacedDriver:
             step_tokens += rollout.prompt_tokens
             blocks += rollout.blocks(limits)
         return admitted
+
+
+class AdmitAll(PacedDriver):
+    """Adds every rollout before the first step, for an engine whose scheduler admits the two requests of a
+    pair together by itself. Such a scheduler cannot keep in step a pair whose prompts exceed one step's
+    prefill budget, so those are refused here, before anything reaches the engine."""
+
+    def run(self, engine: SteppedEngine, rollouts: Sequence[RolloutRequests]) -> DriveResult:
+        check_pairs_fit(rollouts, engine.limits().max_num_batched_tokens)
+        return super().run(engine, rollouts)
+
+    def admit(
+        self, waiting: Sequence[RolloutRequests], running: Mapping[str, RolloutRequests], limits: EngineLimits
+    ) -> int:
+        return len(waiting)
+
+
+def check_pairs_fit(rollouts: Sequence[RolloutRequests], max_num_batched_tokens: int) -> None:
+    """Raise ValueError if the two prompts of a pair exceed what one engine step prefills: no scheduler keeps
+    such a pair in step (prodsample's refuses it)."""
+    too_long = [rollout for rollout in rollouts if rollout.paired and rollout.prompt_tokens > max_num_batched_tokens]
+    if too_long:
+        raise ValueError(
+            f"the prompts of rollout {too_long[0].name!r} (guide + plain) hold {too_long[0].prompt_tokens} tokens, "
+            f"more than one engine step prefills (max_num_batched_tokens = {max_num_batched_tokens}), so the pair "
+            f"could not be kept in step ({len(too_long)} such rollouts); raise max_num_batched_tokens or shorten "
+            "the prompts"
+        )
 
 
 class RolloutOutcome(NamedTuple):

