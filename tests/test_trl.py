@@ -469,12 +469,17 @@ def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, r
         (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
             Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=10)))),
          ValueError, r"self_distill's β reaches 0 at step 10, after training stops at max_steps=4"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
+            Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=4))),
+            importance_sampling_level="sequence", loss_type="grpo"),
+         ValueError, "importance_sampling_level must be 'token', got 'sequence'"),
     ],
     ids=["row without answer", "no answer column", "unknown backend", "temperature 0", "unknown off-policy mode",
          "probe mode", "vllm backend without vllm", "foreign rollout_func", "luffy with reuse", "repetition penalty",
          "guided_per_group > G", "baseline_keeping with a token-mean loss", "baseline_keeping with batch scaling",
          "baseline_keeping with per-function normalisation", "truncate without baseline_keeping", "truncate below 1",
-         "self_distill not a coefficient", "distill_clip without self_distill", "self_distill past max_steps"],
+         "self_distill not a coefficient", "distill_clip without self_distill", "self_distill past max_steps",
+         "self_distill with sequence-level ratios"],
 )
 def test_bad_input_fails_clearly(tokenizer, tmp_path, make, error, message):
     with pytest.raises(error, match=message):

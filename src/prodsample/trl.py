@@ -710,6 +710,11 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         )
     if rollout_func.off_policy == "baseline_keeping":
         _check_baseline_keeping_args(args)
+    if rollout_func.self_distill is not None and args.importance_sampling_level != "token":
+        raise ValueError(
+            "self_distill adds a per-token advantage, which a sequence-level ratio would spread over the whole "
+            f"completion: importance_sampling_level must be 'token', got {args.importance_sampling_level!r}"
+        )
     if rollout_func.self_distill is not None and args.max_steps > 0:
         _check_distill_ends(rollout_func.self_distill, args.max_steps)
 
@@ -804,8 +809,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
     token's advantage by the off-policy weight of the rollout function's mode (π_trainer/π_engine included
     when a vLLM engine sampled; "baseline_keeping" also re-centres the advantages under its weights), adds
     β times the self-distillation advantage when `self_distill` is set, records every group's rewards in the
-    controller, and logs the `guidance/*` metrics. The controller's state is saved in each checkpoint (`prodsample_guidance.json`) and restored by
-    `train(resume_from_checkpoint=...)`.
+    controller, and logs the `guidance/*` metrics. The controller's state is saved in each checkpoint
+    (`prodsample_guidance.json`) and restored by `train(resume_from_checkpoint=...)`.
     """
 
     def __init__(
@@ -870,7 +875,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
             self._metrics[mode][name].append(value)
         return output
 
-    def _weighted_advantages(self, gathered: GatheredBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, OffPolicyWeights]:
+    def _weighted_advantages(
+        self, gathered: GatheredBatch, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, OffPolicyWeights]:
         """This process's advantages `[R]` and every rollout's per-token weights under the off-policy mode:
         TRL's advantages with the mode's weights, or for "baseline_keeping" the advantages centred under its
         sequence weights (computed on the gathered batch: a group can straddle two processes)."""
@@ -899,7 +906,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         desynchronised rollouts) by the trained model under `prodsample.hf.score`'s no_grad (the stop-gradient)."""
         rollout = batch.rollout
         teacher = rollout.guide_logprobs.clone()
-        rows = (~rollout.guided).nonzero().squeeze(1).tolist()
+        rows = (~rollout.guided & rollout.completion_mask.any(dim=1)).nonzero().squeeze(1).tolist()
         if not rows:
             return teacher
         template = self.rollout_func.hint_template
