@@ -158,6 +158,11 @@ def distill_log_ratio(token: int) -> float:
     return float(torch.log_softmax(PHI / TEMPERATURE, 0)[token] - torch.log_softmax(THETA / TEMPERATURE, 0)[token])
 
 
+def distill_advantage(token: int, ratio: float) -> float:
+    """g·a: the π/q weight capped at 2 times the log-ratio clipped at ±DEFAULT_DISTILL_CLIP."""
+    return min(ratio, 2.0) * max(-DEFAULT_DISTILL_CLIP, min(DEFAULT_DISTILL_CLIP, distill_log_ratio(token)))
+
+
 def expected_step(mode: str, beta: float = 0.0) -> torch.Tensor:
     """η times the analytic gradient of the mode's objective at θ, plus β times the self-distillation term's
     (float64, written out from the definitions)."""
@@ -182,9 +187,8 @@ def expected_step(mode: str, beta: float = 0.0) -> torch.Tensor:
                 "luffy_shaping": float(GAMMA * pi[token] / (pi[token] + GAMMA) ** 2) if guided else 1.0,
                 "baseline_keeping": 1.0,  # G·w̃_i is in the advantage above
             }[mode]
-            distill = min(ratio, 2.0) * max(-DEFAULT_DISTILL_CLIP, min(DEFAULT_DISTILL_CLIP, distill_log_ratio(token)))
             score = (torch.nn.functional.one_hot(torch.tensor(token), VOCAB).double() - pi) / TEMPERATURE
-            gradient += (weight * float(advantages[g]) + beta * distill) * score
+            gradient += (weight * float(advantages[g]) + beta * distill_advantage(token, ratio)) * score
             batch += 1
     return LEARNING_RATE * gradient / batch
 
@@ -206,8 +210,7 @@ def test_the_bandit_exercises_truncation_and_masking():
 
 def test_the_bandit_exercises_the_self_distillation_clip_and_weight():
     """a_t is clipped on some rollouts and not on others, among the guided and among the teacher-forced ones;
-    the guided rollouts' π/q weights are not 1; and the term moves the update by more than 1e-3 however it
-    would be wrong (sign, weight, teacher-forcing)."""
+    the guided rollouts' π/q weights are not 1; and the term moves the update by more than 1e-3."""
     for tokens in TOKENS.values():
         for rows in (tokens[:2], tokens[2:]):  # guided, plain (teacher-forced)
             assert sorted(abs(distill_log_ratio(token)) > DEFAULT_DISTILL_CLIP for token in rows) == [False, True]
@@ -279,9 +282,10 @@ def test_one_sgd_step_with_self_distillation_adds_beta_times_its_gradient(mode, 
     """β·g_i·a_i on top of the mode's advantage: the teacher recorded on the guided rollouts (with the capped
     π/q weight), teacher-forced under the hinted prompt on the plain ones (weight 1), no gradient through it.
 
-    Mutations this catches (each tried in prodsample/trl.py or prodsample/grpo.py): a_t's sign flipped; the
-    π/q weight dropped; the teacher-forced forward run with gradient (score without no_grad: θ moves through
-    the teacher's logits θ + Δ); the recorded guide_logprobs used on the plain rollouts (no teacher-forcing).
+    Mutations this catches (each tried): a_t's sign flipped; the π/q weight dropped; the recorded
+    guide_logprobs used on the plain rollouts (no teacher-forcing); the stop-gradient removed (prodsample.hf.score
+    without no_grad and the core's detach of the teacher: θ then moves through the teacher's logits θ + Δ;
+    either alone still holds it).
     """
     coefficient = DistillCoefficient(BETA, Linear(start=0.0, end_step=1))
     trainer = bandit_step(tmp_path, off_policy=mode, self_distill=coefficient)
@@ -289,7 +293,7 @@ def test_one_sgd_step_with_self_distillation_adds_beta_times_its_gradient(mode, 
     logged = trainer.state.log_history[0]
     assert logged["guidance/distill_coef"] == BETA
     expected_mean = sum(
-        min(ratio, 2.0) * max(-DEFAULT_DISTILL_CLIP, min(DEFAULT_DISTILL_CLIP, distill_log_ratio(token)))
+        distill_advantage(token, ratio)
         for prompt, tokens in TOKENS.items()
         for token, ratio in zip(tokens, q_over_pi(prompt))
     ) / 8
