@@ -2,6 +2,7 @@
 
     bash scripts/with-env.sh python examples/trl_grpo.py
     bash scripts/with-env.sh python examples/trl_grpo.py --max-steps 40 --resume   # continue from the last checkpoint
+    bash scripts/with-env.sh python examples/trl_grpo.py --off-policy baseline_keeping --self-distill 0.5
 
 and with 2 processes (on a CPU-only machine accelerate's --multi_gpu starts them with the gloo backend):
 
@@ -30,6 +31,7 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig
 
+from prodsample.grpo import DistillCoefficient
 from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.schedules import Linear
 from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, HeldOutEvalCallback, guided_rollout_func
@@ -51,6 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--off-policy", choices=TRL_OFF_POLICY_MODES, default=None, help="default: the library's")
+    parser.add_argument(
+        "--self-distill", type=float, default=None, metavar="BETA",
+        help="add the self-distillation term, β from BETA linearly to 0 at the last step",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=8, help="rollouts per process and step (a multiple of 4 over all processes)"
     )
@@ -77,11 +83,18 @@ def main() -> None:
         report_to="none",
         use_cpu=True,
         seed=args.seed,
+        # The baseline-keeping weights need each rollout's token sum over max_completion_length (TRL's Dr. GRPO).
+        **({"loss_type": "dr_grpo"} if args.off_policy == "baseline_keeping" else {}),
     )
     rollout_func = guided_rollout_func(
         Linear(start=0.5, end_step=max(1, int(0.6 * args.max_steps))),
         answer_column="answer",
         **({"off_policy": args.off_policy} if args.off_policy else {}),
+        **(
+            {"self_distill": DistillCoefficient(args.self_distill, Linear(start=0.0, end_step=args.max_steps))}
+            if args.self_distill is not None
+            else {}
+        ),
     )
     trainer = GuidedGRPOTrainer(
         model=model,

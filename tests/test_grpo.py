@@ -168,6 +168,54 @@ def test_baseline_keeping_with_q_equal_to_pi_is_grpo():
     assert torch.allclose(gradient, expected, atol=1e-12)
 
 
+def test_baseline_keeping_unbiased_with_q_equal_to_pi_is_trls_grpo():
+    """unbiased=True at w̃ = 1/G: the std with Bessel's correction, as TRL's GRPO divides by (std + 1e-4);
+    scale="none": the centred rewards alone."""
+    rewards, log_pi, _, mask = _random_groups(5, 4, 3, seed=2)
+    groups = rewards.view(5, 4)
+    centred = groups - groups.mean(1, keepdim=True)
+    bessel = (centred.pow(2).sum(1, keepdim=True) / 3).sqrt()
+    out = baseline_keeping_advantages(rewards, log_pi, log_pi, mask, 4, unbiased=True, eps=1e-4)
+    torch.testing.assert_close(out.loss_weights, (centred / (bessel + 1e-4)).flatten())
+    unscaled = baseline_keeping_advantages(rewards, log_pi, log_pi, mask, 4, scale="none")
+    torch.testing.assert_close(unscaled.loss_weights, centred.flatten())
+
+
+def test_baseline_keeping_unbiased_spread_is_the_reliability_weighted_variance():
+    """s² = Σw̃(r − b)² / (1 − Σw̃²); 0 (no NaN) when one rollout holds all the weight."""
+    weights = torch.tensor([0.5, 0.25, 0.25, 0.0], dtype=torch.float64)  # the last has π = 0: w̃ = 0
+    rewards = torch.tensor([1.0, 0.0, 2.0, 5.0], dtype=torch.float64)
+    out = baseline_keeping_advantages(rewards, weights.log().unsqueeze(1), torch.zeros(4, 1, dtype=torch.float64),
+                                      torch.ones(4, 1), 4, unbiased=True, eps=0.0)
+    baseline = 0.5 * 1 + 0.25 * 0 + 0.25 * 2  # 1.0
+    variance = (0.5 * 0 + 0.25 * 1 + 0.25 * 1) / (1 - (0.25 + 0.0625 + 0.0625))
+    torch.testing.assert_close(out.advantages, (rewards - baseline) / variance**0.5)
+    one_hot = torch.tensor([[0.0], [-torch.inf], [-torch.inf], [-torch.inf]], dtype=torch.float64)
+    single = baseline_keeping_advantages(rewards, one_hot, torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1), 4,
+                                         unbiased=True)
+    assert torch.isfinite(single.loss_weights).all() and single.loss_weights.abs().max() < 1e-5
+
+
+def test_baseline_keeping_leaves_unscorable_rollouts_out():
+    """NaN rewards get w̃ = 0 and A = 0, the group's others are weighted among themselves; a group with no
+    scorable rollout gets zeros."""
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.0] + [float("nan")] * 4, dtype=torch.float64)
+    zeros = torch.zeros(8, 1, dtype=torch.float64)
+    out = baseline_keeping_advantages(rewards, zeros, zeros, torch.ones(8, 1), 4, unbiased=True, eps=0.0)
+    assert out.weights.tolist() == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3] + [0.0] * 4)
+    scored = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    expected = (scored - scored.mean()) / scored.std()
+    torch.testing.assert_close(out.advantages[[0, 2, 3]], expected)
+    assert out.advantages[1] == 0.0 and out.loss_weights[4:].tolist() == [0.0] * 4
+
+
+def test_baseline_keeping_marks_the_truncated_rollouts():
+    weights = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
+    out = baseline_keeping_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64), weights.log().unsqueeze(1),
+                                      torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1), 4, truncate=2.0)
+    assert out.truncated.tolist() == [True, False, False, False]
+
+
 BK_THETA = torch.tensor([-1.0, 0.3, 0.2], dtype=torch.float64)  # π puts 0.14 on the best arm
 BK_Q = torch.softmax(torch.tensor([0.5, 0.3, -0.2], dtype=torch.float64), 0)  # q favours it
 BK_REWARD = torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64)

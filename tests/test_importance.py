@@ -59,6 +59,7 @@ def test_the_two_sources_are_truncated_separately_then_multiplied():
     torch.testing.assert_close(out.engine, torch.tensor([[1.0, 3.0]]))  # e^2 capped at 3
     torch.testing.assert_close(out.weights, out.guidance * out.engine)
     assert float(out.clipped_fraction) == 0.5
+    assert out.clipped.tolist() == [[False, True]]  # both caps bind on the second token only
 
 
 def test_without_trainer_logprobs_the_engine_weight_is_one():

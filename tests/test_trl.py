@@ -6,6 +6,7 @@ The off-policy modes' gradients are checked against their analytic values in tes
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -21,7 +22,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.controller import GuidanceController
-from prodsample.importance import ImportanceConfig
+from prodsample.grpo import DistillCoefficient
+from prodsample.hf import guided_generate, score
+from prodsample.importance import OFF_POLICY_MODE_NAMES, ImportanceConfig
 from prodsample.importance import off_policy_weights
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.rollout import GuidedRollout
@@ -300,6 +303,44 @@ def test_group_statistics_come_from_the_gathered_batch_where_a_group_straddles_p
         interleaved.record(controller, step=2)
 
 
+def test_baseline_keeping_weights_come_from_the_gathered_batch_where_a_group_straddles_processes():
+    """Process 1 of 2 holds rows 3-5 of 6 in groups of 2: row 3's weight and advantage depend on row 2, which
+    lies on process 0. Each value below is written out from the definitions (docs/trl.md), engine weight
+    (π_trainer/π_engine, token_truncate at 3) included; padding (row 3's second token) must not count."""
+    log_q = torch.tensor([[-1.0, 0.0], [-1.0, 0.0], [-1.0, -1.0], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    log_pi = log_q + torch.tensor([[0.0, 0.0], [0.0, 0.0], [-0.4, -0.6], [0.0, 5.0], [0.0, 0.0], [0.0, 0.0]])
+    trainer_logprobs = log_pi + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 0], [1, 0], [1, 1], [1, 0], [1, 0], [1, 0]], dtype=torch.bool)
+    gathered = GatheredBatch(
+        prompt_keys=["a", "a", "b", "b", "c", "c"],
+        group_size=2,
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0]),
+        lam=torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0, 1.0]),
+        guided=torch.tensor([False, False, True, False, False, False]),
+        desynced=torch.zeros(6, dtype=torch.bool),
+        leaked=torch.zeros(6, dtype=torch.bool),
+        logprobs=log_q,
+        plain_logprobs=log_pi,
+        trainer_logprobs=trainer_logprobs,
+        mask=mask,
+        process_rows=slice(3, 6),
+    )
+    engine = ImportanceConfig("token", "truncate", cap=3.0)
+    advantages, weights = gathered.baseline_keeping(
+        gathered.off_policy_weights("none", engine, 0.1), truncate=None, scale_rewards="group"
+    )
+    # Group "b": ℓ = (−1, 0), w̃ = (σ(−1), σ(1)); b = w̃_2·1; s² = w̃_2·w̃_3 / (1 − w̃_2² − w̃_3²) = ½.
+    w2, w3 = torch.sigmoid(torch.tensor(-1.0)), torch.sigmoid(torch.tensor(1.0))
+    expected_advantages = torch.tensor([(0.0 - w2) / (0.5**0.5 + 1e-4), 0.0, 0.0])
+    torch.testing.assert_close(gathered.local(advantages), expected_advantages)
+    expected_weights = torch.tensor([[2 * w3 * torch.e**0.5, 0.0], [2 * 0.5 * 3.0, 0.0], [2 * 0.5 * 1.0, 0.0]])
+    torch.testing.assert_close(gathered.local(weights.weights), expected_weights)
+    assert gathered.local(weights.clipped).tolist() == [[False, False], [True, False], [False, False]]
+    assert float(weights.clipped_fraction) == pytest.approx(1 / 7)  # one token of seven capped
+    # Row 0's group "a" is uniform (ℓ = 0): GRPO's advantage (1 − ½)/(std with Bessel + 1e-4).
+    assert float(advantages[0]) == pytest.approx(0.5 / (0.5**0.5 + 1e-4))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint and resume
 # ---------------------------------------------------------------------------------------------------------
@@ -409,14 +450,50 @@ def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, r
          ValueError, "repetition_penalty"),
         (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), guided_per_group=5)),
          ValueError, "guided_per_group"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping")),
+         ValueError, r"loss_type='dapo' does not .* set loss_type to one of \('dr_grpo',\)"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping"),
+                                loss_type="dr_grpo", scale_rewards="batch"),
+         ValueError, "scale_rewards must be 'group' or 'none', got 'batch'"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping"),
+                                loss_type="dr_grpo", multi_objective_aggregation="normalize_then_sum"),
+         ValueError, "multi_objective_aggregation must be 'sum_then_normalize'"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), baseline_keeping_truncate=2.0),
+         ValueError, "baseline_keeping_truncate applies to off_policy='baseline_keeping' only, got off_policy='none'"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping", baseline_keeping_truncate=0.5),
+         ValueError, "baseline_keeping_truncate must be >= 1"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), self_distill=0.5),
+         TypeError, "self_distill must be a prodsample.grpo.DistillCoefficient"),
+        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), distill_clip=2.0),
+         ValueError, "distill_clip .* needs self_distill"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
+            Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=10)))),
+         ValueError, r"self_distill's β reaches 0 at step 10, after training stops at max_steps=4"),
+        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
+            Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=4))),
+            importance_sampling_level="sequence", loss_type="grpo"),
+         ValueError, "importance_sampling_level must be 'token', got 'sequence'"),
     ],
     ids=["row without answer", "no answer column", "unknown backend", "temperature 0", "unknown off-policy mode",
          "probe mode", "vllm backend without vllm", "foreign rollout_func", "luffy with reuse", "repetition penalty",
-         "guided_per_group > G"],
+         "guided_per_group > G", "baseline_keeping with a token-mean loss", "baseline_keeping with batch scaling",
+         "baseline_keeping with per-function normalisation", "truncate without baseline_keeping", "truncate below 1",
+         "self_distill not a coefficient", "distill_clip without self_distill", "self_distill past max_steps",
+         "self_distill with sequence-level ratios"],
 )
 def test_bad_input_fails_clearly(tokenizer, tmp_path, make, error, message):
     with pytest.raises(error, match=message):
         make(tokenizer, tmp_path)
+
+
+def test_self_distill_ending_after_an_epoch_based_run_is_refused_when_training_starts(tokenizer, tmp_path):
+    """Without max_steps the number of steps is known only once training starts: refused then, before the
+    first rollout."""
+    coefficient = DistillCoefficient(1.0, Linear(0.0, end_step=10))
+    rollout_func = guided_rollout_func(Linear(0.5, end_step=1), self_distill=coefficient)
+    trainer = build(tokenizer, tmp_path, rollout_func=rollout_func, max_steps=-1, num_train_epochs=1)
+    with pytest.raises(ValueError, match="after training stops at max_steps=4"):  # 8 prompts x 4 rollouts / 8 per step
+        trainer.train()
 
 
 def test_tokenizer_that_does_not_match_the_model(tokenizer, tmp_path):
@@ -488,7 +565,7 @@ def test_guidance_metrics_on_a_handmade_batch():
     assert metrics["guidance/desynced_fraction"] == 0.25 and metrics["guidance/is_clipped_fraction"] == 0.125
 
 
-@pytest.mark.parametrize("mode", TRL_OFF_POLICY_MODES)
+@pytest.mark.parametrize("mode", OFF_POLICY_MODE_NAMES)
 def test_the_engine_weight_multiplies_every_mode(mode):
     """With a separate engine, each mode's weight is its guidance weight times π_trainer/π_engine under
     TRL's engine settings; without one (trainer_logprobs None), the guidance weight alone."""
@@ -529,12 +606,14 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_example_under_accelerate_launch_with_two_processes(tmp_path):
+    """Both training signals on, so their gathered paths (a group on both processes; the teacher's log-probs
+    gathered) run under real collectives too."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(REPO / "examples" / "trl_grpo.py"), "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
-        "--batch-size", "6", "--output-dir", str(tmp_path),
+        "--batch-size", "6", "--output-dir", str(tmp_path), "--off-policy", "baseline_keeping", "--self-distill", "0.5",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=540, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -547,7 +626,63 @@ def test_example_under_accelerate_launch_with_two_processes(tmp_path):
     logged = [entry for entry in summary["log_history"] if "guidance/lambda_mean" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
     assert logged[0]["guidance/lambda_mean"] == 0.5
+    assert [entry["guidance/distill_coef"] for entry in logged] == [0.5, 0.25]
+    assert all(math.isfinite(entry["guidance/distill_advantage_mean"]) for entry in logged)
     # 2 processes x 6 rollouts in groups of 4: 3 groups per step, the middle one on both processes, and every
     # group recorded from the gathered batch (group statistics of one process's rows would fail here).
     assert len({step for _, _, step in saved["records"].values()}) == 2
     assert [entry["step"] for entry in summary["heldout"]] == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training signals: baseline-keeping weights and self-distillation (gradients: test_trl_bandit.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def token_reward(completion_ids, **kwargs):
+    """Rewards that vary within a group, so GRPO's advantages are not all 0."""
+    return [float(sum(ids) % 3) for ids in completion_ids]
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "none"])
+def test_baseline_keeping_on_plain_rollouts_gives_trls_grpo_advantages(tokenizer, tmp_path, scale_rewards):
+    """λ = 1 (q = π): w̃ = 1/G, so G·w̃·A is TRL's own advantage (its std with Bessel's correction and + 1e-4)."""
+    rows = [row for row in sums(2) for _ in range(4)]
+    advantages = {}
+    for mode in ("none", "baseline_keeping"):
+        trainer = build(
+            tokenizer, tmp_path / mode, reward=token_reward, loss_type="dr_grpo", scale_rewards=scale_rewards,
+            rollout_func=guided_rollout_func(Constant(1.0, end_step=0), off_policy=mode),
+        )
+        trainer.model.train()
+        advantages[mode] = trainer._generate_and_score_completions(rows)["advantages"]
+    assert advantages["none"].abs().max() > 0.1  # informative groups: the comparison is not 0 = 0
+    torch.testing.assert_close(advantages["baseline_keeping"], advantages["none"])
+
+
+def test_self_distill_teacher_forces_the_hinted_prompt_on_plain_rollouts(tokenizer, tmp_path):
+    """On λ = 1 rollouts (pure self-distillation) the teacher is log π(o_t | prompt ⊕ hint), teacher-forced:
+    the guide context's log-probs as prodsample.hf.score computes them (chat prompts: the hint joins the user
+    turn). Two steps of training then log β on its schedule and the term's diagnostics."""
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in sums(8)])
+    coefficient = DistillCoefficient(0.5, Linear(0.0, end_step=2))
+    trainer = build(
+        tokenizer, tmp_path, dataset=chat, max_steps=2,
+        rollout_func=guided_rollout_func(Constant(1.0, end_step=0), self_distill=coefficient),
+    )
+    rows = [chat[i] for i in (0, 0, 1, 1)]
+    prompts, answers = [row["prompt"] for row in rows], [row["answer"] for row in rows]
+    batch = GuidedBatch.from_rows(rows, "answer")
+    rollout = guided_generate(trainer.model, tokenizer, prompts, answers, lam=1.0, max_new_tokens=4, seed=0)
+    batch.record_rollout(rollout)
+    teacher = trainer._teacher_logprobs(rows, batch)
+    expected = score(trainer.model, tokenizer, prompts, answers, rollout.completion_lists(), lam=0.5).guide_logprobs
+    real = rollout.completion_mask
+    torch.testing.assert_close(teacher[real], expected[real])
+    assert (teacher[real] - rollout.plain_logprobs[real]).abs().max() > 0.01  # the hint changes the teacher
+
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "guidance/distill_coef" in entry]
+    assert [entry["guidance/distill_coef"] for entry in logged] == [0.5, 0.25]
+    assert all(math.isfinite(entry["guidance/distill_advantage_mean"]) for entry in logged)
+    assert all(0.0 <= entry["guidance/distill_clipped_fraction"] <= 1.0 for entry in logged)

@@ -24,7 +24,9 @@ Baseline-keeping importance weights (`baseline_keeping_advantages`), per group o
     b = Σ_i w̃_i r_i,   s² = Σ_i w̃_i (r_i − b)²,   A_i = (r_i − b)/(s + eps)
     loss weight of rollout i: G·w̃_i·A_i, fed to `grpo_loss(..., max_new_tokens=L)` as its advantage
 
-so Σ_i w̃_i A_i = 0 (the baseline is kept under the reweighting) and q = π gives GRPO exactly.
+so Σ_i w̃_i A_i = 0 (the baseline is kept under the reweighting) and q = π gives GRPO exactly (with
+`unbiased=True`, s² carries the reliability-weights correction 1/(1 − Σ_i w̃_i²): TRL's GRPO, whose std
+has Bessel's correction).
 
 Self-distillation toward the hinted context (`self_distill_kl_loss`, `self_distill_token_loss`): the
 reverse KL(π_θ(·|prompt, o<t) ‖ sg π(·|prompt ⊕ hint, o<t)) summed over the rollout's positions, each
@@ -33,6 +35,7 @@ rollout's sum divided by L = max_new_tokens, mean over rollouts:
     full vocabulary   Σ_v π_θ(v)·(log π_θ(v) − log π_T(v))            teacher π_T detached
     sampled token     −w_t·a_t·log π_θ(o_t),  a_t = clip(log π_T(o_t) − log π(o_t), −c, c), a_t and w_t detached
                       w_t = min(π(o_t)/q(o_t), cap) on guided rollouts, 1 on rollouts from π
+                      (`self_distill_token_advantages` gives w_t·a_t: a dense per-token advantage)
 
 Both have the gradient of Σ_t KL_t at the positions the rollouts visit (the sampled-token one in
 expectation over o_t, up to its clip and cap). Scale the term by β from `DistillCoefficient`, which
@@ -56,6 +59,7 @@ __all__ = [
     "DEFAULT_DISTILL_CLIP",
     "DistillCoefficient",
     "self_distill_kl_loss",
+    "self_distill_token_advantages",
     "self_distill_token_loss",
 ]
 
@@ -143,8 +147,9 @@ class BaselineKeepingAdvantages(NamedTuple):
     """`[R]` tensors, all without gradient."""
 
     loss_weights: torch.Tensor  # G·w̃_i·A_i: the per-rollout coefficient for `grpo_loss(..., max_new_tokens=L)`
-    weights: torch.Tensor  # w̃_i, summing to 1 in each group
+    weights: torch.Tensor  # w̃_i, summing to 1 in each group (0 on unscorable rollouts)
     advantages: torch.Tensor  # A_i = (r_i − b)/(s + eps), with Σ_i w̃_i A_i = 0 in each group
+    truncated: torch.Tensor  # bool: w̃_i was cut at truncate/G
 
 
 def baseline_keeping_advantages(
@@ -155,6 +160,8 @@ def baseline_keeping_advantages(
     group_size: int,
     *,
     truncate: float | None = None,
+    scale: str = "std",
+    unbiased: bool = False,
     eps: float = 1e-6,
 ) -> BaselineKeepingAdvantages:
     """Self-normalised sequence-level importance weights and the advantages centred under them.
@@ -163,11 +170,15 @@ def baseline_keeping_advantages(
     renormalised when given); b = Σ w̃_i r_i; s² = Σ w̃_i (r_i − b)²; A_i = (r_i − b)/(s + eps).
 
     Args:
-        rewards: `[R]`, groups of `group_size` consecutive rollouts.
+        rewards: `[R]`, groups of `group_size` consecutive rollouts; NaN marks an unscorable rollout, which
+            gets weight 0 and advantage 0 (the group's other rollouts share its weight).
         old_logprobs: `[R, L]` log π_old(o_t | prompt) (detached here).
         sampling_logprobs: `[R, L]` log q(o_t) recorded at sampling (`GuidedRollout.logprobs`).
         mask: `[R, L]`, 1 for completion tokens.
         truncate: c ≥ 1, or None for no truncation.
+        scale: "std" divides by s + eps, "none" leaves A_i = r_i − b (as `group_advantages`).
+        unbiased: s² = Σ w̃_i (r_i − b)² / (1 − Σ w̃_i²), the reliability-weights correction: at w̃ = 1/G it
+            is the sample variance with Bessel's correction (TRL's GRPO std), and 0 for a single effective draw.
 
     Example:
         >>> import torch
@@ -187,18 +198,32 @@ def baseline_keeping_advantages(
         raise ValueError(f"mask must have one row per reward ({rewards.numel()}), got {mask.shape[0]}")
     if truncate is not None and not truncate >= 1.0:
         raise ValueError(f"truncate must be >= 1 (weights are cut at truncate/G), got {truncate}")
+    if scale not in ("std", "none"):
+        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
     real = mask.bool()
     log_ratio = torch.where(real, old_logprobs.detach() - sampling_logprobs.detach(), 0.0).sum(dim=-1)
-    weights = torch.softmax(log_ratio.view(-1, group_size).to(rewards.dtype), dim=1)
-    if truncate is not None:
-        weights = weights.clamp(max=truncate / group_size)
-        weights = weights / weights.sum(dim=1, keepdim=True)
     groups = rewards.detach().view(-1, group_size)
+    scored = ~torch.isnan(groups)
+    log_ratio = torch.where(scored, log_ratio.view(-1, group_size).to(rewards.dtype), -torch.inf)
+    # A group without a scorable rollout has softmax 0/0: weight 0 everywhere instead.
+    weights = torch.softmax(log_ratio, dim=1).nan_to_num(0.0)
+    truncated = torch.zeros_like(scored)
+    if truncate is not None:
+        truncated = weights > truncate / group_size
+        weights = weights.clamp(max=truncate / group_size)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    groups = groups.nan_to_num(0.0)
     baseline = (weights * groups).sum(dim=1, keepdim=True)
-    spread = (weights * (groups - baseline) ** 2).sum(dim=1, keepdim=True).sqrt()
-    advantages = (groups - baseline) / (spread + eps)
+    variance = (weights * (groups - baseline) ** 2).sum(dim=1, keepdim=True)
+    if unbiased:
+        effective = 1.0 - (weights**2).sum(dim=1, keepdim=True)
+        variance = torch.where(effective > 0, variance / effective.clamp_min(torch.finfo(weights.dtype).tiny), 0.0)
+    advantages = groups - baseline
+    if scale == "std":
+        advantages = advantages / (variance.sqrt() + eps)
+    advantages = torch.where(scored, advantages, 0.0)
     return BaselineKeepingAdvantages(
-        (group_size * weights * advantages).flatten(), weights.flatten(), advantages.flatten()
+        (group_size * weights * advantages).flatten(), weights.flatten(), advantages.flatten(), truncated.flatten()
     )
 
 
@@ -268,6 +293,45 @@ def self_distill_kl_loss(
     return _sequence_mean(per_token, mask.to(per_token.dtype), max_new_tokens)
 
 
+def self_distill_token_advantages(
+    logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    token_weights: torch.Tensor | None = None,
+    clip: float = DEFAULT_DISTILL_CLIP,
+) -> torch.Tensor:
+    """The sampled-token estimator's dense per-token advantage w_t·a_t `[R, L]`, without gradient, 0 at padding.
+
+    a_t = clip(log π(o_t | prompt ⊕ hint) − log π(o_t | prompt), −clip, clip). A policy-gradient loss that
+    takes it as a per-token advantage (as `self_distill_token_loss` does, or TRL's loss in `prodsample.trl`)
+    has, at θ = θ_old, the gradient of the sampled-token estimator.
+
+    Args:
+        logprobs: `[R, L]` log π(o_t | prompt) (detached here).
+        teacher_logprobs: `[R, L]` log π(o_t | prompt ⊕ hint), detached here (`GuidedRollout.guide_logprobs` on
+            guided rollouts; on λ = 1 ones the generator ran no hinted context: teacher-force it).
+        mask: `[R, L]`, 1 for completion tokens.
+        token_weights: `[R, L]` stop-gradient per-token weights, or None for 1 (rollouts drawn from π).
+        clip: c > 0, the bound on |a_t|.
+
+    Example:
+        >>> import torch
+        >>> from prodsample.grpo import self_distill_token_advantages
+        >>> student, teacher = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-0.5, -9.0]])
+        >>> self_distill_token_advantages(student, teacher, torch.ones(1, 2))  # +0.5, and −7 clipped to −3
+        tensor([[ 0.5000, -3.0000]])
+    """
+    _check_mask_shape(mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs)
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    advantage = (teacher_logprobs.detach() - logprobs.detach()).clamp(-clip, clip)
+    if token_weights is not None:
+        _check_mask_shape(mask, token_weights=token_weights)
+        advantage = advantage * token_weights.detach().to(advantage.dtype)
+    return torch.where(mask.bool(), advantage, 0.0)
+
+
 def self_distill_token_loss(
     logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
@@ -287,21 +351,10 @@ def self_distill_token_loss(
 
     Args:
         logprobs: `[R, L]` log π_θ(o_t | prompt), with gradient.
-        teacher_logprobs: `[R, L]` log π(o_t | prompt ⊕ hint), detached here (`GuidedRollout.guide_logprobs` on
-            guided rollouts; on λ = 1 ones the generator ran no hinted context: teacher-force it).
-        mask: `[R, L]`, 1 for completion tokens.
+        teacher_logprobs, mask, token_weights, clip: as `self_distill_token_advantages`.
         max_new_tokens: L; each rollout's token sum is divided by it.
-        token_weights: `[R, L]` stop-gradient per-token weights, or None for 1 (rollouts drawn from π).
-        clip: c > 0, the bound on |a_t|.
     """
-    _check_mask_shape(mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs)
     _check_max_new_tokens(max_new_tokens, mask)
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    real = mask.bool()
-    advantage = (teacher_logprobs.detach() - logprobs.detach()).clamp(-clip, clip)
-    if token_weights is not None:
-        _check_mask_shape(mask, token_weights=token_weights)
-        advantage = advantage * token_weights.detach().to(advantage.dtype)
-    per_token = torch.where(real, -advantage * logprobs, 0.0)
+    advantage = self_distill_token_advantages(logprobs, teacher_logprobs, mask, token_weights=token_weights, clip=clip)
+    per_token = torch.where(mask.bool(), -advantage * logprobs, 0.0)
     return _sequence_mean(per_token, mask.to(per_token.dtype), max_new_tokens)

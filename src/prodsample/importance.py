@@ -86,6 +86,7 @@ class OffPolicyWeights(NamedTuple):
     engine: torch.Tensor
     clipped_fraction: torch.Tensor  # scalar: share of tokens whose weight the cap or floor changed
     effective_sample_size: torch.Tensor  # scalar in (0, 1]
+    clipped: torch.Tensor  # bool [B, T]: the tokens whose weight the cap or floor changed
 
 
 def _check_same_shape(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
@@ -180,9 +181,11 @@ def off_policy_weights(
         engine_weights = importance_weights(engine_log_ratio, mask, engine)
     weights = guidance_weights * engine_weights
     real = mask.bool()
-    changed = (guidance_weights != guidance_raw) | (engine_weights != engine_raw)
-    clipped = changed[real].double().mean() if real.any() else torch.tensor(0.0, dtype=torch.float64)
-    return OffPolicyWeights(weights, guidance_weights, engine_weights, clipped, effective_sample_size(weights, mask))
+    clipped = ((guidance_weights != guidance_raw) | (engine_weights != engine_raw)) & real
+    fraction = clipped[real].double().mean() if real.any() else torch.tensor(0.0, dtype=torch.float64)
+    return OffPolicyWeights(
+        weights, guidance_weights, engine_weights, fraction, effective_sample_size(weights, mask), clipped
+    )
 
 
 def off_policy_mode_weights(

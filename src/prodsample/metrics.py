@@ -11,7 +11,7 @@ import torch
 
 from .importance import effective_sample_size, kl_q_pi
 
-__all__ = ["guidance_metrics"]
+__all__ = ["guidance_metrics", "self_distill_metrics"]
 
 
 def _mean_or_nan(values: torch.Tensor) -> float:
@@ -79,4 +79,28 @@ def guidance_metrics(
         "guidance/hint_leakage_guided": _mean_or_nan(leaked[guided]),
         "guidance/hint_leakage_plain": _mean_or_nan(leaked[~guided]),
         "guidance/desynced_fraction": _mean_or_nan(desynced),
+    }
+
+
+def self_distill_metrics(
+    *, advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor, clip: float
+) -> dict[str, float]:
+    """Diagnostics of the sampled-token self-distillation term over a batch's completion tokens.
+
+    `advantages` `[R, L]` is w_t·a_t (`prodsample.grpo.self_distill_token_advantages`), `log_ratio` the
+    unclipped log π(o_t | prompt ⊕ hint) − log π(o_t | prompt). Over tokens drawn from π the mean log-ratio
+    is −KL(π‖π_teacher) per token, so the mean advantage rises toward 0 as the student matches the teacher.
+
+    Example:
+        >>> import torch
+        >>> from prodsample.metrics import self_distill_metrics
+        >>> metrics = self_distill_metrics(advantages=torch.tensor([[0.5, -3.0]]),
+        ...     log_ratio=torch.tensor([[0.5, -7.0]]), mask=torch.ones(1, 2), clip=3.0)
+        >>> metrics["guidance/distill_advantage_mean"], metrics["guidance/distill_clipped_fraction"]
+        (-1.25, 0.5)
+    """
+    real = mask.bool()
+    return {
+        "guidance/distill_advantage_mean": _mean_or_nan(advantages[real]),
+        "guidance/distill_clipped_fraction": _mean_or_nan(log_ratio[real].abs() > clip),
     }

@@ -17,7 +17,10 @@ log-probs. `GuidedGRPOTrainer` is `GRPOTrainer` with four small overrides, becau
 
 - the off-policy weights of the chosen mode reach the loss as a per-token factor on the advantage (exactly
   TRL's own `per_token_loss * importance_sampling_ratio`, since every TRL loss is positively homogeneous in
-  the advantage), with either backend;
+  the advantage), with either backend; `off_policy="baseline_keeping"` instead replaces the advantages by
+  G·w̃_i·A_i, centred under self-normalised sequence weights (`prodsample.grpo.baseline_keeping_advantages`);
+- `self_distill=` adds β times the sampled-token self-distillation advantage (the hinted context as the
+  teacher, `prodsample.grpo.self_distill_token_advantages`) to every token's advantage;
 - the guidance controller records each group's rewards, and its state checkpoints and resumes with the trainer;
 - the guidance metrics go to `trainer._metrics`, so they reach `report_to` averaged like TRL's own.
 
@@ -48,10 +51,17 @@ from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
-from .hf import check_tokenizer_matches, guided_generate
-from .importance import OFF_POLICY_MODE_NAMES, ImportanceConfig, OffPolicyWeights, off_policy_mode_weights
-from .metrics import guidance_metrics
-from .prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
+from .grpo import DEFAULT_DISTILL_CLIP, DistillCoefficient, baseline_keeping_advantages, self_distill_token_advantages
+from .hf import check_tokenizer_matches, guided_generate, score
+from .importance import (
+    OFF_POLICY_MODE_NAMES,
+    ImportanceConfig,
+    OffPolicyWeights,
+    effective_sample_size,
+    off_policy_mode_weights,
+)
+from .metrics import guidance_metrics, self_distill_metrics
+from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, hint_leakage
 from .rollout import GuidedRollout
 from .schedules import Schedule, schedule_from_dict
 
@@ -78,9 +88,17 @@ __all__ = [
 # learned worse than "none" on the same rollouts; docs/trl.md gives the figures.
 DEFAULT_OFF_POLICY_MODE = "none"
 
-# Every mode of `prodsample.importance.off_policy_mode_weights`: the core's weight modes, plus LUFFY's
-# policy shaping applied as a weight.
-TRL_OFF_POLICY_MODES = OFF_POLICY_MODE_NAMES
+# Every mode of `prodsample.importance.off_policy_mode_weights` (the core's weight modes, plus LUFFY's policy
+# shaping applied as a weight), and the baseline-keeping weights, which replace TRL's advantages.
+TRL_OFF_POLICY_MODES = (*OFF_POLICY_MODE_NAMES, "baseline_keeping")
+
+# The loss types under which each rollout's token sum is divided by max_completion_length, as the
+# baseline-keeping weights need (a token mean would reweight the rollouts by their lengths).
+BASELINE_KEEPING_LOSS_TYPES = ("dr_grpo",)
+
+# TRL's GRPO divides by the group's std + 1e-4 (with Bessel's correction); the baseline-keeping advantages
+# follow it, so that they equal TRL's when q = π.
+TRL_STD_EPS = 1e-4
 
 CHECKPOINT_FILE = "prodsample_guidance.json"
 
@@ -94,14 +112,19 @@ CHECKPOINT_FILE = "prodsample_guidance.json"
 RolloutBackend = Callable[..., GuidedRollout]
 
 
-def _hf_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
-    """The trained model itself, through `prodsample.hf.guided_generate` (unwrapped as TRL does for generate)."""
-    with unwrap_model_for_generation(
+def _unwrapped_model(trainer):
+    """The trained model, unwrapped as TRL does for generate (a context manager)."""
+    return unwrap_model_for_generation(
         trainer.model_wrapped,
         trainer.accelerator,
         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
         gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-    ) as model:
+    )
+
+
+def _hf_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
+    """The trained model itself, through `prodsample.hf.guided_generate`."""
+    with _unwrapped_model(trainer) as model:
         return guided_generate(model, trainer.processing_class, prompts, answers, **sampling)
 
 
@@ -255,6 +278,7 @@ class GatheredBatch:
         trainer_logprobs: log π_old as the trainer recomputed it, or None when the engine is the trained model.
         mask: completion tokens.
         process_rows: this process's rows.
+        teacher_logprobs: log π(o_t | prompt ⊕ hint), the self-distillation teacher, or None without it.
     """
 
     prompt_keys: list[str]
@@ -269,6 +293,7 @@ class GatheredBatch:
     trainer_logprobs: torch.Tensor | None
     mask: torch.Tensor
     process_rows: slice
+    teacher_logprobs: torch.Tensor | None = None
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This process's rows of a gathered tensor (TRL's `process_slice`)."""
@@ -293,6 +318,55 @@ class GatheredBatch:
             self.trainer_logprobs,
             engine=engine,
             luffy_gamma=luffy_gamma,
+        )
+
+    def baseline_keeping(
+        self, engine: OffPolicyWeights, *, truncate: float | None, scale_rewards: str
+    ) -> tuple[torch.Tensor, OffPolicyWeights]:
+        """Advantages `[N]` centred under self-normalised sequence weights, and the per-token weights `[N, W]`.
+
+        Per group (`prodsample.grpo.baseline_keeping_advantages`, with TRL's std convention): w̃ = softmax of
+        ℓ_i = Σ_t (log π_engine − log q) (π_engine = π_old when the engine is the trained model), truncated at
+        `truncate`/G; A_i = (r_i − Σ w̃ r)/(s + 1e-4), or undivided when `scale_rewards` is "none". The
+        weights are G·w̃_i on each token of rollout i, times `engine`'s engine weight (the "none" mode's
+        `off_policy_weights`), so the per-token advantage A_i·weight is G·w̃_i·A_i·w_engine.
+        """
+        kept = baseline_keeping_advantages(
+            self.rewards,
+            self.plain_logprobs,
+            self.logprobs,
+            self.mask,
+            self.group_size,
+            truncate=truncate,
+            scale="none" if scale_rewards == "none" else "std",
+            unbiased=True,
+            eps=TRL_STD_EPS,
+        )
+        real = self.mask.bool()
+        sequence = torch.where(real, (self.group_size * kept.weights).unsqueeze(1), 0.0)
+        weights = sequence * engine.weights
+        clipped = engine.clipped | (kept.truncated.unsqueeze(1) & real)
+        fraction = clipped[real].double().mean() if real.any() else torch.tensor(0.0, dtype=torch.float64)
+        return kept.advantages, OffPolicyWeights(
+            weights, sequence, engine.engine, fraction, effective_sample_size(weights, self.mask), clipped
+        )
+
+    def self_distill_advantages(self, token_weights: torch.Tensor, clip: float) -> torch.Tensor:
+        """w_t·a_t `[N, W]` (`prodsample.grpo.self_distill_token_advantages`), a_t = clip(log π(o_t | prompt ⊕
+        hint) − log π_engine(o_t | prompt), ±clip), with `token_weights` w_t (the capped π/q weight)."""
+        if self.teacher_logprobs is None:
+            raise RuntimeError("this batch was gathered without teacher log-probs")
+        return self_distill_token_advantages(
+            self.plain_logprobs, self.teacher_logprobs, self.mask, token_weights=token_weights, clip=clip
+        )
+
+    def self_distill_metrics(self, advantages: torch.Tensor, clip: float) -> dict[str, float]:
+        """`prodsample.metrics.self_distill_metrics` of the whole batch (on CPU, float64)."""
+        return self_distill_metrics(
+            advantages=advantages.cpu(),
+            log_ratio=(self.teacher_logprobs - self.plain_logprobs).cpu(),
+            mask=self.mask.cpu(),
+            clip=clip,
         )
 
     def record(self, controller: GuidanceController, step: int) -> None:
@@ -334,11 +408,19 @@ def _pad_columns(tensor: torch.Tensor, width: int, value=0) -> torch.Tensor:
 
 
 def gather_batch(
-    accelerator, batch: GuidedBatch, *, group_size: int, width: int, leaked: torch.Tensor, trainer_logprobs=None
+    accelerator,
+    batch: GuidedBatch,
+    *,
+    group_size: int,
+    width: int,
+    leaked: torch.Tensor,
+    trainer_logprobs=None,
+    teacher_logprobs=None,
 ) -> GatheredBatch:
     """`batch` over every process, its per-token tensors first right-padded to TRL's completion width `width`.
 
-    `leaked` is bool `[R]` for this process's rollouts; `trainer_logprobs` TRL's π_old `[R, width]` or None.
+    `leaked` is bool `[R]` for this process's rollouts; `trainer_logprobs` TRL's π_old `[R, width]` or None;
+    `teacher_logprobs` the self-distillation teacher's `[R, L]` or None.
     """
     rollout, rewards = batch.rollout, batch.rewards
     if rollout is None or rewards is None:
@@ -361,6 +443,7 @@ def gather_batch(
         trainer_logprobs=None if trainer_logprobs is None else tokens(trainer_logprobs),
         mask=tokens(rollout.completion_mask, False),
         process_rows=slice(first, first + len(rollout)),
+        teacher_logprobs=None if teacher_logprobs is None else tokens(teacher_logprobs),
     )
 
 
@@ -396,6 +479,9 @@ class GuidedRolloutFunc:
     takes those entries' `GuidedBatch` from the trainer, sets λ per group with the controller, samples with
     the backend at the trainer's sampling settings, records the rollout on the batch and returns TRL's fields.
 
+    It also carries the training-signal settings the trainer reads (`off_policy`, `luffy_gamma`,
+    `baseline_keeping_truncate`, `self_distill`, `distill_clip`), so that one call configures the guidance.
+
     Attributes:
         controller: the `GuidanceController` (schedule + per-prompt records) that sets λ per group.
     """
@@ -410,6 +496,9 @@ class GuidedRolloutFunc:
         hint_template: str,
         guided_per_group: int | None,
         luffy_gamma: float,
+        baseline_keeping_truncate: float | None,
+        self_distill: DistillCoefficient | None,
+        distill_clip: float,
     ):
         self.controller = controller
         self.answer_column = answer_column
@@ -418,6 +507,9 @@ class GuidedRolloutFunc:
         self.hint_template = hint_template
         self.guided_per_group = guided_per_group
         self.luffy_gamma = luffy_gamma
+        self.baseline_keeping_truncate = baseline_keeping_truncate
+        self.self_distill = self_distill
+        self.distill_clip = distill_clip
         self._calls_key: tuple[str, int] | None = None  # (mode, step) of the latest call
         self._calls = 0  # calls before the latest one at that (mode, step): eval runs several per step
 
@@ -492,6 +584,9 @@ def guided_rollout_func(
     hint_template: str = DEFAULT_HINT_TEMPLATE,
     guided_per_group: int | None = None,
     luffy_gamma: float = 0.1,
+    baseline_keeping_truncate: float | None = None,
+    self_distill: DistillCoefficient | None = None,
+    distill_clip: float | None = None,
 ) -> GuidedRolloutFunc:
     """A TRL `rollout_func` that samples answer-guided rollouts; use it with `GuidedGRPOTrainer`.
 
@@ -501,11 +596,18 @@ def guided_rollout_func(
         answer_column: the dataset column holding each prompt's answer (the hint; reward functions get it too).
         backend: "hf" (the trained model, `prodsample.hf`), "vllm" (TRL's colocated vLLM engine,
             `prodsample.vllm`), or a callable with the backend contract (see `RolloutBackend`).
-        off_policy: one of `TRL_OFF_POLICY_MODES` (docs/trl.md gives each one's math).
+        off_policy: one of `TRL_OFF_POLICY_MODES` (docs/trl.md gives each one's math). "baseline_keeping"
+            needs `GRPOConfig(loss_type="dr_grpo")` (`BASELINE_KEEPING_LOSS_TYPES`).
         hint_template: how the answer joins the prompt (`prodsample.prompts.add_hint`).
         guided_per_group: None (every rollout of a group shares its λ, so the group baseline compares like with
             like) or k: only the first k rollouts of each group are guided, the rest plain (LUFFY-style mixing).
         luffy_gamma: γ of the "luffy_shaping" mode.
+        baseline_keeping_truncate: c ≥ 1 of the "baseline_keeping" mode (w̃ cut at c/G and renormalised), or
+            None for no cut.
+        self_distill: a `prodsample.grpo.DistillCoefficient` β(step) to add β·w_t·a_t, the sampled-token
+            self-distillation advantage toward the hinted context, to every token's advantage in training; it
+            must reach 0 by `max_steps`. None: no self-distillation.
+        distill_clip: the bound c on |a_t| (default `prodsample.grpo.DEFAULT_DISTILL_CLIP`); with `self_distill` only.
     """
     controller = schedule if isinstance(schedule, GuidanceController) else GuidanceController(schedule)
     if controller.probes:
@@ -525,6 +627,21 @@ def guided_rollout_func(
         raise ValueError(f"guided_per_group must be None or >= 1, got {guided_per_group}")
     if not luffy_gamma > 0:
         raise ValueError(f"luffy_gamma must be > 0, got {luffy_gamma}")
+    if baseline_keeping_truncate is not None and off_policy != "baseline_keeping":
+        raise ValueError(
+            f"baseline_keeping_truncate applies to off_policy='baseline_keeping' only, got off_policy={off_policy!r}"
+        )
+    if baseline_keeping_truncate is not None and not baseline_keeping_truncate >= 1.0:
+        raise ValueError(f"baseline_keeping_truncate must be >= 1 (w̃ is cut at c/G), got {baseline_keeping_truncate}")
+    if self_distill is not None and not isinstance(self_distill, DistillCoefficient):
+        raise TypeError(
+            f"self_distill must be a prodsample.grpo.DistillCoefficient (β on a schedule that reaches 0), got "
+            f"{type(self_distill).__name__}"
+        )
+    if distill_clip is not None and self_distill is None:
+        raise ValueError("distill_clip bounds the self-distillation advantage: it needs self_distill")
+    if distill_clip is not None and not distill_clip > 0:
+        raise ValueError(f"distill_clip must be > 0, got {distill_clip}")
     return GuidedRolloutFunc(
         controller,
         answer_column=answer_column,
@@ -533,6 +650,9 @@ def guided_rollout_func(
         hint_template=hint_template,
         guided_per_group=guided_per_group,
         luffy_gamma=luffy_gamma,
+        baseline_keeping_truncate=baseline_keeping_truncate,
+        self_distill=self_distill,
+        distill_clip=DEFAULT_DISTILL_CLIP if distill_clip is None else distill_clip,
     )
 
 
@@ -587,6 +707,44 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         raise ValueError(
             f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations "
             f"({args.num_generations})"
+        )
+    if rollout_func.off_policy == "baseline_keeping":
+        _check_baseline_keeping_args(args)
+    if rollout_func.self_distill is not None and args.importance_sampling_level != "token":
+        raise ValueError(
+            "self_distill adds a per-token advantage, which a sequence-level ratio would spread over the whole "
+            f"completion: importance_sampling_level must be 'token', got {args.importance_sampling_level!r}"
+        )
+    if rollout_func.self_distill is not None and args.max_steps > 0:
+        _check_distill_ends(rollout_func.self_distill, args.max_steps)
+
+
+def _check_baseline_keeping_args(args) -> None:
+    if args.loss_type not in BASELINE_KEEPING_LOSS_TYPES:
+        raise ValueError(
+            f"off_policy='baseline_keeping' divides each rollout's token sum by max_completion_length, which "
+            f"loss_type={args.loss_type!r} does not (a token mean reweights rollouts by length): set loss_type to "
+            f"one of {BASELINE_KEEPING_LOSS_TYPES}"
+        )
+    if args.scale_rewards not in ("group", "none"):
+        raise ValueError(
+            f"off_policy='baseline_keeping' scales each group's advantages by its weighted std: scale_rewards must "
+            f"be 'group' or 'none', got {args.scale_rewards!r}"
+        )
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            "off_policy='baseline_keeping' weights TRL's total reward: multi_objective_aggregation must be "
+            f"'sum_then_normalize', got {args.multi_objective_aggregation!r}"
+        )
+
+
+def _check_distill_ends(coefficient: DistillCoefficient, max_steps: int) -> None:
+    """The final policy must not need the hint: β must be 0 from `max_steps` on."""
+    if coefficient.shape.end_step > max_steps:
+        raise ValueError(
+            f"self_distill's β reaches 0 at step {coefficient.shape.end_step}, after training stops at "
+            f"max_steps={max_steps}: the final policy would still be pulled toward the hinted context; end its "
+            "shape by max_steps"
         )
 
 
@@ -649,9 +807,10 @@ class GuidedGRPOTrainer(GRPOTrainer):
     generation batch is one `GuidedBatch`, opened from its rows, that the rollout function and the reward
     step record into. After TRL scores the batch, the trainer gathers it over processes, multiplies each
     token's advantage by the off-policy weight of the rollout function's mode (π_trainer/π_engine included
-    when a vLLM engine sampled), records every group's rewards in the controller, and logs the `guidance/*`
-    metrics. The controller's state is saved in each checkpoint (`prodsample_guidance.json`) and restored by
-    `train(resume_from_checkpoint=...)`.
+    when a vLLM engine sampled; "baseline_keeping" also re-centres the advantages under its weights), adds
+    β times the self-distillation advantage when `self_distill` is set, records every group's rewards in the
+    controller, and logs the `guidance/*` metrics. The controller's state is saved in each checkpoint
+    (`prodsample_guidance.json`) and restored by `train(resume_from_checkpoint=...)`.
     """
 
     def __init__(
@@ -688,23 +847,90 @@ class GuidedGRPOTrainer(GRPOTrainer):
         return self._open_batches.find(prompts)
 
     def _generate_and_score_completions(self, inputs):
+        training = self.model.training
+        beta = self._distill_coefficient() if training else None  # None: no self-distillation in this batch
         batch = GuidedBatch.from_rows(inputs, self.rollout_func.answer_column)
         with self._open_batches.open(batch):
             output = super()._generate_and_score_completions(inputs)
-        gathered = self._gather(batch, output)
-        weights = gathered.off_policy_weights(self.rollout_func.off_policy, self.engine_config, self.rollout_func.luffy_gamma)
+        teacher = self._teacher_logprobs(inputs, batch) if beta else None  # β = 0 skips the teacher's forward
+        gathered = self._gather(batch, output, teacher)
+        advantages, weights = self._weighted_advantages(gathered, output["advantages"])
         width = output["completion_ids"].shape[1]
-        output["advantages"] = output["advantages"].unsqueeze(1) * gathered.local(weights.weights)[:, :width]
+        output["advantages"] = advantages.unsqueeze(1) * gathered.local(weights.weights)[:, :width]
+        metrics = gathered.metrics(weights, self.rollout_func.controller.success_threshold)
+        if beta is not None:
+            metrics["guidance/distill_coef"] = beta
+        if teacher is not None:
+            distill = self._self_distill_advantages(gathered)
+            output["advantages"] = output["advantages"] + beta * gathered.local(distill)[:, :width]
+            metrics.update(gathered.self_distill_metrics(distill, self.rollout_func.distill_clip))
         if self.use_vllm:
             # TRL's own ratio (π_old over the sampling log-probs, i.e. over q) would correct the guidance a second
             # time; the weights above already hold the engine correction.
             output["importance_sampling_ratio"] = torch.ones_like(output["importance_sampling_ratio"])
-        mode = "train" if self.model.training else "eval"
-        if mode == "train":
+        mode = "train" if training else "eval"
+        if training:
             gathered.record(self.rollout_func.controller, self.state.global_step)
-        for name, value in gathered.metrics(weights, self.rollout_func.controller.success_threshold).items():
+        for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         return output
+
+    def _weighted_advantages(
+        self, gathered: GatheredBatch, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, OffPolicyWeights]:
+        """This process's advantages `[R]` and every rollout's per-token weights under the off-policy mode:
+        TRL's advantages with the mode's weights, or for "baseline_keeping" the advantages centred under its
+        sequence weights (computed on the gathered batch: a group can straddle two processes)."""
+        mode, engine, gamma = self.rollout_func.off_policy, self.engine_config, self.rollout_func.luffy_gamma
+        if mode != "baseline_keeping":
+            return advantages, gathered.off_policy_weights(mode, engine, gamma)
+        kept, weights = gathered.baseline_keeping(
+            gathered.off_policy_weights("none", engine, gamma),
+            truncate=self.rollout_func.baseline_keeping_truncate,
+            scale_rewards=self.scale_rewards,
+        )
+        return gathered.local(kept).to(advantages.dtype), weights
+
+    def _distill_coefficient(self) -> float | None:
+        """β at this step, or None without `self_distill`."""
+        coefficient = self.rollout_func.self_distill
+        if coefficient is None:
+            return None
+        if self.state.max_steps > 0:  # epoch-based runs know their steps only once training starts
+            _check_distill_ends(coefficient, self.state.max_steps)
+        return coefficient.value(self.state.global_step)
+
+    def _teacher_logprobs(self, inputs, batch: GuidedBatch) -> torch.Tensor:
+        """log π(o_t | prompt ⊕ hint) `[R, L]` of this process's rollouts at the sampling temperature: as the
+        rollout recorded it where it was guided, teacher-forced under the hinted prompt elsewhere (λ = 1 and
+        desynchronised rollouts) by the trained model under `prodsample.hf.score`'s no_grad (the stop-gradient)."""
+        rollout = batch.rollout
+        teacher = rollout.guide_logprobs.clone()
+        rows = (~rollout.guided & rollout.completion_mask.any(dim=1)).nonzero().squeeze(1).tolist()
+        if not rows:
+            return teacher
+        template = self.rollout_func.hint_template
+        answers = [batch.answers[row] for row in rows]
+        completions = rollout.completion_lists()
+        with _unwrapped_model(self) as model:
+            # The hinted prompt scored as a plain one: its plain context is the guide context, one forward.
+            forced = score(
+                model,
+                self.processing_class,
+                [add_hint(inputs[row]["prompt"], answer, template) for row, answer in zip(rows, answers)],
+                answers,
+                [completions[row] for row in rows],
+                lam=1.0,
+                temperature=self.args.temperature,
+            )
+        forced_width = forced.plain_logprobs.shape[1]
+        teacher[rows, :forced_width] = forced.plain_logprobs.to(teacher.dtype) * forced.completion_mask
+        return teacher
+
+    def _self_distill_advantages(self, gathered: GatheredBatch) -> torch.Tensor:
+        """w_t·a_t `[N, W]`, w_t the capped π/q weight ("token_truncate", with the engine weight)."""
+        token_weights = gathered.off_policy_weights("token_truncate", self.engine_config, self.rollout_func.luffy_gamma)
+        return gathered.self_distill_advantages(token_weights.weights, self.rollout_func.distill_clip)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -714,7 +940,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._open_batches.find(prompts).record_rewards(rewards)
         return rewards_per_func
 
-    def _gather(self, batch: GuidedBatch, output: dict) -> GatheredBatch:
+    def _gather(self, batch: GuidedBatch, output: dict, teacher_logprobs: torch.Tensor | None) -> GatheredBatch:
         texts = self.processing_class.batch_decode(batch.rollout.completion_lists(), skip_special_tokens=True)
         return gather_batch(
             self.accelerator,
@@ -724,6 +950,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             leaked=torch.tensor(hint_leakage(texts, batch.answers, self.rollout_func.hint_template)),
             # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
             trainer_logprobs=output["old_per_token_logps"] if self.use_vllm else None,
+            teacher_logprobs=teacher_logprobs,
         )
 
     def _save_checkpoint(self, model, trial):
