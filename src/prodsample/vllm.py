@@ -121,7 +121,7 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler()
+    sampler = PairedSampler(backend="auto_engine")  # it samples at every decode step of a long-lived engine
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
