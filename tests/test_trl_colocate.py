@@ -11,6 +11,7 @@ torch.distributed's stores listen on every interface (torch has no setting to bi
 where `unshare --net` works the runs go into a private network namespace whose only interface is loopback.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
 pytest.importorskip("trl", reason="TRL is not installed")
 
+import psutil  # noqa: E402  (a dependency of vLLM)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
@@ -70,8 +72,18 @@ def run(model_dir, out: Path, processes: int, timeout: int) -> None:
             "--main_process_port", str(free_port()), *script,
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    done = subprocess.run([*loopback_only(), *command], capture_output=True, text=True, timeout=timeout, env=env)
-    assert done.returncode == 0, done.stderr[-6000:]
+    process = subprocess.Popen([*loopback_only(), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # accelerate's workers run in sessions of their own: end every process the run started, by id
+        for started in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                started.kill()
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"the run took more than {timeout} s: {stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-6000:]
 
 
 def checkpoint_logprobs(model, record) -> torch.Tensor:
