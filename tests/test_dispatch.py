@@ -27,7 +27,7 @@ def large_batch():
 
 
 def test_unknown_backend_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'compiled', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'auto_engine', 'reference', 'compiled', 'triton'\)"):
         dispatch.fused_sampler(torch.device("cpu"), "cuda-graphs")
 
 
@@ -57,6 +57,21 @@ def test_cpu_auto_uses_the_checked_compiled_path_for_large_batches(fresh_checks)
     inputs = FusedInputs(plain, guide, torch.full((2,), 0.5), torch.ones(2), None, torch.tensor([3, 4]))
     assert torch.equal(fused(inputs).token_ids, reference_fused_sample(inputs).token_ids)
     assert dispatch._verified[("cpu", "compiled")] is compiled_fused_sample
+
+
+def test_cpu_auto_engine_uses_the_checked_compiled_path_for_a_real_vocabulary_at_any_batch(fresh_checks, monkeypatch):
+    """An engine samples every decode step, so even one row of a language model's vocabulary compiles; a toy
+    vocabulary stays on the reference."""
+    called = []
+    monkeypatch.setattr(dispatch, "_verified_backend", lambda device, backend: called.append(backend) or reference_fused_sample)
+    fused = dispatch.fused_sampler("cpu", "auto_engine")
+    settings = (torch.full((1,), 0.5), torch.ones(1), None, torch.tensor([3]))
+    vocab = dispatch.AUTO_COMPILE_MIN_VOCAB
+    fused(FusedInputs(torch.randn(1, vocab), torch.randn(1, vocab), *settings))
+    assert called == ["compiled"], "one row, below auto's batch threshold, still takes the compiled path"
+    fused(FusedInputs(torch.randn(1, 100), torch.randn(1, 100), *settings))
+    assert called == ["compiled"], "a toy vocabulary stays on the reference"
+    assert dispatch.fused_sampler("cpu", "auto") is not fused
 
 
 def shifted_tokens(inputs: FusedInputs) -> ProductSample:

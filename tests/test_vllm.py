@@ -258,19 +258,32 @@ def test_prefill_chunks_are_detected_flagged_and_recorded_exactly(stressed, hf):
 
 
 def test_benchmark_command_at_toy_size(tmp_path):
-    """`prodsample vllm` end to end on the tiny model: every run kind present, ratios and desyncs summarised."""
+    """`prodsample vllm` end to end on the tiny model: a warm-up round apart, then alternating rounds of every
+    kind at every batch size, the ratios per batch size with the 2B-plain floor, the load, the desyncs."""
     import json
 
     from prodsample import cli
 
     out = tmp_path / "vllm-tiny"
-    assert cli.main(["vllm", "--model", "tiny", "--dtype", "float32", "--prompts", "2", "--generations", "2",
-                     "--max-new-tokens", "4", "--rounds", "1", "--desync-prompts", "2", "--desync-generations", "2", "--out", str(out)]) == 0
+    assert cli.main(["vllm", "--model", "tiny", "--dtype", "float32", "--batch-sizes", "2", "4", "--generations", "2",
+                     "--max-new-tokens", "4", "--rounds", "2", "--desync-prompts", "2", "--desync-generations", "2",
+                     "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
-    assert {run["kind"] for run in summary["runs"]} == {"desync", "plain", "guided", "guided_lam1"}
-    assert summary["desync"]["pairs"] == 4 and summary["time_per_token_ratio_guided_over_plain"]["median"] > 0
+    kinds = {"plain", "plain_2b", "guided", "guided_lam1"}
+    timed = [(run["round"], run["kind"], run["batch"]) for run in summary["runs"] if run["round"] is not None]
+    assert sorted(timed) == sorted((r, k, b) for r in (0, 1) for k in kinds for b in (2, 4))
+    assert {(entry["kind"], entry["batch"]) for entry in summary["warmup"]} == {(k, b) for k in kinds for b in (2, 4)}
+    assert [run["kind"] for run in summary["runs"] if run["round"] == 0 and run["batch"] == 2] != \
+        [run["kind"] for run in summary["runs"] if run["round"] == 1 and run["batch"] == 2], "the order alternates"
+    for batch in ("2", "4"):
+        ratios = summary["time_per_token_ratios"][batch]
+        assert set(ratios) == {"guided_over_plain", "plain_2b_over_plain", "guided_over_plain_2b", "lam1_over_plain"}
+        assert all(len(ratio["per_round"]) == 2 and ratio["median"] > 0 for ratio in ratios.values())
+    plain_2b = [run for run in summary["runs"] if run["kind"] == "plain_2b" and run["batch"] == 4]
+    assert all(run["requests"] == 8 for run in plain_2b), "2B plain runs both contexts' rows: 2 × 4 requests"
+    assert summary["desync"]["pairs"] == 4 and summary["load_average_1min"]["max_during"] >= 0
     assert summary["command"].startswith("prodsample vllm --model tiny") and summary["git"]["revision"]
-    assert (out / "runs.csv").read_text().startswith("round,kind,")
+    assert (out / "runs.csv").read_text().startswith("round,kind,batch,")
 
 
 def test_the_pair_scheduler_keeps_pairs_in_step_through_preemptions(paired_stressed, hf):

@@ -46,8 +46,8 @@ HARNESSES = {
                         "same model and prompts, ratios measured side by side"),
     "kernel": Harness("prodsample.benchmarks.kernel", "the fused sampling kernel against eager PyTorch and the "
                       "other fast paths (issue 5)", own_parser=True, provided_by="the kernel work (issue 5)"),
-    "vllm": Harness("prodsample.benchmarks.vllm_generate", "guided vs plain tokens/s on one vLLM engine, and the "
-                    "desync rate of GuidedLLM's defaults (issue 4)", own_parser=True,
+    "vllm": Harness("prodsample.benchmarks.vllm_generate", "guided vs plain and vs the 2B-plain floor, time per "
+                    "token on one vLLM engine at B = 1, 4, 16, and the desync rate of GuidedLLM's defaults (issues 4, 14)", own_parser=True,
                     provided_by="the vLLM integration (issue 4)"),
     "server": Harness("prodsample.benchmarks.vllm_server", "guided vs plain time per token through a vLLM server at "
                       "1, 4 and 16 concurrent clients, and the desync rate with and without prodsample's scheduler "

@@ -176,7 +176,7 @@ def product_sample(
         seed, rollout_ids, positions: keyed noise (int or `[B]` int64 each): the draw is a pure function of
             (seed, rollout id, position, token), shared by every backend. `positions` is required with seed;
             `rollout_ids` defaults to the row index.
-        backend: "auto", "reference", "compiled" or "triton" (see `prodsample.dispatch`).
+        backend: one of `prodsample.dispatch.BACKENDS` (the module says what each runs).
 
     Returns:
         ProductSample(token_ids, logprobs, plain_logprobs, guide_logprobs, log_normalizer), each `[B]`.

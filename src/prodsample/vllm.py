@@ -126,7 +126,7 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler(record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
+    sampler = PairedSampler(backend="auto_engine", record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
