@@ -28,7 +28,7 @@ pytest.importorskip("trl", reason="TRL is not installed")
 import psutil  # noqa: E402  (a dependency of vLLM)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
+from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.trl_colocate import colocated_engine_settings  # noqa: E402
 from prodsample.vllm_sync import FLOAT32_TOLERANCE  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_the_trainer_refuses_colocate_settings_it_cannot_honour_before_building_
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from prodsample.benchmarks.tiny import tiny_model, tiny_tokenizer
+    from prodsample.testing import tiny_model, tiny_tokenizer
     from prodsample.schedules import Linear
     from prodsample.trl import GuidedGRPOTrainer, guided_rollout_func
 

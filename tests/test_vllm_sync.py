@@ -17,7 +17,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU e
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 
-from prodsample.benchmarks.tiny import save_tiny  # noqa: E402
+from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.vllm import build_engine  # noqa: E402
 from prodsample.vllm_sync import (  # noqa: E402
     FLOAT32_TOLERANCE,
