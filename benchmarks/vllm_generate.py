@@ -156,6 +156,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def write_records(out: Path, summary: dict, fields: list[str]) -> None:
+    """results.json (the whole summary) and runs.csv (one row per run, these fields) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summary["runs"])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
@@ -247,14 +257,8 @@ def main(argv=None) -> dict:
         "runs": runs,
         **origin,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(args.out / "runs.csv", "w", newline="") as handle:
-        fields = ["round", "kind", "batch", "seconds", "tokens", "tokens_per_s", "requests", "pairs", "desynced",
-                  "engine_steps", "load_average_1min"]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
+    write_records(args.out, summary, ["round", "kind", "batch", "seconds", "tokens", "tokens_per_s", "requests",
+                                      "pairs", "desynced", "engine_steps", "load_average_1min"])
     print(table(summary))
     return summary
 

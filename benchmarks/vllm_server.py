@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import shlex
@@ -126,7 +125,7 @@ def main(argv=None) -> dict:
     from prodsample.testing import LocalVllmServer
     from prodsample.vllm_scheduler import SCHEDULER_CLS
 
-    from .vllm_generate import model_directory, provenance, token_range, workload
+    from .vllm_generate import model_directory, provenance, token_range, workload, write_records
 
     origin = provenance(argv) | {"command": shlex.join(["prodsample", "server", *argv])}
     model_dir = model_directory(args.model)
@@ -179,13 +178,8 @@ def main(argv=None) -> dict:
         "runs": runs,
         **origin,
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(args.out / "runs.csv", "w", newline="") as handle:
-        fields = ["round", "kind", "server", "clients", "seconds", "tokens", "seconds_per_token", "pairs", "desynced",
-                  "load_before", "load_after"]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
+    write_records(args.out, summary, ["round", "kind", "server", "clients", "seconds", "tokens", "seconds_per_token",
+                                      "pairs", "desynced", "load_before", "load_after"])
     print(json.dumps({k: summary[k] for k in ("time_per_token_ratio_guided_over_plain", "desync")}, indent=2))
     return summary
 
