@@ -169,6 +169,13 @@ def test_guide_mid_prefill_found_after_the_fact():
     assert (record.lost_at, record.cause) == (0, DesyncCause.GUIDE_MID_PREFILL.value)
     assert all(math.isnan(g) for g in record.guide_logprobs)
     assert record.tokens == runner.outputs[plain]
+    # the token at 0 came from q with the half-prefilled guide row's logits: log q is that draw's, not π's
+    seen = runner.logits_seen[0]
+    joint = product_sample(seen[plain][None], seen[guide][None], 0.5, seed=SEED, rollout_ids=0,
+                           positions=torch.tensor([0]), backend="reference")
+    assert record.tokens[0] == int(joint.token_ids)
+    assert record.logprobs[0] == pytest.approx(float(joint.logprobs), abs=1e-6)
+    assert record.plain_logprobs[0] == pytest.approx(float(joint.plain_logprobs), abs=1e-6)
 
 
 def test_plain_mid_prefill_found_after_the_fact_and_redrawn_solo():

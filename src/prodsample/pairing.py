@@ -16,7 +16,10 @@ processor hands this module the tagged rows (`RowView`s) and the logits; `Paired
 
 A pair is *lost* at the first position whose kept plain token was not a joint draw that both rows kept;
 from there the rollout is on-policy, its records say what was actually drawn (log q = log π at λ = 1, guide
-log-prob NaN), and `take` reports the position and the cause. Nothing here imports an engine: adapters
+log-prob NaN), and `take` reports the position and the cause. One draw is neither q nor π: a loss found the
+step after (`GUIDE_MID_PREFILL`) means the plain row kept a joint draw whose guide logits came from a
+half-prefilled hinted prompt. Its log q is that of the distribution the token really came from (what an
+importance weight needs), which no teacher-forced scoring reproduces; the cause says so. Nothing here imports an engine: adapters
 (`prodsample.vllm`) translate a runner's batch state into `RowView`s.
 """
 

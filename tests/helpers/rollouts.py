@@ -7,9 +7,13 @@ from prodsample.hf import score
 TOL = 2e-4  # fp32 logits of two engines (vLLM's CPU kernels vs transformers')
 
 
-def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k=None, top_p=None):
+def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k=None, top_p=None,
+                        half_prefilled_guides=False):
     """Recorded log-probs equal teacher-forced ones: λ's q up to the first position whose guide log-prob is
-    NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error."""
+    NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error.
+
+    `half_prefilled_guides`: the rollouts include `guide_mid_prefill` losses, whose token at the loss was drawn
+    jointly with a guide row's half-prefill logits (see prodsample.pairing): log q there is only checked finite."""
     model, tokenizer = hf
     completions = rollout.completion_lists()
     lams = rollout.lam.tolist()
@@ -23,6 +27,9 @@ def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k
         assert bool(torch.isnan(guide[lost:]).all()), "guide log-probs are NaN from the loss on"
         assert lost == len(completion) or rollout.desynced[r], "a rollout that lost its guide context is flagged"
         expected = torch.cat([with_lam.logprobs[r, :lost], on_policy.logprobs[r, lost : len(completion)]])
+        if half_prefilled_guides and lost < len(completion):
+            assert bool(torch.isfinite(rollout.logprobs[r, lost])), "the draw at the loss has a log q"
+            expected[lost] = rollout.logprobs[r, lost]
         pairs = [
             (rollout.logprobs[r, : len(completion)], expected),
             (rollout.plain_logprobs[r, : len(completion)], with_lam.plain_logprobs[r, : len(completion)]),
