@@ -35,23 +35,15 @@ from typing import Any
 
 import httpx
 
-from .guided_call import GuidedCall, pad_token_id
+from .guided_call import NEUTRAL_SAMPLING, GuidedCall, pad_token_id
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle
-from .pairing import DesyncCause, RolloutRecord
+from .pairing import DesyncCause, RolloutRecord, records_from_workers
 from .prompts import DEFAULT_HINT_TEMPLATE
 from .rollout import GuidedRollout
 
 __all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
 RECORDS_MODES = ("auto", "server", "recompute")
-
-# What vLLM's own sampler does with a tagged request: it only keeps the token the processor forces, so greedy
-# and nothing else that acts on logits or tokens (the processor refuses other values); explicit, so that a
-# server's default sampling parameters (its model's generation config) cannot change them.
-_NEUTRAL_SAMPLING = {
-    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-}
 
 
 class AsyncGuidedClient:
@@ -214,7 +206,7 @@ class _Server:
             "model": await self.model(),
             "prompt": list(request.prompt_token_ids),
             "max_tokens": request.max_new_tokens,
-            **_NEUTRAL_SAMPLING,
+            **NEUTRAL_SAMPLING,
             "return_token_ids": True,
             "vllm_xargs": request.tag.to_extra_args(),
             "request_id": request.request_id,
@@ -236,11 +228,7 @@ class _Server:
         body = {"method": "prodsample_take_records", "args": [json.dumps(rollouts)]}
         response = await self.http.post("/collective_rpc", json=body)
         _raise_for_status(response, "reading prodsample's records")
-        records: dict[str, RolloutRecord] = {}
-        for worker_records in response.json()["results"]:
-            for name, raw in json.loads(worker_records).items():
-                records.setdefault(name, RolloutRecord(*raw))
-        return records
+        return records_from_workers(response.json()["results"])
 
 
 def _raise_for_status(response: httpx.Response, what: str) -> None:

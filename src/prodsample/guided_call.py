@@ -29,7 +29,15 @@ from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers,
 from .rollout import PER_TOKEN_RECORDS, GuidedRollout
 from .settings import SamplingSettings
 
-__all__ = ["GuidedCall", "pad_token_id"]
+__all__ = ["GuidedCall", "NEUTRAL_SAMPLING", "pad_token_id", "request_sampling_params", "rollout_requests"]
+
+# What vLLM's own sampler does with a tagged request: it only keeps the token the processor forces, so greedy
+# and nothing else that acts on logits or tokens (the processor refuses other values); explicit, so that a
+# server's default sampling parameters (its model's generation config) cannot change them.
+NEUTRAL_SAMPLING = {
+    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class GuidedCall:
         ]
         call = uuid.uuid4().hex[:12]
         requests = [
-            _rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
+            rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
                               lams[r], seed, settings, max_new_tokens, tokenizer.eos_token_id)
             for r in range(rollouts)
         ]
@@ -113,7 +121,12 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
-def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_new_tokens, eos) -> RolloutRequests:
+def rollout_requests(
+    name: str, r: int, plain_ids: list[int], guide_ids: list[int] | None, lam: float, seed: int,
+    settings: SamplingSettings, max_new_tokens: int, eos: int,
+) -> RolloutRequests:
+    """The tagged requests of rollout `name` (index `r` in its call's keyed noise): the guide and plain
+    requests when λ < 1 (`guide_ids` then needed), the plain one alone when λ = 1."""
     contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
     contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
     requests = []
@@ -124,6 +137,12 @@ def _rollout_requests(name, r, plain_ids, guide_ids, lam, seed, settings, max_ne
         )
         requests.append(EngineRequest(ids, max_new_tokens, tag))
     return RolloutRequests(tuple(requests))
+
+
+def request_sampling_params(request: EngineRequest) -> dict:
+    """`vllm.SamplingParams` keyword arguments of a tagged request sent to an engine as it is (the flat tag in
+    `extra_args`; over HTTP the same tag goes in `vllm_xargs`)."""
+    return {"max_tokens": request.max_new_tokens, **NEUTRAL_SAMPLING, "extra_args": request.tag.to_extra_args()}
 
 
 def _positive_int(value, name: str) -> int:

