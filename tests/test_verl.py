@@ -42,6 +42,9 @@ from prodsample.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
 from prodsample.schedules import schedule_from_dict  # noqa: E402
 from prodsample.testing import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
+from prodsample.vllm_scheduler import SCHEDULER_CLS  # noqa: E402
+
+from .helpers.rollouts import TOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_PAGE = ROOT / "docs" / "verl.md"
@@ -51,6 +54,7 @@ PROMPTS = ["What is 12+7?", "Add 3 and 4", "A farmer has 3 fields. How many fiel
 ANSWERS = ["19", "7", "3"]
 GENERATIONS = 4
 RESPONSE_LENGTH = 12
+TINY = dict(arch="llama", seed=1, heads=2)  # head size 32: vLLM's CPU attention has no kernel for 16
 
 
 # -- the recipe, as docs/verl.md gives it ------------------------------------------------------------------
@@ -89,13 +93,13 @@ def vllm_metadata(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny"))
+    return save_tiny(tmp_path_factory.mktemp("tiny"), **TINY)
 
 
 @pytest.fixture(scope="module")
 def hf():
     tokenizer = tiny_tokenizer()
-    return tiny_model(tokenizer, arch="llama", seed=0), tokenizer
+    return tiny_model(tokenizer, **TINY), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +266,36 @@ def rollout_batch(*, validate: bool = False) -> DataProto:
     )
 
 
+@pytest.fixture(scope="module")
+def vllm_engine(model_dir, vllm_metadata):
+    """A real vLLM CPU engine as verl's server builds it for the recipe (`AsyncLLM`, the pair scheduler from
+    the engine kwargs, prodsample's worker extension over verl's), with the event loop it lives on."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from prodsample.verl_server import WORKER_EXTENSION_CLS
+
+    args = AsyncEngineArgs(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_batched_tokens=1024,
+        seed=0, distributed_executor_backend="uni", scheduler_cls=SCHEDULER_CLS, worker_extension_cls=WORKER_EXTENSION_CLS,
+    )
+    loop = asyncio.new_event_loop()
+    engine = loop.run_until_complete(_started(args, AsyncLLM))
+    yield loop, engine
+    engine.shutdown()
+    pending = asyncio.all_tasks(loop)  # the engine's output handler
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
+async def _started(args, engine_cls):
+    return engine_cls.from_engine_args(args)
+
+
 def run(coroutine):
-    return asyncio.new_event_loop().run_until_complete(coroutine)
+    return asyncio.run(coroutine)
 
 
 # -- what the rollouts should hold, by hand --------------------------------------------------------------
@@ -407,3 +439,21 @@ def test_a_pair_split_across_replicas_is_flagged_and_masked_never_guided(config,
     assert output.batch["response_mask"].sum() == 0
     metrics = guidance_metrics_of(output)
     assert metrics["guidance/guided_fraction"] == 0.0 and metrics["guidance/records_missing_fraction"] == 1.0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf, vllm_engine):
+    """verl's server `generate` over a real vLLM CPU engine running prodsample's processor, pair scheduler and
+    worker extension: every trajectory comes back guided, in step, with records equal to log q by hand."""
+    model, tokenizer = hf
+    loop, engine = vllm_engine
+    output = loop.run_until_complete(agent_loop_worker(config, [engine]).generate_sequences(rollout_batch()))
+    columns = output.non_tensor_batch
+    assert columns["prodsample_records"].all() and columns["prodsample_guided"].all()
+    assert not columns["prodsample_desynced"].any()
+    mask = output.batch["response_mask"].bool()
+    assert mask.any(dim=1).all()
+    lam = float(columns["prodsample_lam"][0])
+    log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+    assert torch.allclose(output.batch["rollout_log_probs"][mask], log_q[mask], atol=TOL, rtol=0)
