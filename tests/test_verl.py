@@ -31,6 +31,7 @@ pytest.importorskip("verl", reason="verl is not installed (scripts/with-env.sh i
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
@@ -113,7 +114,7 @@ def config(model_dir):
     overrides = [o for o in overrides if o not in loop_config] + [
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={RECIPE_YAML}",
         f"actor_rollout_ref.model.path={model_dir}",
-        f"actor_rollout_ref.rollout.prompt_length=160",
+        "actor_rollout_ref.rollout.prompt_length=160",
         f"actor_rollout_ref.rollout.response_length={RESPONSE_LENGTH}",
         "actor_rollout_ref.rollout.max_model_len=256",
         "actor_rollout_ref.rollout.max_num_batched_tokens=1024",
@@ -364,8 +365,8 @@ def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(c
 
 def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_metadata):
     """Two replicas behind verl's load balancer: both requests of every pair reach one replica, the batch's
-    rollout_log_probs is log q, λ follows the recipe's schedule, and verl's rollout correction weighs each
-    token with min(π/q, 2)."""
+    rollout_log_probs is log q, λ follows the recipe's schedule, and verl's rollout correction keeps every
+    token (the recipe) or weighs each with min(π/q, 2) (token-level TIS)."""
     model, tokenizer = hf
     engines = [PairEngine(model, tokenizer.eos_token_id) for _ in range(2)]
     output = run(agent_loop_worker(config, engines).generate_sequences(rollout_batch()))
@@ -378,8 +379,7 @@ def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_met
                for e in engines for rollout in {r for r, _ in e.requests})
 
     columns = output.non_tensor_batch
-    lam = schedule_from_dict(
-        {"kind": "linear", "start": 0.5, "end_step": 200}).value(STEP)
+    lam = schedule_from_dict(OmegaConf.to_container(OmegaConf.load(RECIPE_YAML)[0].schedule)).value(STEP)
     assert np.allclose(columns["prodsample_lam"].astype(float), lam) and lam < 1
     assert columns["prodsample_guided"].all() and not columns["prodsample_desynced"].any()
     assert columns["prodsample_records"].all()
@@ -395,13 +395,19 @@ def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_met
     assert (rollout_log_probs[~mask] == 0).all()
     assert not torch.allclose(log_q[mask], log_pi[mask], atol=1e-2), "guided: q differs from π"
 
-    # verl's decoupled rollout correction, as its trainer runs it, with the recipe's settings
+    # verl's decoupled rollout correction as its trainer runs it: the recipe's settings (no weights: prodsample's
+    # default `none`; nothing rejected), then the documented alternative, token-level TIS (`token_truncate`)
     output.batch["old_log_probs"] = log_pi
-    corrected, metrics = compute_rollout_correction_and_add_to_batch(output, config.algorithm.rollout_correction)
+    recipe = config.algorithm.rollout_correction
+    corrected, metrics = compute_rollout_correction_and_add_to_batch(copy.deepcopy(output), recipe)
+    assert "rollout_is_weights" not in corrected.batch.keys()
+    assert torch.equal(corrected.batch["response_mask"].bool(), mask), "no token rejected"
+    assert metrics, "verl still reports its off-policy metrics"
+    token_tis = OmegaConf.merge(recipe, {"rollout_is": "token", "rollout_is_threshold": 2.0})
+    corrected, _ = compute_rollout_correction_and_add_to_batch(copy.deepcopy(output), token_tis)
     expected = torch.exp(log_pi - log_q).clamp(max=2.0) * mask
     assert torch.allclose(corrected.batch["rollout_is_weights"], expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(corrected.batch["response_mask"].bool(), mask), "no token rejected"
-    assert metrics["rollout_corr/rollout_is_mean"] > 0
+    assert torch.equal(corrected.batch["response_mask"].bool(), mask)
 
 
 def test_validation_rollouts_are_plain(config, hf, vllm_metadata):

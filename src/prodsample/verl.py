@@ -199,7 +199,7 @@ class GuidedAgentLoop(AgentLoopBase):
             prompt_ids=merged.token_ids[: len(merged.token_ids) - len(response_mask)],
             response_ids=response_ids[:length],
             response_mask=response_mask[:length],
-            response_logprobs=response_logprobs[:length],
+            response_logprobs=(response_logprobs or [])[:length],
             num_turns=2,
             metrics=metrics,
             extra_fields=extra_fields,
