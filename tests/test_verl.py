@@ -367,6 +367,8 @@ def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_met
     """Two replicas behind verl's load balancer: both requests of every pair reach one replica, the batch's
     rollout_log_probs is log q, λ follows the recipe's schedule, and verl's rollout correction keeps every
     token (the recipe) or weighs each with min(π/q, 2) (token-level TIS)."""
+    from prodsample.verl import guidance_metrics_of
+
     model, tokenizer = hf
     engines = [PairEngine(model, tokenizer.eos_token_id) for _ in range(2)]
     output = run(agent_loop_worker(config, engines).generate_sequences(rollout_batch()))
@@ -383,6 +385,9 @@ def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_met
     assert np.allclose(columns["prodsample_lam"].astype(float), lam) and lam < 1
     assert columns["prodsample_guided"].all() and not columns["prodsample_desynced"].any()
     assert columns["prodsample_records"].all()
+    metrics = guidance_metrics_of(output)
+    assert metrics["guidance/lambda_mean"] == pytest.approx(lam) and metrics["guidance/lambda_std"] == 0
+    assert metrics["guidance/guided_fraction"] == 1 and metrics["guidance/desynced_fraction"] == 0
 
     mask = output.batch["response_mask"].bool()
     assert mask.any(dim=1).all()
@@ -463,3 +468,79 @@ def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf,
     lam = float(columns["prodsample_lam"][0])
     log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
     assert torch.allclose(output.batch["rollout_log_probs"][mask], log_q[mask], atol=TOL, rtol=0)
+
+
+def loop_with(config, tokenizer, **settings):
+    """prodsample's agent loop as verl's worker instantiates it, under `config`."""
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from prodsample.verl import GuidedAgentLoop
+
+    return GuidedAgentLoop(
+        trainer_config=DictConfigWrap(config), server_manager=None, tokenizer=tokenizer, processor=None,
+        dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), **settings,
+    )
+
+
+def changed(config, settings):
+    """A copy of verl's configuration with `settings` merged in (new keys allowed)."""
+    config = copy.deepcopy(config)
+    OmegaConf.set_struct(config, False)
+    return OmegaConf.merge(config, settings)
+
+
+def test_the_loop_refuses_settings_that_would_split_or_resume_a_pair(config, hf, vllm_metadata):
+    _, tokenizer = hf
+    schedule = {"kind": "constant", "lam": 0.5}
+    assert loop_with(config, tokenizer, schedule=schedule).controller.lambdas(0, ["p"]) == [0.5]
+    with pytest.raises(ValueError, match="needs a schedule"):
+        loop_with(config, tokenizer)
+    with pytest.raises(ValueError, match="adaptive schedule needs each prompt's rewards"):
+        loop_with(config, tokenizer, schedule={"kind": "adaptive", "base": schedule})
+    with pytest.raises(ValueError, match="data_parallel_size = 1"):
+        loop_with(changed(config, {"actor_rollout_ref": {"rollout": {"data_parallel_size": 2}}}), tokenizer,
+                  schedule=schedule)
+    with pytest.raises(ValueError, match="partial_rollout = false"):
+        loop_with(changed(config, {"async_training": {"partial_rollout": True}}), tokenizer, schedule=schedule)
+
+
+def test_the_loop_refuses_to_run_outside_the_guided_manager(config, hf, vllm_metadata):
+    _, tokenizer = hf
+    loop = loop_with(config, tokenizer, schedule={"kind": "constant", "lam": 0.5})
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    with pytest.raises(RuntimeError, match="agent_loop_manager_class"):
+        run(loop.run({"temperature": 1.0}, raw_prompt=messages, reward_model={"ground_truth": "19"}))
+
+
+def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_metadata):
+    from prodsample.guided_call import rollout_requests
+    from prodsample.settings import SamplingSettings
+    from prodsample.verl_server import RolloutFinish
+
+    def requests(name, lam):
+        return rollout_requests(name, 0, [5, 6], [5, 6, 7], lam, 0, SamplingSettings(lam), 4, 2).requests
+
+    taken = []
+
+    async def take(names):
+        taken.append(names)
+        return {name: f"record of {name}" for name in names}
+
+    async def finish_all(finish, tags):
+        return [await finish.finished(tag, take) for tag in tags]
+
+    guide, plain = (request.tag for request in requests("pair", 0.5))
+    (alone,) = (request.tag for request in requests("alone", 1.0))
+    assert run(finish_all(RolloutFinish(), [guide, alone, plain])) == [None, "record of alone", "record of pair"]
+    assert taken == [["alone"], ["pair"]]
+
+    # beyond max_waiting half-finished rollouts the oldest is forgotten: its partner then counts as its first
+    # request, and the rollout gets no records (the loop flags it)
+    other_guide, other_plain = (request.tag for request in requests("other", 0.5))
+    taken.clear()
+    assert run(finish_all(RolloutFinish(max_waiting=1), [guide, other_guide, other_plain, plain])) == [
+        None, None, "record of other", None]
+    assert taken == [["other"]]
+    with pytest.raises(ValueError, match="max_waiting"):
+        RolloutFinish(max_waiting=0)
