@@ -45,7 +45,7 @@ from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
 
 from .controller import GuidanceController
 from .guided_call import request_sampling_params, rollout_requests
-from .pacing import check_pairs_fit, settle
+from .pacing import RolloutRequests, check_pairs_fit, settle
 from .pairing import RECORDS_KEY, RolloutRecord
 from .prompts import DEFAULT_HINT_TEMPLATE, add_hint
 from .schedules import Adaptive, Schedule, schedule_from_dict
@@ -143,21 +143,8 @@ class GuidedAgentLoop(AgentLoopBase):
                 f"prodsample's agent loop runs under {GuidedAgentLoopManager.__module__}.GuidedAgentLoopManager: set "
                 "actor_rollout_ref.rollout.agent.agent_loop_manager_class to it (verl does not tell a loop its step)"
             )
-        messages = list(kwargs["raw_prompt"])
         lam = 1.0 if rollout_step.validate else self.controller.lambdas(rollout_step.step, [_group_key(kwargs)])[0]
-        plain_ids = await self.ct_build_initial_tokens(messages)
-        guide_ids = None
-        if lam < 1:
-            hinted = add_hint(messages, _field(kwargs, self.answer_field), self.hint_template)
-            # not ct_build_initial_tokens: it cuts a prompt to rollout.prompt_length, which binds the plain prompt only
-            guide_ids = await self.loop.run_in_executor(None, self.continuous_token_builder.build_initial_tokens, hinted)
-        rollout = rollout_requests(
-            uuid.uuid4().hex, 0, plain_ids, guide_ids, lam, secrets.randbits(62),
-            _sampling_settings(sampling_params, lam), self._max_new_tokens(plain_ids, guide_ids), self._eos_token_id(),
-        )
-        if self.rollout_config.get("max_num_batched_tokens"):
-            check_pairs_fit([rollout], self.rollout_config.max_num_batched_tokens)
-
+        rollout = await self._plan(sampling_params, kwargs, lam)
         metrics: dict[str, float] = {}
         with simple_timer("generate_sequences", metrics):
             # one request id for both: verl's load balancer sends both to the replica the first one reached
@@ -170,6 +157,30 @@ class GuidedAgentLoop(AgentLoopBase):
             ))
         plain = outputs[-1]
         metrics["num_preempted"] = plain.num_preempted if plain.num_preempted is not None else -1
+        return await self._trajectory(rollout, outputs, lam, metrics)
+
+    async def _plan(self, sampling_params: Mapping[str, Any], row: Mapping[str, Any], lam: float) -> RolloutRequests:
+        """The rollout's tagged requests: the plain prompt as verl's own loops render it, and the hinted one."""
+        messages = list(row["raw_prompt"])
+        plain_ids = await self.ct_build_initial_tokens(messages)
+        guide_ids = None
+        if lam < 1:
+            hinted = add_hint(messages, _field(row, self.answer_field), self.hint_template)
+            # not ct_build_initial_tokens: it cuts a prompt to rollout.prompt_length, which binds the plain prompt only
+            guide_ids = await self.loop.run_in_executor(None, self.continuous_token_builder.build_initial_tokens, hinted)
+        rollout = rollout_requests(
+            uuid.uuid4().hex, 0, plain_ids, guide_ids, lam, secrets.randbits(62),
+            _sampling_settings(sampling_params, lam), self._max_new_tokens(plain_ids, guide_ids), self._eos_token_id(),
+        )
+        if self.rollout_config.get("max_num_batched_tokens"):
+            check_pairs_fit([rollout], self.rollout_config.max_num_batched_tokens)
+        return rollout
+
+    async def _trajectory(
+        self, rollout: RolloutRequests, outputs: Sequence[TokenOutput], lam: float, metrics: dict[str, float]
+    ) -> AgentLoopOutput:
+        """The plain request's tokens with log q from the rollout's records, and its flags."""
+        plain = outputs[-1]
         completion = list(plain.token_ids)
         record = _record_in(outputs)
         if record is None:
@@ -179,10 +190,11 @@ class GuidedAgentLoop(AgentLoopBase):
             outcome = settle([rollout], completions, {rollout.name: record})[0]
             logprobs, cause = outcome.record.logprobs[: len(completion)], outcome.cause
 
+        prompt_ids = rollout.plain.prompt_token_ids
         merged, response_mask, response_logprobs = await self.ct_merge_assistant_token(
-            plain_ids, completion, [], [], assistant_logprobs=logprobs
+            prompt_ids, completion, [], [], assistant_logprobs=logprobs
         )
-        response_ids = merged.token_ids[len(merged.token_ids) - len(response_mask):]
+        prompt_length = len(merged.token_ids) - len(response_mask)
         if record is None:
             response_mask = [0] * len(response_mask)  # no log q: nothing of it may enter the loss
         length = self.rollout_config.response_length
@@ -196,8 +208,8 @@ class GuidedAgentLoop(AgentLoopBase):
             RECORDS_FIELD: record is not None,
         })
         return AgentLoopOutput(
-            prompt_ids=merged.token_ids[: len(merged.token_ids) - len(response_mask)],
-            response_ids=response_ids[:length],
+            prompt_ids=merged.token_ids[:prompt_length],
+            response_ids=merged.token_ids[prompt_length:][:length],
             response_mask=response_mask[:length],
             response_logprobs=(response_logprobs or [])[:length],
             num_turns=2,
