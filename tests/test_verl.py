@@ -164,8 +164,9 @@ class PairEngine:
     contexts; a request whose partner has not arrived after `pair_timeout_s` runs alone. Records the
     (rollout, role) of every request it gets."""
 
-    def __init__(self, model, eos_token_id: int, pair_timeout_s: float = 0.3) -> None:
+    def __init__(self, model, eos_token_id: int, pair_timeout_s: float = 0.3, keep_pairs: bool = True) -> None:
         self.model, self.eos_token_id, self.pair_timeout_s = model, eos_token_id, pair_timeout_s
+        self.keep_pairs = keep_pairs  # False: each request runs on arrival, as under vLLM's own scheduler at worst
         self.sampler = PairedSampler(backend="reference")
         self.waiting: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
@@ -177,7 +178,7 @@ class PairEngine:
         done = asyncio.get_running_loop().create_future()
         pair = self.waiting.setdefault(tag.rollout, {})
         pair[tag.role] = (list(prompt["prompt_token_ids"]), sampling_params.max_tokens, done)
-        if len(pair) == (2 if tag.paired else 1):
+        if len(pair) == (2 if tag.paired else 1) or not self.keep_pairs:
             self._run(tag.rollout)
         else:
             asyncio.get_running_loop().call_later(self.pair_timeout_s, self._run, tag.rollout)
@@ -433,6 +434,22 @@ def test_validation_rollouts_are_plain(config, hf, vllm_metadata):
         with torch.no_grad():
             logits = model(torch.tensor([plain_ids + completion])).logits[0, len(plain_ids) - 1 : -1]
         assert logits.argmax(-1).tolist() == completion
+
+
+def test_a_pair_that_loses_step_is_flagged_never_guided_and_trains_on_policy(config, hf, vllm_metadata):
+    """An engine that runs each request as it arrives (no pair scheduler): every pair loses step at its first
+    token, and its plain request runs on-policy. Each trajectory is flagged desynced, not guided, and its
+    records (back from the one server) give log π as its log q."""
+    model, tokenizer = hf
+    engines = [PairEngine(model, tokenizer.eos_token_id, keep_pairs=False)]
+    output = run(agent_loop_worker(config, engines).generate_sequences(rollout_batch()))
+    columns = output.non_tensor_batch
+    assert columns["prodsample_desynced"].all() and not columns["prodsample_guided"].any()
+    assert set(columns["prodsample_desync_cause"]) == {"partner_absent"} and columns["prodsample_records"].all()
+    mask = output.batch["response_mask"].bool()
+    assert mask.any(dim=1).all()
+    _, log_pi = expected_logprobs(model, tokenizer, output, [1.0] * len(output))
+    assert torch.allclose(output.batch["rollout_log_probs"][mask], log_pi[mask], atol=1e-4, rtol=0)
 
 
 def test_a_pair_split_across_replicas_is_flagged_and_masked_never_guided(config, hf, vllm_metadata):
