@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 # The off-policy mode used when none is named: "none", the original recipe (the bias it leaves vanishes as
-# λ → 1, and it costs nothing). In the claim benchmark (README, "The claim, tested") "token_truncate"
+# λ → 1, and it costs nothing). In the claim benchmark (docs/claim.md) "token_truncate"
 # learned worse than "none" on the same rollouts; docs/trl.md gives the figures.
 DEFAULT_OFF_POLICY_MODE = "none"
 
