@@ -37,7 +37,7 @@ from .runs import RunDir, invocation, load_average
 from .tasks import Task
 
 KIND = "reward"
-# Families where SmolLM2-135M-Instruct succeeds rarely but not never at λ = 1 (probes: README, "Probes: choosing the task families").
+# Families where SmolLM2-135M-Instruct succeeds rarely but not never at λ = 1 (probes: docs/cli.md, "Probes: choosing the task families").
 DEFAULT_TASKS = ["letter_counting:max_words=5", "basic_arithmetic:max_terms=2,max_digits=1"]
 DEFAULT_PROMPTS = [100, 50]
 DEFAULT_LAMS = "1,0.9,0.75,0.5,0.25,0"

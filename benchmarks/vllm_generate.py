@@ -105,7 +105,7 @@ class Workload:
         if kind == "plain_2b":
             return self._plain(self.plain_ids[:count] + self.hinted_ids[:count], rows_per_rollout=2)
         lam = GUIDED_LAM if kind == "guided" else 1.0
-        return self.run_guided(self.prompts[:count], self.answers[:count], lam, round_seed)
+        return self.run_guided(self.prompts[:count], self.answers[:count], lam, round_seed, self.generations)
 
     def _plain(self, ids: list[list[int]], rows_per_rollout: int) -> dict:
         from vllm import SamplingParams
@@ -118,9 +118,9 @@ class Workload:
         tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
         return {"seconds": seconds, "tokens": tokens / rows_per_rollout, "requests": len(requests)}
 
-    def run_guided(self, prompts, answers, lam: float, seed: int) -> dict:
+    def run_guided(self, prompts, answers, lam: float, seed: int, generations: int) -> dict:
         start = time.perf_counter()
-        rollout = self.guided.generate(prompts, answers, lam=lam, num_generations=self.generations,
+        rollout = self.guided.generate(prompts, answers, lam=lam, num_generations=generations,
                                        max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
         seconds = time.perf_counter() - start
         stats = self.guided.last_stats
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     if args.desync_prompts:
         desync_run = {"round": None, "kind": "desync", "batch": args.desync_prompts * args.desync_generations,
                       **work.run_guided(desync_prompts[: args.desync_prompts], desync_answers[: args.desync_prompts],
-                                     GUIDED_LAM, args.seed)}
+                                     GUIDED_LAM, args.seed, args.desync_generations)}
         desync_run["tokens_per_s"] = desync_run["tokens"] / desync_run["seconds"]
         runs.append(desync_run)
         print(json.dumps(desync_run), flush=True)

@@ -266,7 +266,7 @@ def test_benchmark_command_at_toy_size(tmp_path):
 
     out = tmp_path / "vllm-tiny"
     assert cli.main(["vllm", "--model", "tiny", "--dtype", "float32", "--batch-sizes", "2", "4", "--generations", "2",
-                     "--max-new-tokens", "4", "--rounds", "2", "--desync-prompts", "2", "--desync-generations", "2",
+                     "--max-new-tokens", "4", "--rounds", "2", "--desync-prompts", "2", "--desync-generations", "3",
                      "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     kinds = {"plain", "plain_2b", "guided", "guided_lam1"}
@@ -281,7 +281,8 @@ def test_benchmark_command_at_toy_size(tmp_path):
         assert all(len(ratio["per_round"]) == 2 and ratio["median"] > 0 for ratio in ratios.values())
     plain_2b = [run for run in summary["runs"] if run["kind"] == "plain_2b" and run["batch"] == 4]
     assert all(run["requests"] == 8 for run in plain_2b), "2B plain runs both contexts' rows: 2 × 4 requests"
-    assert summary["desync"]["pairs"] == 4 and summary["load_average_1min"]["max_during"] >= 0
+    assert summary["desync"]["pairs"] == 6, "desync pairs = --desync-prompts × --desync-generations"
+    assert summary["load_average_1min"]["max_during"] >= 0
     assert summary["command"].startswith("prodsample vllm --model tiny") and summary["git"]["revision"]
     assert (out / "runs.csv").read_text().startswith("round,kind,batch,")
 

@@ -43,6 +43,11 @@ from .rollout import GuidedRollout
 
 __all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
+# Idle connections are dropped before the server would drop them: vLLM's HTTP server closes a connection idle
+# for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s), httpx by default reuses one for 5 s, and a request sent on a
+# connection the server is closing fails with httpx.ReadError (seen under a 16-client load).
+KEEPALIVE_EXPIRY_S = 2.0
+
 RECORDS_MODES = ("auto", "server", "recompute")
 
 
@@ -115,7 +120,7 @@ class AsyncGuidedClient:
         )
         # a connection for each request in flight: a pair's first request must never hold the last connection
         # while its partner waits for one (the scheduler holds the first until the second arrives)
-        limits = httpx.Limits(max_connections=2 * self.max_concurrency + 1)
+        limits = httpx.Limits(max_connections=2 * self.max_concurrency + 1, keepalive_expiry=KEEPALIVE_EXPIRY_S)
         async with httpx.AsyncClient(
             base_url=self.base_url, timeout=self.timeout, headers=self.headers, transport=self.transport, limits=limits
         ) as http:

@@ -320,28 +320,7 @@ class PairedSampler:
         return draws, releases
 
     def _draw(self, logits: torch.Tensor, draws: list[_Draw]) -> list[_Token]:
-        device = logits.device
-        tags = [self._tags[d.plain.request] for d in draws]
-        settings = [tag.settings for tag in tags]
-
-        def per_row(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        plain_rows = per_row([d.plain.row for d in draws])
-        guide_rows = per_row([(d.guide or d.plain).row for d in draws])
-        sample: ProductSample = product_sample(
-            logits.index_select(0, plain_rows),
-            logits.index_select(0, guide_rows),
-            per_row([s.lam if d.guide is not None else 1.0 for s, d in zip(settings, draws)], torch.float32),
-            temperature=per_row([s.temperature for s in settings], torch.float32),
-            top_k=per_row([s.top_k for s in settings]),
-            top_p=per_row([s.top_p for s in settings], torch.float32),
-            min_p=per_row([s.min_p for s in settings], torch.float32),
-            seed=per_row([t.seed for t in tags]),
-            rollout_ids=per_row([t.rollout_index for t in tags]),
-            positions=per_row([d.plain.position for d in draws]),
-            backend=self.backend,
-        )
+        sample = _sample(logits, draws, [self._tags[d.plain.request] for d in draws], self.backend)
         columns = (sample.token_ids, sample.logprobs, sample.plain_logprobs, sample.guide_logprobs)
         tokens = []
         for draw, (token, logprob, plain_logprob, guide_logprob) in zip(draws, zip(*(c.tolist() for c in columns))):
@@ -419,6 +398,29 @@ def records_from_workers(results: Sequence[str]) -> dict[str, RolloutRecord]:
         for name, raw in json.loads(worker_records).items():
             records.setdefault(name, RolloutRecord(*raw))
     return records
+
+
+def _sample(logits: torch.Tensor, draws: list[_Draw], tags: list[GuidanceTag], backend: str) -> ProductSample:
+    """One batched `product_sample` call for every planned draw: joint draws at the rollout's λ, solo draws at
+    λ = 1 (the plain row stands in for the missing guide row), each with its own settings and noise key."""
+    settings = [tag.settings for tag in tags]
+
+    def per_row(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=logits.device)
+
+    return product_sample(
+        logits.index_select(0, per_row([d.plain.row for d in draws])),
+        logits.index_select(0, per_row([(d.guide or d.plain).row for d in draws])),
+        per_row([s.lam if d.guide is not None else 1.0 for s, d in zip(settings, draws)], torch.float32),
+        temperature=per_row([s.temperature for s in settings], torch.float32),
+        top_k=per_row([s.top_k for s in settings]),
+        top_p=per_row([s.top_p for s in settings], torch.float32),
+        min_p=per_row([s.min_p for s in settings], torch.float32),
+        seed=per_row([t.seed for t in tags]),
+        rollout_ids=per_row([t.rollout_index for t in tags]),
+        positions=per_row([d.plain.position for d in draws]),
+        backend=backend,
+    )
 
 
 def _record(rollout: _Rollout) -> RolloutRecord:

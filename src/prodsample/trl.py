@@ -77,6 +77,7 @@ __all__ = [
     "ROLLOUT_BACKENDS",
     "GuidedBatch",
     "GatheredBatch",
+    "GuidedAdvantages",
     "gather_batch",
     "GuidedRolloutFunc",
     "guided_rollout_func",
@@ -90,7 +91,7 @@ __all__ = [
 ]
 
 # The off-policy mode used when none is named: "none", the original recipe (the bias it leaves vanishes as
-# λ → 1, and it costs nothing). In the claim benchmark (README, "The claim, tested") "token_truncate"
+# λ → 1, and it costs nothing). In the claim benchmark (docs/claim.md) "token_truncate"
 # learned worse than "none" on the same rollouts; docs/trl.md gives the figures.
 DEFAULT_OFF_POLICY_MODE = "none"
 
@@ -811,6 +812,51 @@ def _restore_guidance(checkpoint: str, controller: GuidanceController) -> None:
     controller.load_state_dict(state)
 
 
+@dataclass(frozen=True)
+class GuidedAdvantages:
+    """The per-token advantages `[R, W]` this process trains on, and the batch's `guidance/*` metrics.
+
+    TRL's advantages `[R]` times each token's off-policy weight under `rollout_func.off_policy` (π_trainer /
+    π_engine included when `engine` says an engine sampled); "baseline_keeping" instead re-centres them under
+    its sequence weights, on the gathered batch since a group can straddle two processes. With β (the
+    self-distillation coefficient at this step) truthy, β·w_t·a_t is added, w_t the capped π/q token weight.
+    """
+
+    rollout_func: GuidedRolloutFunc
+    engine: ImportanceConfig
+    scale_rewards: str
+
+    def __call__(
+        self, gathered: GatheredBatch, advantages: torch.Tensor, width: int, beta: float | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        advantages, weights = self._centred(gathered, advantages)
+        per_token = advantages.unsqueeze(1) * gathered.local(weights.weights)[:, :width]
+        metrics = gathered.metrics(weights, self.rollout_func.controller.success_threshold)
+        if beta is not None:
+            metrics["guidance/distill_coef"] = beta
+        if beta:
+            distill = self._self_distill(gathered)
+            per_token = per_token + beta * gathered.local(distill)[:, :width]
+            metrics.update(gathered.self_distill_metrics(distill, self.rollout_func.distill_clip))
+        return per_token, metrics
+
+    def _centred(self, gathered: GatheredBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, OffPolicyWeights]:
+        mode, gamma = self.rollout_func.off_policy, self.rollout_func.luffy_gamma
+        if mode != "baseline_keeping":
+            return advantages, gathered.off_policy_weights(mode, self.engine, gamma)
+        kept, weights = gathered.baseline_keeping(
+            gathered.off_policy_weights("none", self.engine, gamma),
+            truncate=self.rollout_func.baseline_keeping_truncate,
+            scale_rewards=self.scale_rewards,
+        )
+        return gathered.local(kept).to(advantages.dtype), weights
+
+    def _self_distill(self, gathered: GatheredBatch) -> torch.Tensor:
+        """w_t·a_t `[N, W]`, w_t the capped π/q weight ("token_truncate", with the engine weight)."""
+        token_weights = gathered.off_policy_weights("token_truncate", self.engine, self.rollout_func.luffy_gamma)
+        return gathered.self_distill_advantages(token_weights.weights, self.rollout_func.distill_clip)
+
+
 class GuidedGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` trained on answer-guided rollouts from a `guided_rollout_func`.
 
@@ -866,7 +912,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         if args is None:  # GRPOTrainer built its default config
             _check_guided_args(self.args, rollout_func)
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
-        self.engine_config = engine_importance_config(self.args) if self.use_vllm else ImportanceConfig()
+        engine = engine_importance_config(self.args) if self.use_vllm else ImportanceConfig()
+        self.guided_advantages = GuidedAdvantages(rollout_func, engine, self.scale_rewards)
         self._open_batches = _OpenBatches()
         check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
         _check_answers(self.train_dataset, "train_dataset", rollout_func.answer_column)
@@ -885,16 +932,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         teacher = self._teacher_logprobs(inputs, batch) if beta else None  # β = 0 skips the teacher's forward
         gathered = self._gather(batch, output, teacher)
-        advantages, weights = self._weighted_advantages(gathered, output["advantages"])
         width = output["completion_ids"].shape[1]
-        output["advantages"] = advantages.unsqueeze(1) * gathered.local(weights.weights)[:, :width]
-        metrics = gathered.metrics(weights, self.rollout_func.controller.success_threshold)
-        if beta is not None:
-            metrics["guidance/distill_coef"] = beta
-        if teacher is not None:
-            distill = self._self_distill_advantages(gathered)
-            output["advantages"] = output["advantages"] + beta * gathered.local(distill)[:, :width]
-            metrics.update(gathered.self_distill_metrics(distill, self.rollout_func.distill_clip))
+        output["advantages"], metrics = self.guided_advantages(gathered, output["advantages"], width, beta)
         if self.use_vllm:
             # TRL's own ratio (π_old over the sampling log-probs, i.e. over q) would correct the guidance a second
             # time; the weights above already hold the engine correction.
@@ -905,22 +944,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         return output
-
-    def _weighted_advantages(
-        self, gathered: GatheredBatch, advantages: torch.Tensor
-    ) -> tuple[torch.Tensor, OffPolicyWeights]:
-        """This process's advantages `[R]` and every rollout's per-token weights under the off-policy mode:
-        TRL's advantages with the mode's weights, or for "baseline_keeping" the advantages centred under its
-        sequence weights (computed on the gathered batch: a group can straddle two processes)."""
-        mode, engine, gamma = self.rollout_func.off_policy, self.engine_config, self.rollout_func.luffy_gamma
-        if mode != "baseline_keeping":
-            return advantages, gathered.off_policy_weights(mode, engine, gamma)
-        kept, weights = gathered.baseline_keeping(
-            gathered.off_policy_weights("none", engine, gamma),
-            truncate=self.rollout_func.baseline_keeping_truncate,
-            scale_rewards=self.scale_rewards,
-        )
-        return gathered.local(kept).to(advantages.dtype), weights
 
     def _distill_coefficient(self) -> float | None:
         """β at this step, or None without `self_distill`."""
@@ -957,11 +980,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
         forced_width = forced.plain_logprobs.shape[1]
         teacher[rows, :forced_width] = forced.plain_logprobs.to(teacher.dtype) * forced.completion_mask
         return teacher
-
-    def _self_distill_advantages(self, gathered: GatheredBatch) -> torch.Tensor:
-        """w_t·a_t `[N, W]`, w_t the capped π/q weight ("token_truncate", with the engine weight)."""
-        token_weights = gathered.off_policy_weights("token_truncate", self.engine_config, self.rollout_func.luffy_gamma)
-        return gathered.self_distill_advantages(token_weights.weights, self.rollout_func.distill_clip)
 
     def _generate(self, prompts):
         # TRL's gate for its own sync (once per optimizer step); marking the step loaded makes TRL skip its sync.
