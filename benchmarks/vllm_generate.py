@@ -131,22 +131,28 @@ class Workload:
         }
 
 
-def ratios(runs: list[dict], batch: int) -> dict:
-    """Per timed round at batch size B: time per token of each kind over plain's, and guided over plain_2b's."""
+RATIOS = {  # name → (kind, the kind it is over), time per token
+    "guided_over_plain": ("guided", "plain"),
+    "plain_2b_over_plain": ("plain_2b", "plain"),
+    "guided_over_plain_2b": ("guided", "plain_2b"),
+    "lam1_over_plain": ("guided_lam1", "plain"),
+}
+
+
+def ratios(runs: list[dict], field: str, value: int) -> dict:
+    """Per timed round, at `field` = `value` (a batch size, a client count): time per token of each kind over
+    another's, for the kinds that ran (medians over rounds and every round's value)."""
     per_token = {(r["round"], r["kind"]): r["seconds"] / r["tokens"] for r in runs
-                 if r["batch"] == batch and r["round"] is not None and r["tokens"] > 0}
-
-    def over(kind, base):
-        rounds = sorted({round_ for round_, _ in per_token})
-        values = [per_token[(i, kind)] / per_token[(i, base)] for i in rounds if (i, kind) in per_token and (i, base) in per_token]
-        return {"median": statistics.median(values) if values else None, "per_round": values}
-
-    return {
-        "guided_over_plain": over("guided", "plain"),
-        "plain_2b_over_plain": over("plain_2b", "plain"),
-        "guided_over_plain_2b": over("guided", "plain_2b"),
-        "lam1_over_plain": over("guided_lam1", "plain"),
-    }
+                 if r[field] == value and r["round"] is not None and r["tokens"] > 0}
+    rounds = sorted({round_ for round_, _ in per_token})
+    kinds = {kind for _, kind in per_token}
+    out = {}
+    for name, (kind, base) in RATIOS.items():
+        if kind in kinds and base in kinds:
+            values = [per_token[(i, kind)] / per_token[(i, base)] for i in rounds
+                      if (i, kind) in per_token and (i, base) in per_token]
+            out[name] = {"median": statistics.median(values) if values else None, "per_round": values}
+    return out
 
 
 def positive_int(text: str) -> int:
@@ -244,7 +250,7 @@ def main(argv=None) -> dict:
                    "block_size": limits.block_size, "startup_s": startup},
         "load_average_1min": {"before": load_before, "after": load_after,
                               "max_during": max(r["load_average_1min"] for r in timed)},
-        "time_per_token_ratios": {str(batch): ratios(runs, batch) for batch in batches},
+        "time_per_token_ratios": {str(batch): ratios(runs, "batch", batch) for batch in batches},
         "tokens_per_s": {str(batch): {kind: statistics.median(r["tokens_per_s"] for r in timed
                                                               if r["batch"] == batch and r["kind"] == kind)
                                       for kind in KINDS} for batch in batches},

@@ -10,9 +10,11 @@ from reasoning-gym tasks, their answers as hints, G rollouts each.
 
 - throughput, on the paired server: for C in --clients, C threads at once, each with its own prompts;
   "guided" threads call `prodsample.client.GuidedClient.generate` at λ = 0.5 (two requests per rollout),
-  "plain" threads send the plain prompts as ordinary completion requests (vLLM's own sampler), G per prompt.
-  Time per token = wall time of the C calls over the completion tokens they return (a guided rollout's guide
-  request is not counted). Rounds alternate plain and guided; the summary is the median ratio per C.
+  "plain" threads send the plain prompts as ordinary completion requests (vLLM's own sampler), G per prompt,
+  and "plain_2b" threads send the plain and the hinted prompts so (the floor: two ordinary rows per rollout).
+  Time per token = wall time of the C calls over the completion tokens per rollout (a guided rollout's guide
+  request is not counted; plain_2b's tokens are halved). A warm-up pass of every kind at the smallest C runs
+  first, apart; the rounds rotate the kinds' order; the summary holds the ratios per C, medians over rounds.
 - desync: --desync-prompts × G pairs from 16 threads, on each server; the desync rate and causes from the
   records.
 
@@ -27,7 +29,6 @@ import asyncio
 import json
 import os
 import shlex
-import statistics
 import sys
 import threading
 import time
@@ -61,6 +62,9 @@ def in_threads(count: int, work) -> tuple[float, list]:
     if errors:
         raise errors[0]
     return time.perf_counter() - started, results
+
+
+KINDS = ("plain", "plain_2b", "guided")
 
 
 def plain_call(url: str, prompt_ids: list[list[int]], generations: int, max_new_tokens: int, temperature: float,
@@ -125,7 +129,7 @@ def main(argv=None) -> dict:
     from prodsample.testing import LocalVllmServer
     from prodsample.vllm_scheduler import SCHEDULER_CLS
 
-    from .vllm_generate import model_directory, provenance, token_range, workload, write_records
+    from .vllm_generate import model_directory, provenance, ratios, token_range, workload, write_records
 
     origin = provenance(argv) | {"command": shlex.join(["prodsample", "server", *argv])}
     model_dir = model_directory(args.model)
@@ -153,12 +157,6 @@ def main(argv=None) -> dict:
         for server in servers.values():
             server.stop()
 
-    def ratio(clients: int) -> dict:
-        plain = {r["round"]: r["seconds_per_token"] for r in runs if r["kind"] == "plain" and r["clients"] == clients}
-        per_round = [r["seconds_per_token"] / plain[r["round"]] for r in runs
-                     if r["kind"] == "guided" and r["clients"] == clients]
-        return {"median": statistics.median(per_round), "per_round": per_round}
-
     def desync(server: str) -> dict:
         run = next(r for r in runs if r["kind"] == "desync" and r["server"] == server)
         return {"pairs": run["pairs"], "desynced": run["desynced"], "rate": run["desynced"] / run["pairs"],
@@ -173,39 +171,51 @@ def main(argv=None) -> dict:
                      "prompt_tokens": token_range([render_prompt(tokenizer, p) for p in prompts])},
         "servers": {"flags": flags, "paired_scheduler": SCHEDULER_CLS, "started_here": sorted(servers),
                     "startup_s": startup},
-        "time_per_token_ratio_guided_over_plain": {str(c): ratio(c) for c in args.clients},
+        "time_per_token_ratios": {str(c): ratios(runs, "clients", c) for c in args.clients},
         "desync": {"with_scheduler": desync("paired"), "without_scheduler": desync("stock")},
         "runs": runs,
         **origin,
     }
     write_records(args.out, summary, ["round", "kind", "server", "clients", "seconds", "tokens", "seconds_per_token",
                                       "pairs", "desynced", "load_before", "load_after"])
-    print(json.dumps({k: summary[k] for k in ("time_per_token_ratio_guided_over_plain", "desync")}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("time_per_token_ratios", "desync")}, indent=2))
     return summary
 
 
 def throughput_runs(args, url: str, tokenizer, prompts, answers) -> list[dict]:
-    from prodsample.prompts import render_prompt
-
-    runs = []
+    """The warm-up pass (round None) at the smallest client count, then the timed rounds."""
+    runs = [measured(kind, "paired", min(args.clients), None, throughput_work(args, url, tokenizer, prompts, answers,
+                                                                             kind, min(args.clients), args.seed))
+            for kind in KINDS]
     for round_index in range(args.rounds):
         for clients in args.clients:
-            shares = split(list(range(clients * args.prompts_per_client)), clients)
-            kinds = ("plain", "guided") if round_index % 2 == 0 else ("guided", "plain")  # alternate who goes first
-            for kind in kinds:
-                seed = args.seed + 1000 * round_index
-                if kind == "plain":
-                    def work(i, share=shares, seed=seed):
-                        ids = [render_prompt(tokenizer, prompts[j]) for j in share[i]]
-                        return {"tokens": plain_call(url, ids, args.generations, args.max_new_tokens, args.temperature,
-                                                     seed + 100 * i)}
-                else:
-                    def work(i, share=shares, seed=seed):
-                        return guided_call(url, tokenizer, [prompts[j] for j in share[i]],
-                                           [answers[j] for j in share[i]], args.generations, args.max_new_tokens,
-                                           args.temperature, seed + 100 * i)
+            shift = round_index % len(KINDS)  # rotate who goes first
+            for kind in KINDS[shift:] + KINDS[:shift]:
+                work = throughput_work(args, url, tokenizer, prompts, answers, kind, clients,
+                                       args.seed + 1000 * (round_index + 1))
                 runs.append(measured(kind, "paired", clients, round_index, work))
     return runs
+
+
+def throughput_work(args, url: str, tokenizer, prompts, answers, kind: str, clients: int, seed: int):
+    """`work(i)` of client thread i for one run of `kind`: its own prompts, its own seeds."""
+    from prodsample.prompts import add_hint, render_prompt
+
+    shares = split(list(range(clients * args.prompts_per_client)), clients)
+    sampling = (args.generations, args.max_new_tokens, args.temperature)
+
+    def work(i: int) -> dict:
+        share = shares[i]
+        if kind == "guided":
+            return guided_call(url, tokenizer, [prompts[j] for j in share], [answers[j] for j in share], *sampling,
+                               seed + 100 * i)
+        ids = [render_prompt(tokenizer, prompts[j]) for j in share]
+        if kind == "plain_2b":
+            ids += [render_prompt(tokenizer, add_hint(prompts[j], answers[j])) for j in share]
+        rows_per_rollout = 2 if kind == "plain_2b" else 1
+        return {"tokens": plain_call(url, ids, *sampling, seed + 100 * i) / rows_per_rollout}
+
+    return work
 
 
 def desync_run(args, server: str, url: str, tokenizer, prompts, answers) -> dict:
@@ -228,7 +238,7 @@ def measured(kind: str, server: str, clients: int, round_index, work) -> dict:
     run = {"round": round_index, "kind": kind, "server": server, "clients": clients, "seconds": seconds,
            "tokens": tokens, "seconds_per_token": seconds / tokens if tokens else None,
            "load_before": load_before, "load_after": os.getloadavg()[0]}
-    if kind != "plain":
+    if kind in ("guided", "desync"):
         causes: dict[str, int] = {}
         for result in results:
             for cause, count in result["causes"].items():

@@ -173,10 +173,15 @@ def test_the_benchmark_command_at_toy_size(servers, tmp_path):
                      "1", "--generations", "2", "--max-new-tokens", "4", "--rounds", "2", "--desync-prompts", "2",
                      "--paired-url", servers["paired"], "--stock-url", servers["stock"], "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
-    assert {(run["kind"], run["clients"]) for run in summary["runs"] if run["kind"] != "desync"} == {
-        ("plain", 1), ("guided", 1), ("plain", 2), ("guided", 2)}
-    assert set(summary["time_per_token_ratio_guided_over_plain"]) == {"1", "2"}
-    assert all(len(r["per_round"]) == 2 for r in summary["time_per_token_ratio_guided_over_plain"].values())
+    kinds = {"plain", "plain_2b", "guided"}
+    timed = sorted((run["round"], run["kind"], run["clients"]) for run in summary["runs"] if run["round"] is not None)
+    assert timed == sorted((r, k, c) for r in (0, 1) for k in kinds for c in (1, 2))
+    warmup = {(run["kind"], run["clients"]) for run in summary["runs"] if run["round"] is None and run["kind"] != "desync"}
+    assert warmup == {(k, 1) for k in kinds}, "a warm-up pass of every kind at the smallest client count, apart"
+    assert set(summary["time_per_token_ratios"]) == {"1", "2"}
+    for ratios in summary["time_per_token_ratios"].values():
+        assert set(ratios) == {"guided_over_plain", "plain_2b_over_plain", "guided_over_plain_2b"}
+        assert all(len(ratio["per_round"]) == 2 and ratio["median"] > 0 for ratio in ratios.values())
     assert summary["desync"]["with_scheduler"] == {"pairs": 4, "desynced": 0, "rate": 0.0, "causes": {}}
     assert summary["desync"]["without_scheduler"]["pairs"] == 4
     assert summary["command"].startswith("prodsample server --model tiny") and summary["git"]["revision"]
