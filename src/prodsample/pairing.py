@@ -19,8 +19,8 @@ from there the rollout is on-policy, its records say what was actually drawn (lo
 log-prob NaN), and `take` reports the position and the cause. One draw is neither q nor π: a loss found the
 step after (`GUIDE_MID_PREFILL`) means the plain row kept a joint draw whose guide logits came from a
 half-prefilled hinted prompt. Its log q is that of the distribution the token really came from (what an
-importance weight needs), which no teacher-forced scoring reproduces; the cause says so. Nothing here imports an engine: adapters
-(`prodsample.vllm`) translate a runner's batch state into `RowView`s.
+importance weight needs), which no teacher-forced scoring reproduces; the cause says so. Nothing here
+imports an engine: adapters (`prodsample.vllm`) translate a runner's batch state into `RowView`s.
 """
 
 from __future__ import annotations
@@ -390,12 +390,15 @@ class PairedSampler:
         return len(self._rollouts)
 
 
-def records_from_workers(results: Sequence[str]) -> dict[str, RolloutRecord]:
-    """The records of `prodsample_take_records` (`prodsample.vllm.RecordsExtension`), one JSON string per engine
-    worker, merged: a rollout's record comes from the worker that ran its processor."""
+def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dict[str, RolloutRecord]:
+    """The records every engine worker returned, {rollout: record as a sequence} per worker (a JSON string of it
+    where they crossed `/collective_rpc`, `prodsample.vllm.RecordsExtension`), merged: a rollout's record
+    comes from the worker that ran its processor."""
     records: dict[str, RolloutRecord] = {}
     for worker_records in results:
-        for name, raw in json.loads(worker_records).items():
+        if isinstance(worker_records, str):
+            worker_records = json.loads(worker_records)
+        for name, raw in worker_records.items():
             records.setdefault(name, RolloutRecord(*raw))
     return records
 

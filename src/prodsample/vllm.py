@@ -54,7 +54,7 @@ from .pacing import (
     RolloutDriver,
     settle,
 )
-from .pairing import GuidanceTag, PairedSampler, RequestKey, RolloutRecord, RowView
+from .pairing import GuidanceTag, PairedSampler, RequestKey, RolloutRecord, RowView, records_from_workers
 from .prompts import DEFAULT_HINT_TEMPLATE
 from .rollout import GuidedRollout
 from .vllm_scheduler import SCHEDULER_CLS, EngineSettings, keeps_pairs
@@ -434,8 +434,4 @@ class GuidedLLM:
         return call.rollout(outcomes, pad_token_id(self.tokenizer))
 
     def _take(self, rollouts: list[str]) -> dict[str, RolloutRecord]:
-        records: dict[str, RolloutRecord] = {}
-        for worker_records in self._rpc(_take_records, self.instance_id, rollouts):
-            for name, raw in worker_records.items():
-                records.setdefault(name, RolloutRecord(*raw))
-        return records
+        return records_from_workers(self._rpc(_take_records, self.instance_id, rollouts))
