@@ -153,6 +153,17 @@ def test_readings():
     assert analyze_ladder.summarise(base | {"x": seeds_of("x", overlapping)})["readings"]["verdict"] == "inconclusive"
 
 
+def test_v2_bounds_the_controls_rise_on_c_not_their_end():
+    lifting = [[0.0, 0.1, 0.2], [0.0, 0.15, 0.25], [0.0, 0.12, 0.3]]
+    steady = [[0.03, 0.03, 0.04]] * 3  # ends above 2%, rises by 1 point
+    rising = [[0.0, 0.02, 0.03]] * 3  # ends at 3%, rises by 3 points
+    for controls, v1, v2 in [(steady, "inconclusive", "confirmed"), (rising, "inconclusive", "inconclusive")]:
+        runs = {"plain": seeds_of("plain", controls), "plain_2g": seeds_of("plain_2g", controls, 20),
+                "star": seeds_of("star", lifting), "guided": seeds_of("guided", [[0.0, 0.2, 0.4]] * 3)}
+        assert analyze_ladder.summarise(runs)["readings"]["verdict"] == v1
+        assert analyze_ladder.summarise(runs, "v2")["readings"]["verdict"] == v2
+
+
 def test_rollouts_to_target_is_always_defined():
     runs = {
         "plain": {0: records("plain", 0, [0.0, 0.0, 0.0], a_curve=[0.1, 0.2, 0.4])},
