@@ -54,6 +54,17 @@ def test_v2_levels_differ_from_a_in_digits_only():
             assert p.answer_format == "lsd" and task.reward(p.answer, p) == 1.0
 
 
+def test_v3_has_no_b_and_its_gate_and_mixed_set_follow():
+    sets = task.ladder_sets(TOY_SIZES, task.LADDERS["v3"])
+    assert set(sets["train"]) == {"A", "C"} and len(task.training_problems(sets, "mixed")) == 2 * TOY_SIZES["train"]
+    figures = {"A": {"pass_at_k": 0.6, "hinted_greedy": 1.0},
+               "C": {"pass_at_k": 0.0, "pass_at_k_chance": 0.0, "greedy_pass1": 0.0, "hinted_greedy": 1.0,
+                     "guided_mean_at_k": 0.5}}
+    assert make_policy.gate_v2(figures)["passed"]
+    figures["A"]["pass_at_k"] = 0.05
+    assert not make_policy.gate_v2(figures)["passed"]
+
+
 def test_derangement_pairs_every_problem_with_a_different_answer():
     problems = task.make_problems(task.LADDERS["v2"].levels["A"], 50, seed=8, answer_format="lsd")
     problems = problems + problems[:3]  # repeated answers: a partner never shares its problem's answer

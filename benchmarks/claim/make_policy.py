@@ -78,13 +78,14 @@ GATE_V2 = {"C_greedy_max": 0.01, "C_over_chance_max": 0.01, "A_pass_at_k_min": 0
 def gate_v2(figures: dict[str, dict]) -> dict:
     """Each criterion of the second ladder's gate, met or not, from per-level validation figures (level C's with
     `pass_at_k_chance` and `guided_mean_at_k`)."""
-    a, b, c = figures["A"], figures["B"], figures["C"]
+    a, c = figures["A"], figures["C"]
+    b = figures.get("B", {"pass_at_k": c["pass_at_k"]})  # a ladder without B: nothing to lie between
     checks = {
         f"C_greedy_<=_{GATE_V2['C_greedy_max']}": c["greedy_pass1"] <= GATE_V2["C_greedy_max"],
         f"C_pass_at_k_<=_chance_+_{GATE_V2['C_over_chance_max']}":
             c["pass_at_k"] <= c["pass_at_k_chance"] + GATE_V2["C_over_chance_max"],
         f"A_pass_at_k_>=_{GATE_V2['A_pass_at_k_min']}": a["pass_at_k"] >= GATE_V2["A_pass_at_k_min"],
-        "B_pass_at_k_between_C_and_A": c["pass_at_k"] <= b["pass_at_k"] <= a["pass_at_k"],
+        "B_pass_at_k_between_C_and_A": c["pass_at_k"] <= b["pass_at_k"] <= a["pass_at_k"],  # (v3: C ≤ A)
         f"C_guided_reward_>=_{GATE_V2['C_guided_reward_min']}": c["guided_mean_at_k"] >= GATE_V2["C_guided_reward_min"],
     }
     for level, level_figures in figures.items():

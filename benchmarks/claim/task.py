@@ -164,12 +164,17 @@ LADDERS = {
         "B": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
         "C": Difficulty(min_terms=2, max_terms=2, min_digits=4, max_digits=4),
     }, answer_format="lsd", easy=Difficulty(min_terms=2, max_terms=2, min_digits=1, max_digits=1)),
+    # As v2 without B, C one digit beyond A: a warm-up that masters A leaves C a single step away.
+    "v3": Ladder({
+        "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
+        "C": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
+    }, answer_format="lsd", easy=Difficulty(min_terms=2, max_terms=2, min_digits=1, max_digits=1)),
 }
 LADDER = LADDERS["v1"].levels
 LADDER_SPLITS = ("held_out", "validation", "train")  # drawn in this order, each excluding the ones before
 LADDER_SEEDS = {"held_out": 11_000, "validation": 12_000, "train": 13_000, "warmup": 14_000}  # + 100·level index
 LADDER_SIZES = {"held_out": 500, "validation": 500, "train": 2000}  # per level; the warm-up excludes these
-TRAINING_SETS = {"mixed": ("A", "B", "C"), "C": ("C",)}  # primary: every level at once, no curriculum
+TRAINING_SETS = {"mixed": None, "C": ("C",)}  # primary: every level of the ladder at once (None), no curriculum
 
 
 def ladder_seed(split: str, level: str) -> int:
@@ -193,7 +198,7 @@ def training_problems(sets: dict[str, dict[str, list[Problem]]], training_set: s
     """The RL problems of one training set; level-major, which the runner's seeded shuffle mixes."""
     if training_set not in TRAINING_SETS:
         raise ValueError(f"training_set must be one of {sorted(TRAINING_SETS)}, got {training_set!r}")
-    return [p for level in TRAINING_SETS[training_set] for p in sets["train"][level]]
+    return [p for level in TRAINING_SETS[training_set] or sets["train"] for p in sets["train"][level]]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
