@@ -5,6 +5,7 @@ import json
 import pytest
 
 from prodsample.benchmarks.claim import analyze_ladder, make_policy, run, task
+from prodsample.benchmarks.claim.evaluate import derangement
 from prodsample.benchmarks.claim.train import ARMS, RunConfig, make_schedule
 
 TOY_SIZES = {"held_out": 6, "validation": 5, "train": 8}
@@ -24,6 +25,69 @@ def test_ladder_splits_are_disjoint_and_the_warmup_excludes_them():
     plain = [prompt for prompt, _ in rows if "[" not in prompt]
     assert len(rows) == 2 * 4 + 3 * 10 + 3 + 1 and len(plain) == 4 + 3 + 1
     assert not any(len(p.split()) == 5 and max(len(t) for t in p[:-1].split()[::2]) == 2 for p in plain)  # no plain C
+
+
+@pytest.mark.parametrize("answer, written", [("-127", "-721"), ("120", "021"), ("0", "0"), ("7", "7"), ("-30", "-03")])
+def test_lsd_first_answers_are_read_back_by_the_verifier(answer, written):
+    assert task.lsd_first(answer) == written and task.from_lsd_first(written) == answer
+
+
+def test_the_v2_verifier_scores_lsd_first_completions_and_nothing_else():
+    problem = task.make_problems(task.LADDERS["v2"].levels["C"], 1, seed=3, answer_format="lsd")[0]
+    usual = problem.entry["answer"]
+    assert problem.answer == task.lsd_first(usual) and usual.lstrip("-")[::-1] != usual.lstrip("-")  # not a palindrome
+    assert task.reward(problem.answer, problem) == 1.0 and task.reward(f" {problem.answer} ", problem) == 1.0
+    assert task.reward(usual, problem) == 0.0  # the usual order is a wrong answer in this format
+    for wrong in ("", "-", "12a", problem.answer + "1", "--" + problem.answer.lstrip("-")):
+        assert task.reward(wrong, problem) == 0.0
+    other = task.make_problems(task.LADDERS["v2"].levels["C"], 2, seed=4, answer_format="lsd")[1]
+    assert task.reward(problem.answer, other) == 0.0 and task.reward(problem.answer, other, problem.entry) == 1.0
+
+
+def test_v2_levels_differ_from_a_in_digits_only():
+    ladder = task.LADDERS["v2"]
+    sets = task.ladder_sets(TOY_SIZES, ladder)
+    for level, problems in sets["held_out"].items():
+        for p in problems:
+            terms = p.expression.split(" ")[::2]
+            assert len(terms) == 2 and {len(t) for t in terms} == {ladder.levels[level].min_digits}
+            assert p.answer_format == "lsd" and task.reward(p.answer, p) == 1.0
+
+
+def test_v3_has_no_b_and_its_gate_and_mixed_set_follow():
+    sets = task.ladder_sets(TOY_SIZES, task.LADDERS["v3"])
+    assert set(sets["train"]) == {"A", "C"} and len(task.training_problems(sets, "mixed")) == 2 * TOY_SIZES["train"]
+    figures = {"A": {"pass_at_k": 0.6, "hinted_greedy": 1.0},
+               "C": {"pass_at_k": 0.0, "pass_at_k_chance": 0.0, "greedy_pass1": 0.0, "hinted_greedy": 1.0,
+                     "guided_mean_at_k": 0.5}}
+    assert make_policy.gate_v2(figures)["passed"]
+    figures["A"]["pass_at_k"] = 0.05
+    assert not make_policy.gate_v2(figures)["passed"]
+
+
+def test_derangement_pairs_every_problem_with_a_different_answer():
+    problems = task.make_problems(task.LADDERS["v2"].levels["A"], 50, seed=8, answer_format="lsd")
+    problems = problems + problems[:3]  # repeated answers: a partner never shares its problem's answer
+    partners = derangement(problems)
+    assert all(problems[j].answer != p.answer for p, j in zip(problems, partners))
+    assert derangement(problems) == partners  # fixed
+    with pytest.raises(ValueError, match="two distinct answers"):
+        derangement(problems[:1] * 3)
+
+
+def test_gate_v2_checks_each_criterion():
+    good = {"A": {"pass_at_k": 0.6, "hinted_greedy": 0.99, "greedy_pass1": 0.5},
+            "B": {"pass_at_k": 0.05, "hinted_greedy": 0.97, "greedy_pass1": 0.05},
+            "C": {"pass_at_k": 0.012, "pass_at_k_chance": 0.004, "greedy_pass1": 0.01, "hinted_greedy": 0.95,
+                  "guided_mean_at_k": 0.3}}
+    assert make_policy.gate_v2(good)["passed"]
+    for level, key, value in [("C", "greedy_pass1", 0.012), ("C", "pass_at_k", 0.015), ("A", "pass_at_k", 0.09),
+                              ("B", "pass_at_k", 0.7), ("B", "pass_at_k", 0.011), ("C", "guided_mean_at_k", 0.29),
+                              ("A", "hinted_greedy", 0.94), ("C", "hinted_greedy", 0.94)]:
+        bad = {lv: dict(figures) for lv, figures in good.items()}
+        bad[level][key] = value
+        result = make_policy.gate_v2(bad)
+        assert not result["passed"] and sum(not ok for ok in result["checks"].values()) == 1, (level, key, value)
 
 
 def test_warmup_can_keep_three_term_problems_hinted_only():
@@ -100,6 +164,17 @@ def test_readings():
     assert analyze_ladder.summarise(base | {"x": seeds_of("x", overlapping)})["readings"]["verdict"] == "inconclusive"
 
 
+def test_v2_bounds_the_controls_rise_on_c_not_their_end():
+    lifting = [[0.0, 0.1, 0.2], [0.0, 0.15, 0.25], [0.0, 0.12, 0.3]]
+    steady = [[0.03, 0.03, 0.04]] * 3  # ends above 2%, rises by 1 point
+    rising = [[0.0, 0.02, 0.03]] * 3  # ends at 3%, rises by 3 points
+    for controls, v1, v2 in [(steady, "inconclusive", "confirmed"), (rising, "inconclusive", "inconclusive")]:
+        runs = {"plain": seeds_of("plain", controls), "plain_2g": seeds_of("plain_2g", controls, 20),
+                "star": seeds_of("star", lifting), "guided": seeds_of("guided", [[0.0, 0.2, 0.4]] * 3)}
+        assert analyze_ladder.summarise(runs)["readings"]["verdict"] == v1
+        assert analyze_ladder.summarise(runs, "v2")["readings"]["verdict"] == v2
+
+
 def test_rollouts_to_target_is_always_defined():
     runs = {
         "plain": {0: records("plain", 0, [0.0, 0.0, 0.0], a_curve=[0.1, 0.2, 0.4])},
@@ -114,20 +189,26 @@ def test_rollouts_to_target_is_always_defined():
 
 
 @pytest.mark.slow
-def test_ladder_run_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_ladder_run_end_to_end(tmp_path, monkeypatch, version):
     """A toy warm-up, two arms for two steps on the mixed set, per-level records, summary and plots."""
     monkeypatch.setattr(task, "LADDER_SIZES", TOY_SIZES)
-    monkeypatch.setattr(run, "ladder_sets", lambda: task.ladder_sets(TOY_SIZES))
-    monkeypatch.setattr(make_policy, "ladder_sets", lambda: task.ladder_sets(TOY_SIZES))
+    toy_sets = lambda ladder=task.LADDERS["v1"]: task.ladder_sets(TOY_SIZES, ladder)  # noqa: E731
+    monkeypatch.setattr(run, "ladder_sets", toy_sets)
+    monkeypatch.setattr(make_policy, "ladder_sets", toy_sets)
     policy = tmp_path / "policy"
     record = make_policy.train(make_policy.parse_args([
-        "--ladder", "--out", str(policy), "--steps", "2", "--batch-size", "8", "--hidden", "16", "--layers", "1",
-        "--num-easy", "4", "--num-hinted", "4", "--plain-rows", "A=2", "--k", "2",
+        "--ladder", "--ladder-version", version, "--out", str(policy), "--steps", "2", "--batch-size", "8",
+        "--hidden", "16", "--layers", "1", "--num-easy", "4", "--num-hinted", "4", "--plain-rows", "A=2", "--k", "2",
     ]))
     assert set(record["held_out"]) == {"A", "B", "C"} and "passed" in record["gate"]
+    if version == "v2":  # its gate reads the validation split, with level C's chance floor and guided reward
+        assert set(record["validation"]["C"]) >= {"pass_at_k_chance", "guided_mean_at_k"}
+        assert set(record["gate"]["checks"]) == set(make_policy.gate_v2(record["validation"])["checks"])
     out = tmp_path / "mixed"
     run.run_all(run.parse_args([
-        "--ladder", "mixed", "--out", str(out), "--policy", str(policy), "--arms", "plain", "star", "--seeds", "0",
+        "--ladder", "mixed", "--ladder-version", version, "--out", str(out), "--policy", str(policy),
+        "--arms", "plain", "star", "--seeds", "0",
         "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "1", "--eval-k", "2",
     ]))
     lines = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
@@ -139,4 +220,5 @@ def test_ladder_run_end_to_end(tmp_path, monkeypatch):
     assert summary["readings"]["verdict"] in {"capacity", "inconclusive", "refuted"}  # star lifted nothing in 2 steps
     assert all((out / f"curves-{x}.png").exists() for x in ("rollouts", "row_tokens", "seconds"))
     with pytest.raises(SystemExit, match="other"):
-        run.run_all(run.parse_args(["--ladder", "C", "--out", str(out), "--policy", str(policy), "--steps", "2"]))
+        run.run_all(run.parse_args(["--ladder", "C", "--ladder-version", version, "--out", str(out),
+                                    "--policy", str(policy), "--steps", "2"]))

@@ -25,7 +25,8 @@ PRIMARY = "greedy_pass1"
 CONTROLS = ("plain", "plain_2g")  # the arms the readings compare against
 SUPERVISED = "star"  # the hint is the label: the supervised reference, never counted as the RL arm
 LIFT = 0.10  # "confirmed": ≥ 10 points over plain on C; "capacity": STaR lifts C by less than this
-PLAIN_FLOOR = 0.02  # "confirmed" also needs plain and plain 2G to end at or below this on C
+PLAIN_FLOOR = 0.02  # "confirmed" also needs plain and plain 2G to end at or below this on C (v1), or to rise by
+# at most this from their start (v2: a level judged zero-pass against chance may start above 0)
 REFUTE_MARGIN = 0.03  # "refuted": plain within 3 points of the best RL arm on C
 
 
@@ -113,8 +114,9 @@ def rollouts_to_target(runs: dict[str, dict[int, list[dict]]]) -> dict:
     return {"target_overall_greedy_pass1": target, "arms": table}
 
 
-def readings(arms: dict) -> dict:
-    """PROTOCOL-ladder.md's readings on level C, at equal rollouts (plain's final rollout count)."""
+def readings(arms: dict, version: str = "v1") -> dict:
+    """The readings on level C, at equal rollouts (plain's final rollout count): PROTOCOL-ladder.md's (v1), or
+    PROTOCOL-ladder-v2.md's, which bound the controls' rise on C rather than their end."""
     if not all(name in arms for name in ("plain", SUPERVISED)) or "C" not in arms["plain"]["levels"]:
         return {"verdict": None, "why": "needs plain, star and level C"}
 
@@ -125,6 +127,8 @@ def readings(arms: dict) -> dict:
     rl_arms = [name for name in arms if name not in CONTROLS and name != SUPERVISED]
     best = max(rl_arms, key=lambda name: c_equal(name)["mean"], default=None)
     controls_final = {name: arms[name]["levels"]["C"]["final"][PRIMARY]["mean"] for name in CONTROLS if name in arms}
+    controls_rise = {name: final - arms[name]["levels"]["C"]["start"][PRIMARY] for name, final in controls_final.items()}
+    controls_bounded = controls_rise if version == "v2" else controls_final
     star = arms[SUPERVISED]["levels"]["C"]
     star_lift = star["final"][PRIMARY]["mean"] - star["start"][PRIMARY]
     confirming = [
@@ -135,6 +139,7 @@ def readings(arms: dict) -> dict:
     facts = {
         "plain_C_at_equal_rollouts": plain["mean"],
         "controls_final_C": controls_final,
+        "controls_rise_C": controls_rise,
         "best_rl_arm": best,
         "best_rl_arm_C_at_equal_rollouts": None if best is None else c_equal(best)["mean"],
         "star_C_lift": star_lift,
@@ -142,7 +147,7 @@ def readings(arms: dict) -> dict:
     }
     if star_lift < LIFT:
         verdict = "capacity"
-    elif confirming and all(value <= PLAIN_FLOOR for value in controls_final.values()):
+    elif confirming and all(value <= PLAIN_FLOOR for value in controls_bounded.values()):
         verdict = "confirmed"
     elif best is not None and plain["mean"] >= c_equal(best)["mean"] - REFUTE_MARGIN:
         verdict = "refuted"
@@ -151,13 +156,13 @@ def readings(arms: dict) -> dict:
     return {"verdict": verdict, **facts}
 
 
-def summarise(runs: dict[str, dict[int, list[dict]]]) -> dict:
+def summarise(runs: dict[str, dict[int, list[dict]]], version: str = "v1") -> dict:
     equal_rollouts = mean([records[-1]["rollouts"] for records in runs["plain"].values()]) if "plain" in runs else None
     arms = {arm: arm_summary(seeds, equal_rollouts or 0) for arm, seeds in runs.items()}
     return {
         "equal_rollouts": equal_rollouts,
         "arms": arms,
-        "readings": readings(arms),
+        "readings": readings(arms, version),
         "rollouts_to_target": rollouts_to_target(runs),
     }
 
@@ -198,7 +203,8 @@ def plot(runs: dict[str, dict[int, list[dict]]], out: Path) -> None:
 
 def write_summary(out: Path) -> dict:
     runs = load_runs(out)
-    summary = {"meta": json.loads((out / "meta.json").read_text()), **summarise(runs)}
+    meta = json.loads((out / "meta.json").read_text())
+    summary = {"meta": meta, **summarise(runs, meta.get("ladder_version") or "v1")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(runs, out)
     return summary

@@ -16,6 +16,10 @@ ladder level hinted (`--num-hinted` problems per level), and plain rows only for
 ladder's held-out split and the gate of PROTOCOL-ladder.md.
 
     python -m prodsample.benchmarks.claim.make_policy --ladder --plain-rows A=1000 B=300 --out DIR
+
+`--ladder-version v2` makes a checkpoint for the second ladder (PROTOCOL-ladder-v2.md): its levels and answer
+format, and its gate, read on the validation split against the chance floor (`gate_v2`); the held-out figures
+are recorded beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .evaluate import evaluate
 from .task import (
     EASY_DIFFICULTY,
     HINT_TEMPLATE,
-    LADDER,
+    LADDERS,
     RL_DIFFICULTY,
     WARMUP_EASY_SEED,
     WARMUP_HARD_SEED,
@@ -65,6 +69,31 @@ def gate(figures: dict[str, dict]) -> dict:
     return {"passed": all(checks.values()), "checks": checks}
 
 
+# PROTOCOL-ladder-v2.md's gate, on the validation split: C zero-pass (greedy, and pass@8 within a point of the
+# chance floor), A a signal for plain GRPO, B between them, the teacher reading the hint, guidance reaching C.
+GATE_V2 = {"C_greedy_max": 0.01, "C_over_chance_max": 0.01, "A_pass_at_k_min": 0.10, "hinted_greedy_min": 0.95,
+           "C_guided_reward_min": 0.30}
+
+
+def gate_v2(figures: dict[str, dict]) -> dict:
+    """Each criterion of the second ladder's gate, met or not, from per-level validation figures (level C's with
+    `pass_at_k_chance` and `guided_mean_at_k`)."""
+    a, c = figures["A"], figures["C"]
+    b = figures.get("B", {"pass_at_k": c["pass_at_k"]})  # a ladder without B: nothing to lie between
+    checks = {
+        f"C_greedy_<=_{GATE_V2['C_greedy_max']}": c["greedy_pass1"] <= GATE_V2["C_greedy_max"],
+        f"C_pass_at_k_<=_chance_+_{GATE_V2['C_over_chance_max']}":
+            c["pass_at_k"] <= c["pass_at_k_chance"] + GATE_V2["C_over_chance_max"],
+        f"A_pass_at_k_>=_{GATE_V2['A_pass_at_k_min']}": a["pass_at_k"] >= GATE_V2["A_pass_at_k_min"],
+        "B_pass_at_k_between_C_and_A": c["pass_at_k"] <= b["pass_at_k"] <= a["pass_at_k"],  # (v3: C ≤ A)
+        f"C_guided_reward_>=_{GATE_V2['C_guided_reward_min']}": c["guided_mean_at_k"] >= GATE_V2["C_guided_reward_min"],
+    }
+    for level, level_figures in figures.items():
+        checks[f"{level}_hinted_greedy_>=_{GATE_V2['hinted_greedy_min']}"] = (
+            level_figures["hinted_greedy"] >= GATE_V2["hinted_greedy_min"])
+    return {"passed": all(checks.values()), "checks": checks}
+
+
 def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: set[str], seed: int):
     """(prompt, completion) text pairs of the warm-up, before shuffling."""
     easy = make_problems(EASY_DIFFICULTY, num_easy, WARMUP_EASY_SEED + seed, exclude)
@@ -76,25 +105,26 @@ def warmup_rows(num_easy: int, num_hard: int, hard_plain_share: float, exclude: 
 
 
 def ladder_warmup_rows(num_easy: int, num_hinted: int, plain_rows: dict[str, int], exclude: set[str], seed: int,
-                       easy_plain_max_terms: int = EASY_DIFFICULTY.max_terms):
+                       easy_plain_max_terms: int = EASY_DIFFICULTY.max_terms, ladder=LADDERS["v1"]):
     """Easy rows (hinted, and plain up to `easy_plain_max_terms` terms), every ladder level hinted, and
     `plain_rows[level]` plain rows per level.
 
     Plain easy rows of three terms teach a 3-term skill that transfers to level C (attempts 1-2 of the gate in
     PROTOCOL-ladder.md); `easy_plain_max_terms=2` keeps every 3-term problem hinted only.
     """
-    unknown = set(plain_rows) - set(LADDER)
+    unknown = set(plain_rows) - set(ladder.levels)
     if unknown:
-        raise ValueError(f"plain_rows names unknown levels {sorted(unknown)}; levels are {list(LADDER)}")
+        raise ValueError(f"plain_rows names unknown levels {sorted(unknown)}; levels are {list(ladder.levels)}")
     too_many = {level: n for level, n in plain_rows.items() if not 0 <= n <= num_hinted}
     if too_many:
         raise ValueError(f"plain_rows must lie in [0, num_hinted={num_hinted}] per level, got {too_many}")
-    easy = make_problems(EASY_DIFFICULTY, num_easy, WARMUP_EASY_SEED + seed, exclude)
+    easy = make_problems(ladder.easy, num_easy, WARMUP_EASY_SEED + seed, exclude, ladder.answer_format)
     hinted = lambda p: HINT_TEMPLATE.format(prompt=p.prompt, answer=p.answer)  # noqa: E731
     rows = [(p.prompt, p.answer) for p in easy if p.expression.count(" ") // 2 + 1 <= easy_plain_max_terms]
     rows += [(hinted(p), p.answer) for p in easy]
-    for level, difficulty in LADDER.items():
-        problems = make_problems(difficulty, num_hinted, ladder_seed("warmup", level) + seed, exclude)
+    for level, difficulty in ladder.levels.items():
+        problems = make_problems(difficulty, num_hinted, ladder_seed("warmup", level) + seed, exclude,
+                                 ladder.answer_format)
         rows += [(hinted(p), p.answer) for p in problems]
         rows += [(p.prompt, p.answer) for p in problems[: plain_rows.get(level, 0)]]
     return rows
@@ -147,13 +177,13 @@ def train(args) -> dict:
     model = LlamaForCausalLM(policy_config(tokenizer, hidden_size=args.hidden, layers=args.layers))
     evaluation = dict(k=args.k, temperature=args.temperature, seed=args.seed, hinted=True)
     if args.ladder:
-        sets = ladder_sets()
+        ladder = LADDERS[args.ladder_version]
+        sets = ladder_sets(ladder=ladder)
         exclude = {p.expression for split in sets.values() for problems in split.values() for p in problems}
         rows = ladder_warmup_rows(args.num_easy, args.num_hinted, args.plain_rows, exclude, args.seed,
-                                  args.easy_plain_max_terms)
+                                  args.easy_plain_max_terms, ladder)
         train_seconds = fit(model, tokenizer, rows, args)
-        held_out = {level: evaluate(model, tokenizer, problems, **evaluation) for level, problems in sets["held_out"].items()}
-        figures = {"held_out": held_out, "gate": gate(held_out)}
+        figures = ladder_figures(model, tokenizer, sets, args.ladder_version, evaluation)
     else:
         sets = rl_and_held_out(args.num_rl, args.num_held_out)
         exclude = {p.expression for p in sets.held_out + sets.rl}
@@ -178,6 +208,18 @@ def train(args) -> dict:
     return record
 
 
+def ladder_figures(model, tokenizer, sets, version: str, evaluation: dict) -> dict:
+    """The held-out figures per level and the gate: v1's on held-out; v2's on validation, with level C's chance
+    floor and guided reward at λ = ½ (the schedule's start), the held-out split reported beside it."""
+    held_out = {level: evaluate(model, tokenizer, problems, **evaluation) for level, problems in sets["held_out"].items()}
+    if version == "v1":
+        return {"held_out": held_out, "gate": gate(held_out)}
+    validation = {level: evaluate(model, tokenizer, problems, **evaluation,
+                                  **(dict(chance=True, guided_lam=0.5) if level == "C" else {}))
+                  for level, problems in sets["validation"].items()}
+    return {"validation": validation, "held_out": held_out, "gate": gate_v2(validation)}
+
+
 def _level_counts(text: str) -> tuple[str, int]:
     level, _, count = text.partition("=")
     if not count.isdigit():
@@ -189,7 +231,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help=f"default {DEFAULT_OUT} ({DEFAULT_LADDER_OUT} with --ladder), in the working directory")
-    parser.add_argument("--ladder", action="store_true", help="make the difficulty ladder's checkpoint (issue 12)")
+    parser.add_argument("--ladder", action="store_true", help="make the difficulty ladder's checkpoint")
+    parser.add_argument("--ladder-version", choices=sorted(LADDERS), default="v1",
+                        help="--ladder: which ladder (PROTOCOL-ladder.md: v1, PROTOCOL-ladder-v2.md: v2)")
     parser.add_argument("--num-hinted", type=int, default=2000, help="--ladder: hinted warm-up problems per level")
     parser.add_argument("--easy-plain-max-terms", type=int, default=EASY_DIFFICULTY.max_terms,
                         help="--ladder: plain easy rows only up to this many terms (the rest hinted only)")

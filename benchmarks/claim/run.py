@@ -34,7 +34,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import analyze, analyze_ladder
 from .make_policy import POLICY as DEFAULT_POLICY
-from .task import TRAINING_SETS, ladder_sets, rl_and_held_out, training_problems
+from .task import LADDERS, TRAINING_SETS, ladder_sets, rl_and_held_out, training_problems
 from .evaluate import evaluate
 from .train import ARMS, RunConfig, config_dict, run
 
@@ -69,6 +69,7 @@ def shared_meta(args, config: RunConfig) -> dict:
         "num_rl": args.num_rl,
         "num_held_out": args.num_held_out,
         "ladder": args.ladder,
+        "ladder_version": args.ladder_version if args.ladder else None,
         "eval_split": args.eval_split if args.ladder else None,
         "config": config_dict(config),
         "cpu_count": os.cpu_count(),
@@ -80,7 +81,7 @@ def check_or_write_meta(out: Path, meta: dict) -> None:
     path = out / "meta.json"
     if path.exists():
         recorded = json.loads(path.read_text())
-        keys = ("num_rl", "num_held_out", "config", "policy", "ladder", "eval_split")
+        keys = ("num_rl", "num_held_out", "config", "policy", "ladder", "ladder_version", "eval_split")
         differing = [key for key in keys if recorded.get(key) != meta[key]]
         if differing:
             raise SystemExit(f"{out} holds a comparison with other {differing}; use another --out")
@@ -105,7 +106,7 @@ def problems_and_evaluation(args, config: RunConfig, tokenizer):
     if args.ladder is None:
         sets = rl_and_held_out(args.num_rl, args.num_held_out)
         return sets.rl, lambda model: evaluate(model, tokenizer, sets.held_out, **sampled), lambda model: {}
-    sets = ladder_sets()
+    sets = ladder_sets(ladder=LADDERS[args.ladder_version])
 
     def levels(model, split):
         return {level: evaluate(model, tokenizer, problems, hinted=True, **sampled)
@@ -161,7 +162,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-rl", type=int, default=2000)
     parser.add_argument("--num-held-out", type=int, default=500)
     parser.add_argument("--ladder", choices=sorted(TRAINING_SETS), default=None,
-                        help="the difficulty-ladder experiment on this training set (issue 12)")
+                        help="the difficulty-ladder experiment on this training set")
+    parser.add_argument("--ladder-version", choices=sorted(LADDERS), default="v1",
+                        help="--ladder: which ladder (PROTOCOL-ladder.md: v1, PROTOCOL-ladder-v2.md: v2)")
     parser.add_argument("--eval-split", choices=["held_out", "validation"], default="held_out",
                         help="--ladder: the split evaluation points measure (validation for pilots)")
     defaults = RunConfig()

@@ -9,14 +9,19 @@ shown as its bare expression, e.g. the plain prompt `"58 - 91 + 7="`; the hinted
 Problem sets come from reasoning-gym with separate seeds and are made disjoint by string: the held-out set
 is drawn first, then the RL set excludes its expressions, then the warm-up excludes both.
 
-The difficulty ladder (issue 12, `LADDER`) uses the same family at three levels, each with three splits
-(held-out, validation, training) drawn in that order from seeds of their own, each excluding the ones
-drawn before it; the ladder's warm-up excludes all of them.
+The difficulty ladder (`LADDERS`) uses the same family at three levels, each with three splits (held-out,
+validation, training) drawn in that order from seeds of their own, each excluding the ones drawn before it;
+the ladder's warm-up excludes all of them. Version "v1" (PROTOCOL-ladder.md) writes answers as usual;
+"v2" (PROTOCOL-ladder-v2.md) levels by digits and writes every answer least-significant digit first
+(`ANSWER_FORMATS`): the sign, then the digits of |answer| reversed, so -127 is "-721" and 120 is "021".
+The hint shows the answer in the same form as the completion, and the verifier reads it back first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import re
 
 import reasoning_gym
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -38,11 +43,31 @@ class Difficulty:
     max_digits: int
 
 
+def lsd_first(answer: str) -> str:
+    """An integer written least-significant digit first, sign in front: "-127" → "-721", "120" → "021"."""
+    sign, digits = ("-", answer[1:]) if answer.startswith("-") else ("", answer)
+    return sign + digits[::-1]
+
+
+def from_lsd_first(text: str) -> str | None:
+    """The integer an LSD-first completion names, written as usual ("-721" → "-127"); None if it names none."""
+    match = re.fullmatch(r"(-?)(\d+)", text)
+    return None if match is None else str(int(match.group(1) + match.group(2)[::-1]))
+
+
+# answer format → (how the hint and the completion write an answer, how the verifier reads a completion back)
+ANSWER_FORMATS = {
+    "msd": (lambda answer: answer, lambda text: text),
+    "lsd": (lsd_first, from_lsd_first),
+}
+
+
 @dataclass(frozen=True)
 class Problem:
     expression: str
-    answer: str
+    answer: str  # as the hint and the completion write it (the task's answer format)
     entry: dict  # the reasoning-gym entry, kept for its verifier
+    answer_format: str = "msd"
 
     @property
     def prompt(self) -> str:
@@ -68,15 +93,17 @@ def _dataset(difficulty: Difficulty, size: int, seed: int):
     )
 
 
-def make_problems(difficulty: Difficulty, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
+def make_problems(difficulty: Difficulty, count: int, seed: int, exclude: set[str] = frozenset(),
+                  answer_format: str = "msd") -> list[Problem]:
     """`count` distinct problems whose expressions are not in `exclude`, in reasoning-gym's seeded order."""
+    write, _ = ANSWER_FORMATS[answer_format]
     dataset = _dataset(difficulty, size=4 * count + 64, seed=seed)
     problems, seen = [], set(exclude)
     for entry in dataset:
         expression = entry["metadata"]["expression"]
         if expression not in seen:
             seen.add(expression)
-            problems.append(Problem(expression, entry["answer"], entry))
+            problems.append(Problem(expression, write(entry["answer"]), entry, answer_format))
             if len(problems) == count:
                 return problems
     raise ValueError(f"only {len(problems)} distinct problems of {difficulty} after exclusions; need {count}")
@@ -90,12 +117,16 @@ def _verifier():
 _VERIFIER = None
 
 
-def reward(completion: str, problem: Problem) -> float:
-    """1.0 when the completion is the right answer (reasoning-gym's `score_answer`), else 0.0."""
+def reward(completion: str, problem: Problem, entry: dict | None = None) -> float:
+    """1.0 when the completion, read in the problem's answer format, is the right answer (reasoning-gym's
+    `score_answer`, full credit only), else 0.0. `entry` scores it against another problem's answer instead
+    (the chance floor of PROTOCOL-ladder-v2.md)."""
     global _VERIFIER
     if _VERIFIER is None:
         _VERIFIER = _verifier()
-    return float(_VERIFIER.score_answer(completion.strip(), problem.entry) >= 1.0)
+    _, read = ANSWER_FORMATS[problem.answer_format]
+    answer = read(completion.strip())
+    return 0.0 if answer is None else float(_VERIFIER.score_answer(answer, entry or problem.entry) >= 1.0)
 
 
 @dataclass(frozen=True)
@@ -110,29 +141,54 @@ def rl_and_held_out(num_rl: int, num_held_out: int) -> ProblemSets:
     return ProblemSets(held_out, rl)
 
 
-# The difficulty ladder of issue 12: A is the claim experiment's RL difficulty; B widens the terms, C adds one.
-LADDER = {
-    "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
-    "B": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
-    "C": Difficulty(min_terms=3, max_terms=3, min_digits=2, max_digits=2),
+@dataclass(frozen=True)
+class Ladder:
+    """A difficulty ladder: levels of one prompt format, the answer format, and the warm-up's easy problems."""
+
+    levels: dict[str, Difficulty]
+    answer_format: str = "msd"
+    easy: Difficulty = EASY_DIFFICULTY
+
+
+LADDERS = {
+    # PROTOCOL-ladder.md: A is the claim experiment's RL difficulty; B widens the terms, C adds one.
+    "v1": Ladder({
+        "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
+        "B": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
+        "C": Difficulty(min_terms=3, max_terms=3, min_digits=2, max_digits=2),
+    }),
+    # PROTOCOL-ladder-v2.md: two terms throughout (3-term sums stall this policy), one more digit per level,
+    # answers least-significant digit first; C's answers (-8999 to 19998) are too wide to guess.
+    "v2": Ladder({
+        "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
+        "B": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
+        "C": Difficulty(min_terms=2, max_terms=2, min_digits=4, max_digits=4),
+    }, answer_format="lsd", easy=Difficulty(min_terms=2, max_terms=2, min_digits=1, max_digits=1)),
+    # As v2 without B, C one digit beyond A: a warm-up that masters A leaves C a single step away.
+    "v3": Ladder({
+        "A": Difficulty(min_terms=2, max_terms=2, min_digits=2, max_digits=2),
+        "C": Difficulty(min_terms=2, max_terms=2, min_digits=3, max_digits=3),
+    }, answer_format="lsd", easy=Difficulty(min_terms=2, max_terms=2, min_digits=1, max_digits=1)),
 }
+LADDER = LADDERS["v1"].levels
 LADDER_SPLITS = ("held_out", "validation", "train")  # drawn in this order, each excluding the ones before
 LADDER_SEEDS = {"held_out": 11_000, "validation": 12_000, "train": 13_000, "warmup": 14_000}  # + 100·level index
 LADDER_SIZES = {"held_out": 500, "validation": 500, "train": 2000}  # per level; the warm-up excludes these
-TRAINING_SETS = {"mixed": ("A", "B", "C"), "C": ("C",)}  # primary: every level at once, no curriculum
+TRAINING_SETS = {"mixed": None, "C": ("C",)}  # primary: every level of the ladder at once (None), no curriculum
 
 
 def ladder_seed(split: str, level: str) -> int:
-    return LADDER_SEEDS[split] + 100 * list(LADDER).index(level)
+    return LADDER_SEEDS[split] + 100 * "ABC".index(level)
 
 
-def ladder_sets(sizes: dict[str, int] = LADDER_SIZES) -> dict[str, dict[str, list[Problem]]]:
+def ladder_sets(sizes: dict[str, int] = LADDER_SIZES, ladder: Ladder = LADDERS["v1"]) -> dict[str, dict[str, list[Problem]]]:
     """split → level → problems, disjoint by string across splits (levels cannot share an expression)."""
     sets: dict[str, dict[str, list[Problem]]] = {split: {} for split in LADDER_SPLITS}
-    for level, difficulty in LADDER.items():
+    for level, difficulty in ladder.levels.items():
         drawn: set[str] = set()
         for split in LADDER_SPLITS:
-            problems = make_problems(difficulty, sizes[split], ladder_seed(split, level), exclude=drawn)
+            problems = make_problems(difficulty, sizes[split], ladder_seed(split, level), exclude=drawn,
+                                     answer_format=ladder.answer_format)
             drawn |= {p.expression for p in problems}
             sets[split][level] = problems
     return sets
@@ -142,7 +198,7 @@ def training_problems(sets: dict[str, dict[str, list[Problem]]], training_set: s
     """The RL problems of one training set; level-major, which the runner's seeded shuffle mixes."""
     if training_set not in TRAINING_SETS:
         raise ValueError(f"training_set must be one of {sorted(TRAINING_SETS)}, got {training_set!r}")
-    return [p for level in TRAINING_SETS[training_set] for p in sets["train"][level]]
+    return [p for level in TRAINING_SETS[training_set] or sets["train"] for p in sets["train"][level]]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
