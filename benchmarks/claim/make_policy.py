@@ -153,7 +153,10 @@ def fit(model, tokenizer, rows, args) -> float:
     """Supervised warm-up on shuffled `rows`; returns the seconds it took."""
     shuffle = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    # OneCycle ends at initial/final_div_factor with initial = max/25; by default (final_lr_fraction 4e-6) as
+    # torch's default, near 0. A warm-up that ends higher leaves a minimum that RL's own rate does not leave at once.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05,
+                                                   final_div_factor=1 / (25 * args.final_lr_fraction))
     start, order = time.perf_counter(), []
     model.train()
     for step in range(args.steps):
@@ -242,6 +245,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--final-lr-fraction", type=float, default=4e-6,
+                        help="the warm-up's last learning rate as a fraction of --lr (OneCycle's cosine end)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--num-easy", type=int, default=1000)
