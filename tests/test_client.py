@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers", reason="the client's tests need the hf extra (the tiny model and score)")
 httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from prodsample.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
+from prodsample.vllm.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
 from prodsample.hf import score  # noqa: E402
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
 from prodsample.testing import tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from prodsample.pairing import (
+from prodsample.vllm.pairing import (
     EXTRA_ARGS_KEY,
     DesyncCause,
     GuidanceTag,

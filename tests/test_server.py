@@ -22,11 +22,11 @@ pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from prodsample.benchmarks.vllm_server import in_threads  # noqa: E402
-from prodsample.client import AsyncGuidedClient, GuidedClient  # noqa: E402
+from prodsample.vllm.client import AsyncGuidedClient, GuidedClient  # noqa: E402
 from prodsample.hf import guided_generate  # noqa: E402
-from prodsample.pairing import DesyncCause  # noqa: E402
+from prodsample.vllm.pairing import DesyncCause  # noqa: E402
 from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
-from prodsample.vllm_scheduler import SCHEDULER_CLS  # noqa: E402
+from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
 
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1536",
                 "--seed", "0", "--distributed-executor-backend", "uni",
-                "--worker-extension-cls", "prodsample.vllm.RecordsExtension"]
+                "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension"]
 # Prompts of about 5 to 300 characters (the tokenizer is character-level), each with its answer.
 PROMPTS = [
     "2^5 =",

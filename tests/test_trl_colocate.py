@@ -1,4 +1,4 @@
-"""TRL's vLLM colocate mode with guided rollouts (`prodsample.trl_colocate`), end to end on the CPU engine.
+"""TRL's vLLM colocate mode with guided rollouts (`prodsample.trl.colocate`), end to end on the CPU engine.
 
 `tests/trl_colocate_run.py` trains `GuidedGRPOTrainer` (use_vllm=True, vllm_mode="colocate", backend="vllm")
 for 2 steps on the tiny model, in 1 process and in 2 (`accelerate launch`, an engine per process), each run
@@ -29,8 +29,8 @@ import psutil  # noqa: E402  (a dependency of vLLM)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
-from prodsample.trl_colocate import colocated_engine_settings  # noqa: E402
-from prodsample.vllm_sync import FLOAT32_TOLERANCE  # noqa: E402
+from prodsample.trl.colocate import colocated_engine_settings  # noqa: E402
+from prodsample.vllm.sync import FLOAT32_TOLERANCE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "tests" / "trl_colocate_run.py"

@@ -39,11 +39,11 @@ from verl.workers.config import HFModelConfig  # noqa: E402
 from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
 from verl.workers.rollout.router import GlobalRequestLoadBalancer  # noqa: E402
 
-from prodsample.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
 from prodsample.schedules import schedule_from_dict  # noqa: E402
 from prodsample.testing import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
-from prodsample.vllm_scheduler import SCHEDULER_CLS  # noqa: E402
+from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL  # noqa: E402
 
@@ -208,7 +208,7 @@ class PairEngine:
             done.set_result(types.SimpleNamespace(outputs=[choice], num_cached_tokens=0))
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        """`prodsample.vllm.RecordsExtension.prodsample_take_records` of this engine's one worker."""
+        """`prodsample.vllm.processor.RecordsExtension.prodsample_take_records` of this engine's one worker."""
         assert method == "prodsample_take_records"
         taken = self.sampler.take(json.loads(args[0]))
         return [json.dumps({name: list(record) for name, record in taken.items()})]
@@ -217,7 +217,7 @@ class PairEngine:
 def verl_server(engine, config):
     """prodsample's subclass of verl's vLLM server as `launch_server` leaves it, serving `engine`; built without
     `__init__`, which starts Ray and opens ports."""
-    from prodsample.verl_server import GuidedVllmHttpServer
+    from prodsample.verl.server import GuidedVllmHttpServer
 
     server = object.__new__(GuidedVllmHttpServer)
     server.config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
@@ -275,7 +275,7 @@ def vllm_engine(model_dir, vllm_metadata):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from prodsample.verl_server import WORKER_EXTENSION_CLS
+    from prodsample.verl.server import WORKER_EXTENSION_CLS
 
     args = AsyncEngineArgs(
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_batched_tokens=1024,
@@ -343,11 +343,11 @@ def test_the_plugin_registers_the_loop_and_the_vllm_replica_on_import_verl(vllm_
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    from prodsample.verl_server import GuidedVllmHttpServer, GuidedVllmReplica
+    from prodsample.verl.server import GuidedVllmHttpServer, GuidedVllmReplica
 
-    assert _agent_loop_registry["prodsample_guided"] == {"_target_": "prodsample.verl.GuidedAgentLoop"}
+    assert _agent_loop_registry["prodsample_guided"] == {"_target_": "prodsample.verl.agent_loop.GuidedAgentLoop"}
     assert get_rollout_replica_class("vllm") is GuidedVllmReplica
-    assert GuidedVllmHttpServer._get_worker_extension_cls(None) == "prodsample.verl_server.GuidedWorkerExtension"
+    assert GuidedVllmHttpServer._get_worker_extension_cls(None) == "prodsample.verl.server.GuidedWorkerExtension"
 
 
 def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(config, vllm_metadata):
@@ -355,7 +355,7 @@ def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(c
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from verl.workers.rollout.vllm_rollout.utils import build_cli_args_from_config
 
-    from prodsample.vllm_scheduler import SCHEDULER_CLS
+    from prodsample.vllm.scheduler import SCHEDULER_CLS
 
     engine_kwargs = dict(config.actor_rollout_ref.rollout.engine_kwargs.vllm)
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -531,9 +531,9 @@ def test_the_loop_refuses_to_run_outside_the_guided_manager(config, hf, vllm_met
 
 
 def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_metadata):
-    from prodsample.guided_call import rollout_requests
+    from prodsample.vllm.guided_call import rollout_requests
     from prodsample.settings import SamplingSettings
-    from prodsample.verl_server import RolloutFinish
+    from prodsample.verl.server import RolloutFinish
 
     def requests(name, lam):
         return rollout_requests(name, 0, [5, 6], [5, 6, 7], lam, 0, SamplingSettings(lam), 4, 2).requests

@@ -23,8 +23,8 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate  # noqa: E402
-from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.vllm.pacing import AdmitAll, PacedDriver  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 

@@ -1,7 +1,7 @@
 """How a batch of guided rollouts samples: λ, temperature and the filters, in one frozen object.
 
 `SamplingSettings` is validated once, when it is built, with errors that name the argument; every backend
-takes it from there (`prodsample.hf`, `prodsample.vllm`, and the engine-side tag `prodsample.pairing.
+takes it from there (`prodsample.hf`, `prodsample.vllm`, and the engine-side tag `prodsample.vllm.pairing.
 GuidanceTag`, which carries it as flat values). `check_sampling_values` is the one rule per setting, for
 these settings and for the per-row tensors that `prodsample.product_sample` accepts.
 

@@ -13,7 +13,7 @@ def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k
     NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error.
 
     `half_prefilled_guides`: the rollouts include `guide_mid_prefill` losses, whose token at the loss was drawn
-    jointly with a guide row's half-prefill logits (see prodsample.pairing): log q there is only checked finite."""
+    jointly with a guide row's half-prefill logits (see prodsample.vllm.pairing): log q there is only checked finite."""
     model, tokenizer = hf
     completions = rollout.completion_lists()
     lams = rollout.lam.tolist()

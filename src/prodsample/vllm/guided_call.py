@@ -1,9 +1,9 @@
 """One guided-generation call as engine requests, and its rollouts back, with no engine in sight.
 
 `GuidedCall.plan` checks a call's arguments, renders the plain and hinted prompts and tags the two requests
-of each rollout (`prodsample.pacing.RolloutRequests`); `GuidedCall.rollout` turns what became of each
-rollout (`prodsample.pacing.RolloutOutcome`) into the `GuidedRollout` every backend returns. Shared by the
-in-process engine wrapper (`prodsample.vllm.GuidedLLM`) and the server client (`prodsample.client`), which
+of each rollout (`prodsample.vllm.pacing.RolloutRequests`); `GuidedCall.rollout` turns what became of each
+rollout (`prodsample.vllm.pacing.RolloutOutcome`) into the `GuidedRollout` every backend returns. Shared by the
+in-process engine wrapper (`prodsample.vllm.GuidedLLM`) and the server client (`prodsample.vllm.client`), which
 differ only in how the requests reach an engine.
 
 Example (the test tokenizer needs the `hf` extra):
@@ -25,9 +25,9 @@ import torch
 
 from .pacing import EngineRequest, RolloutOutcome, RolloutRequests
 from .pairing import GuidanceTag, Role
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
-from .rollout import PER_TOKEN_RECORDS, GuidedRollout
-from .settings import SamplingSettings
+from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from ..rollout import PER_TOKEN_RECORDS, GuidedRollout
+from ..settings import SamplingSettings
 
 __all__ = ["GuidedCall", "NEUTRAL_SAMPLING", "pad_token_id", "request_sampling_params", "rollout_requests"]
 

@@ -1,6 +1,6 @@
 """Pacing: the driver that keeps the two requests of each guided pair in step on an engine stepped from outside.
 
-An engine without multi-context decoding runs a guided rollout as two requests (`prodsample.pairing`), and
+An engine without multi-context decoding runs a guided rollout as two requests (`prodsample.vllm.pairing`), and
 the pair stays in step only if both requests enter the same step whole and neither is preempted before the
 end. An engine built by others (TRL's colocate `vllm.LLM`, say) takes no custom scheduler, so `PacedDriver`
 does this from outside: it steps the engine itself and, between steps, admits a rollout's requests only
@@ -20,7 +20,7 @@ implements (`prodsample.vllm` over `vllm.LLM.llm_engine`; the tests over a fake 
   has_unfinished_requests()  whether the engine still holds any request
 
 A driver is anything with `PacedDriver.run`'s signature (`RolloutDriver`). An engine that keeps pairs
-together by itself (vLLM with `prodsample.vllm_scheduler.PairedScheduler`) gets `AdmitAll`, which adds every
+together by itself (vLLM with `prodsample.vllm.scheduler.PairedScheduler`) gets `AdmitAll`, which adds every
 rollout at once and leaves the pacing to the engine's scheduler.
 """
 

@@ -3,13 +3,13 @@
 A server with prodsample installed in its environment, started as
 
     VLLM_SERVER_DEV_MODE=1 vllm serve MODEL \\
-        --scheduler-cls prodsample.vllm_scheduler.PairedScheduler \\
-        --worker-extension-cls prodsample.vllm.RecordsExtension
+        --scheduler-cls prodsample.vllm.scheduler.PairedScheduler \\
+        --worker-extension-cls prodsample.vllm.processor.RecordsExtension
 
 runs guided pairs: a rollout is two requests to the OpenAI-compatible `/v1/completions` endpoint (the plain
 prompt and the prompt with the hint, as token ids), each with the flat prodsample tag in `vllm_xargs`. The
 logits processor the package registers draws every token from q and forces it into both requests, and the
-scheduler keeps the two in step (`prodsample.vllm_scheduler`). `AsyncGuidedClient.generate` (asyncio) and
+scheduler keeps the two in step (`prodsample.vllm.scheduler`). `AsyncGuidedClient.generate` (asyncio) and
 `GuidedClient.generate` (blocking) return the same `GuidedRollout` as `prodsample.hf.guided_generate`, with
 its tokens under the same seed.
 
@@ -38,8 +38,8 @@ import httpx
 from .guided_call import NEUTRAL_SAMPLING, GuidedCall, pad_token_id
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle
 from .pairing import DesyncCause, RolloutRecord, records_from_workers
-from .prompts import DEFAULT_HINT_TEMPLATE
-from .rollout import GuidedRollout
+from ..prompts import DEFAULT_HINT_TEMPLATE
+from ..rollout import GuidedRollout
 
 __all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
@@ -132,7 +132,7 @@ class AsyncGuidedClient:
             warnings.warn(
                 "prodsample: records recomputed with teacher-forced score on the local policy (the server does not "
                 "serve them: start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
-                "prodsample.vllm.RecordsExtension); desyncs are seen only where a pair's outputs differ",
+                "prodsample.vllm.processor.RecordsExtension); desyncs are seen only where a pair's outputs differ",
                 stacklevel=2,
             )
             records = recompute_records(call, completions, self.policy, self.tokenizer)
@@ -153,7 +153,7 @@ class AsyncGuidedClient:
                 )
             if not info["keeps_pairs"]:
                 warnings.warn(
-                    "prodsample: the server does not run prodsample.vllm_scheduler.PairedScheduler: pairs may fall "
+                    "prodsample: the server does not run prodsample.vllm.scheduler.PairedScheduler: pairs may fall "
                     "out of step (flagged desynced, never guided)", stacklevel=3,
                 )
             check_pairs_fit(call.rollouts, info["max_num_batched_tokens"])
@@ -162,7 +162,7 @@ class AsyncGuidedClient:
             reason = "records='server' was asked for" if self.records == "server" else "no policy to recompute them"
             raise RuntimeError(
                 f"the server does not serve prodsample's records ({why_not}) and {reason}: start it with "
-                "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls prodsample.vllm.RecordsExtension, or pass policy="
+                "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls prodsample.vllm.processor.RecordsExtension, or pass policy="
             )
         await server.check_processor(call.rollouts[0].plain)
         return "recomputed"
@@ -320,7 +320,7 @@ def recompute_records(
     where they differ: from there its record holds log π (λ = 1) and NaN guide log-probs, as the engine's
     record would had it lost step there (it may have lost step earlier; either way it is flagged, cause
     `outputs_differ`). A desync that leaves both outputs equal is not seen."""
-    from .hf import score
+    from ..hf import score
 
     generations = call.num_generations
     prompts = [call.prompts[r // generations] for r in range(len(call.rollouts))]

@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .fused import ProductSample
-from .sampling import product_sample
-from .settings import SamplingSettings
+from ..fused import ProductSample
+from ..sampling import product_sample
+from ..settings import SamplingSettings
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
-# Where a server that returns a rollout's record with a request's output puts it (prodsample.verl_server: verl's
+# Where a server that returns a rollout's record with a request's output puts it (prodsample.verl.server: verl's
 # TokenOutput.extra_fields), as a RolloutRecord turned into a list.
 RECORDS_KEY = "prodsample.record"
 _REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
@@ -392,7 +392,7 @@ class PairedSampler:
 
 def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dict[str, RolloutRecord]:
     """The records every engine worker returned, {rollout: record as a sequence} per worker (a JSON string of it
-    where they crossed `/collective_rpc`, `prodsample.vllm.RecordsExtension`), merged: a rollout's record
+    where they crossed `/collective_rpc`, `prodsample.vllm.processor.RecordsExtension`), merged: a rollout's record
     comes from the worker that ran its processor."""
     records: dict[str, RolloutRecord] = {}
     for worker_records in results:

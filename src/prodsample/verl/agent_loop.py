@@ -1,24 +1,12 @@
-"""verl integration: guided rollouts as a verl agent loop, switched on by configuration (docs/verl.md).
+"""`GuidedAgentLoop`: a guided rollout per trajectory in verl's agent loop, and the manager that tells the
+loops the training step.
 
-prodsample registers this module under verl's `verl.plugins` entry point, which `import verl` loads in every
-process. Loading it registers:
-
-- `GuidedAgentLoop` (agent name "prodsample_guided"): per trajectory, the plain prompt and the prompt with
-  the answer as a hint (`prodsample.prompts.add_hint`) become the two tagged requests of a guided rollout
-  (`prodsample.guided_call.rollout_requests`), sent at once with one request id, which verl's load balancer
-  routes to one replica (sticky sessions). λ comes from a `GuidanceController` over the configured schedule,
-  per training step and group; validation runs plain (λ = 1). The trajectory returned is the plain one with
-  log q as `response_logprobs` (verl's `rollout_log_probs`, the behaviour log-prob its rollout correction
-  weighs with), and λ, guided and desync flags in `extra_fields`;
-- `GuidedVllmReplica` (`prodsample.verl_server`) for the rollout name "vllm": its server hands each
-  rollout's records out with the rollout's last request.
-
-`GuidedAgentLoopManager` (`actor_rollout_ref.rollout.agent.agent_loop_manager_class`) runs verl's agent-loop
-workers with the batch's training step and validation flag visible to the loops, which verl's
-`AgentLoopBase.run` does not receive. A trajectory whose pair lost step is flagged (`prodsample_desynced`)
-and never counted as guided; one whose records did not come back (its requests reached different servers,
-or failed) is flagged (`prodsample_records` False) and masked out of the loss (its `response_mask` is 0).
-`guidance_metrics_of` turns a batch's flags into the `guidance/*` metrics.
+Per trajectory, the plain prompt and the prompt with the answer as a hint (`prodsample.prompts.add_hint`)
+become the two tagged requests of a guided rollout (`prodsample.vllm.guided_call.rollout_requests`), sent at
+once with one request id, which verl's load balancer routes to one replica (sticky sessions). λ comes from a
+`GuidanceController` over the configured schedule, per training step and group; validation runs plain
+(λ = 1). The trajectory returned is the plain one with log q as `response_logprobs`, and λ, guided and
+desync flags in `extra_fields`.
 """
 
 from __future__ import annotations
@@ -41,15 +29,15 @@ from verl.experimental.agent_loop.agent_loop import (
     register,
 )
 from verl.utils.profiler import simple_timer
-from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
+from verl.workers.rollout.replica import TokenOutput
 
-from .controller import GuidanceController
-from .guided_call import request_sampling_params, rollout_requests
-from .pacing import RolloutRequests, check_pairs_fit, settle
-from .pairing import RECORDS_KEY, RolloutRecord
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint
-from .schedules import Adaptive, Schedule, schedule_from_dict
-from .settings import SamplingSettings
+from ..controller import GuidanceController
+from ..vllm.guided_call import request_sampling_params, rollout_requests
+from ..vllm.pacing import RolloutRequests, check_pairs_fit, settle
+from ..vllm.pairing import RECORDS_KEY, RolloutRecord
+from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
+from ..schedules import Adaptive, Schedule, schedule_from_dict
+from ..settings import SamplingSettings
 
 __all__ = [
     "AGENT_NAME",
@@ -65,7 +53,7 @@ AGENT_NAME = "prodsample_guided"
 LAMBDA_FIELD = "prodsample_lam"
 GUIDED_FIELD = "prodsample_guided"  # λ < 1, its records back, in step throughout
 DESYNCED_FIELD = "prodsample_desynced"
-CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.pairing.DesyncCause value, or None
+CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.vllm.pairing.DesyncCause value, or None
 RECORDS_FIELD = "prodsample_records"  # False: no records came back; the trajectory is masked out of the loss
 
 
@@ -305,13 +293,3 @@ def guidance_metrics_of(batch) -> dict[str, float]:
         "guidance/desynced_fraction": float(np.asarray(columns[DESYNCED_FIELD], dtype=bool).mean()),
         "guidance/records_missing_fraction": float(1.0 - np.asarray(columns[RECORDS_FIELD], dtype=bool).mean()),
     }
-
-
-def _guided_vllm_replica():
-    from .verl_server import GuidedVllmReplica
-
-    return GuidedVllmReplica
-
-
-# Loading the plugin: the "vllm" rollout runs prodsample's server (untagged requests pass through it untouched).
-RolloutReplicaRegistry.register("vllm", _guided_vllm_replica)

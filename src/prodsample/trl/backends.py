@@ -1,0 +1,62 @@
+"""Who samples the rollouts: the trained model (HF) or TRL's colocated vLLM engine.
+
+A backend takes the trainer, this process's prompts and answers and the sampling settings, and returns a
+prompt-major `GuidedRollout`; `guided_rollout_func(backend=...)` takes a name of `ROLLOUT_BACKENDS` or any
+callable with that contract.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+from trl.models import unwrap_model_for_generation
+
+from ..hf import guided_generate
+from ..rollout import GuidedRollout
+
+__all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "unwrapped_model"]
+
+
+# A backend samples guided rollouts: backend(trainer, prompts, answers, *, lam, num_generations, seed,
+# max_new_tokens, temperature, top_k, top_p, min_p, hint_template) -> GuidedRollout (prompt-major).
+RolloutBackend = Callable[..., GuidedRollout]
+
+
+def unwrapped_model(trainer):
+    """The trained model, unwrapped as TRL does for generate (a context manager)."""
+    return unwrap_model_for_generation(
+        trainer.model_wrapped,
+        trainer.accelerator,
+        gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+    )
+
+
+def _hf_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
+    """The trained model itself, through `prodsample.hf.guided_generate`."""
+    with unwrapped_model(trainer) as model:
+        return guided_generate(model, trainer.processing_class, prompts, answers, **sampling)
+
+
+# One GuidedLLM per vLLM engine, built on first use and dropped with the engine.
+_GUIDED_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
+    """The vLLM engine TRL runs in colocate mode (and syncs the weights into before each rollout_func call)."""
+    try:
+        from ..vllm import GuidedLLM
+    except ImportError as error:
+        raise ImportError(
+            "backend='vllm' needs prodsample.vllm.GuidedLLM, which this installation does not have (install "
+            "prodsample[vllm] with a prodsample version that ships it), or use backend='hf'"
+        ) from error
+    llm = trainer.vllm_generation.llm
+    if llm not in _GUIDED_ENGINES:
+        # The trainer's tokenizer renders the prompts, as on the HF backend, so both give TRL the same prompt ids.
+        _GUIDED_ENGINES[llm] = GuidedLLM(llm, tokenizer=trainer.processing_class)
+    return _GUIDED_ENGINES[llm].generate(prompts, answers, **sampling)
+
+
+ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend}
