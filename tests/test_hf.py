@@ -236,7 +236,7 @@ def greedy_generate_with(model, input_ids, processor, max_new_tokens=4):
 
 
 def test_a_processor_reused_for_another_generate_call_is_refused(llama, tokenizer):
-    """Issue 13's reuse bug: a second generate call whose prompts are as wide as the first call's output
+    """The cache-reuse bug: a second generate call whose prompts are as wide as the first call's output
     continued the first call's guide cache silently (at λ = 0, greedy, other tokens than a fresh processor)."""
     plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS[:1], ANSWERS[:1])
     first, guide = torch.tensor(plain_contexts), torch.tensor(guide_contexts)
