@@ -289,6 +289,8 @@ def test_rollout_refuses_the_outputs_of_a_call_the_processor_did_not_follow(llam
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=1.5, max_new_tokens=2), r"lam must lie in \[0, 1\]"),
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, max_new_tokens=0), "max_new_tokens"),
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2, temperature=-1), "temperature"),
+        (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, num_generations=True), "num_generations must be a positive integer"),
+        (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, max_new_tokens=2), "lam is required"),
         (lambda m, t: score(m, t, PROMPTS, ANSWERS, [[5], []], lam=0.5), "one entry per prompt"),
         (lambda m, t: score(m, t, PROMPTS[:2], ANSWERS[:2], [[5], []], lam=0.5), r"completions\[1\] is empty"),
         (lambda m, t: ProductLogitsProcessor(m, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4)), "shape of guide_input_ids"),

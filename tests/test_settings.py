@@ -33,7 +33,10 @@ def test_off_filters_are_stored_as_their_off_values():
         (dict(lam=0.5, top_k=True), "top_k must be an integer"),
         (dict(lam=0.5, top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (dict(lam=0.5, min_p=2.0), r"min_p must lie in \[0, 1\]"),
-        (dict(lam=0.5, lam_per_position=(0.5, 1.0)), "lam_per_position is not supported yet"),
+        (dict(lam=0.5, num_generations=True), "num_generations must be a positive integer"),
+        (dict(lam=0.5, max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(lam=0.5, seed=1.5), "seed must be an integer"),
+        (dict(lam=0.5, hint_template="no fields"), "hint_template must contain"),
     ],
 )
 def test_bad_settings_name_the_argument(kwargs, message):

@@ -26,6 +26,7 @@ from prodsample.grpo import DistillCoefficient
 from prodsample.hf import guided_generate, score
 from prodsample.importance import OFF_POLICY_MODE_NAMES, ImportanceConfig
 from prodsample.importance import off_policy_weights
+from prodsample.settings import SamplingSettings
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.rollout import GuidedRollout
 from prodsample.trl import (
@@ -191,8 +192,8 @@ def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatc
         def __init__(self, llm, tokenizer=None):
             calls.append(("wrap", llm, tokenizer))
 
-        def generate(self, prompts, answers, **sampling):
-            calls.append(("generate", prompts, answers, sampling))
+        def generate(self, prompts, answers, settings):
+            calls.append(("generate", prompts, answers, settings))
             return "rollout"
 
     class Engine:  # stands for vllm.LLM
@@ -203,17 +204,17 @@ def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatc
     monkeypatch.setitem(sys.modules, "prodsample.vllm", module)
     engine = Engine()
     trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine), processing_class="the trainer's tokenizer")
-    sampling = dict(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7, top_k=0,
-                    top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
+    settings = SamplingSettings(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7,
+                                top_k=0, top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
     for _ in range(2):
-        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], **sampling) == "rollout"
-    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], sampling)] * 2
+        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], settings) == "rollout"
+    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], settings)] * 2
 
 
 def test_the_vllm_backend_explains_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "prodsample.vllm", None)  # as if the vLLM integration were not installed
     with pytest.raises(ImportError, match="backend='vllm' needs prodsample.vllm.GuidedLLM"):
-        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"])
+        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"], SamplingSettings(lam=0.5))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,9 +226,9 @@ def test_the_rollout_function_gets_each_rows_answer_from_its_batch(tokenizer, tm
     """The trainer opens each generation batch from its rows; the rollout function reads the answers there."""
     seen = []
 
-    def recording_backend(trainer, prompts, answers, **sampling):
+    def recording_backend(trainer, prompts, answers, settings):
         seen.extend(zip(prompts, answers))
-        return ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, **sampling)
+        return ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, settings)
 
     rollout_func = guided_rollout_func(Linear(0.5, end_step=2), backend=recording_backend)
     build(tokenizer, tmp_path, rollout_func=rollout_func, max_steps=2).train()

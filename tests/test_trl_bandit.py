@@ -105,14 +105,15 @@ def theta_of(model) -> torch.Tensor:
     return model.lm_head.weight.detach()[:, 0].clone()
 
 
-def bandit_backend(trainer, prompts, answers, *, lam, num_generations, temperature, **sampling):
+def bandit_backend(trainer, prompts, answers, settings):
     """Rollouts with known tokens and their exact float64 records (the backend contract of prodsample.trl).
 
     As `prodsample.hf.guided_generate` does, λ = 1 rollouts run no hinted context: their guide_logprobs repeat
     the plain ones (the trainer must teacher-force the teacher there)."""
     theta = theta_of(trainer.model)
-    lam = torch.as_tensor(lam, dtype=torch.float64)
-    tokens = torch.tensor([token for prompt in prompts for token in TOKENS[prompt][:num_generations]])
+    lam = settings.lam_per_rollout(len(prompts)).double()
+    temperature = settings.temperature
+    tokens = torch.tensor([token for prompt in prompts for token in TOKENS[prompt][:settings.num_generations]])
     teacher_logits = theta + trainer.model.hint_shift
     plain = torch.log_softmax(theta, 0)
     guide = torch.log_softmax(teacher_logits, 0)
@@ -133,7 +134,7 @@ def bandit_backend(trainer, prompts, answers, *, lam, num_generations, temperatu
         lam=lam.float(),
         guided=guided,
         desynced=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.arange(len(prompts)).repeat_interleave(num_generations),
+        group_ids=torch.arange(len(prompts)).repeat_interleave(settings.num_generations),
     )
 
 

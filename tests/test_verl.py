@@ -536,7 +536,7 @@ def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_m
     from prodsample.verl.server import RolloutFinish
 
     def requests(name, lam):
-        return rollout_requests(name, 0, [5, 6], [5, 6, 7], lam, 0, SamplingSettings(lam), 4, 2).requests
+        return rollout_requests(name, 0, [5, 6], [5, 6, 7], SamplingSettings(lam, seed=0, max_new_tokens=4), 2).requests
 
     taken = []
 

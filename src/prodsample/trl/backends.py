@@ -8,19 +8,23 @@ callable with that contract.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from typing import Protocol
 
 from trl.models import unwrap_model_for_generation
 
 from ..hf import guided_generate
 from ..rollout import GuidedRollout
+from ..settings import SamplingSettings
 
 __all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "unwrapped_model"]
 
 
-# A backend samples guided rollouts: backend(trainer, prompts, answers, *, lam, num_generations, seed,
-# max_new_tokens, temperature, top_k, top_p, min_p, hint_template) -> GuidedRollout (prompt-major).
-RolloutBackend = Callable[..., GuidedRollout]
+class RolloutBackend(Protocol):
+    """What samples the rollouts of a `guided_rollout_func`: called with the trainer, this process's distinct
+    prompts and their answers, and the call's settings (λ per prompt or per rollout, G, the length, TRL's
+    temperature and filters, the seed, the hint template); returns the prompt-major `GuidedRollout`."""
+
+    def __call__(self, trainer, prompts: list, answers: list[str], settings: SamplingSettings) -> GuidedRollout: ...
 
 
 def unwrapped_model(trainer):
@@ -33,17 +37,17 @@ def unwrapped_model(trainer):
     )
 
 
-def _hf_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
+def _hf_backend(trainer, prompts, answers, settings: SamplingSettings) -> GuidedRollout:
     """The trained model itself, through `prodsample.hf.guided_generate`."""
     with unwrapped_model(trainer) as model:
-        return guided_generate(model, trainer.processing_class, prompts, answers, **sampling)
+        return guided_generate(model, trainer.processing_class, prompts, answers, settings)
 
 
 # One GuidedLLM per vLLM engine, built on first use and dropped with the engine.
 _GUIDED_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
+def _vllm_backend(trainer, prompts, answers, settings: SamplingSettings) -> GuidedRollout:
     """The vLLM engine TRL runs in colocate mode (and syncs the weights into before each rollout_func call)."""
     try:
         from ..vllm import GuidedLLM
@@ -56,7 +60,7 @@ def _vllm_backend(trainer, prompts, answers, **sampling) -> GuidedRollout:
     if llm not in _GUIDED_ENGINES:
         # The trainer's tokenizer renders the prompts, as on the HF backend, so both give TRL the same prompt ids.
         _GUIDED_ENGINES[llm] = GuidedLLM(llm, tokenizer=trainer.processing_class)
-    return _GUIDED_ENGINES[llm].generate(prompts, answers, **sampling)
+    return _GUIDED_ENGINES[llm].generate(prompts, answers, settings)
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend}

@@ -11,6 +11,7 @@ from trl.models import unwrap_model_for_generation
 
 from ..hf import guided_generate
 from ..rollout import GuidedRollout
+from ..settings import SamplingSettings, check_integer
 from .rollout_func import rollout_seed
 
 __all__ = ["HeldOutEvalCallback"]
@@ -69,10 +70,8 @@ class HeldOutEvalCallback(TrainerCallback):
         seed: int = 0,
         eval_on_start: bool = True,
     ):
-        if eval_steps < 1:
-            raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_integer(eval_steps, "eval_steps", low=1)
+        check_integer(num_samples, "num_samples", low=1)
         if len(dataset) == 0:
             raise ValueError("dataset must hold at least one held-out row")
         if "prompt" not in dataset.column_names or answer_column not in dataset.column_names:
@@ -98,26 +97,19 @@ class HeldOutEvalCallback(TrainerCallback):
         accelerator = trainer.accelerator
         shard = range(accelerator.process_index, len(self.dataset), accelerator.num_processes)
         greedy, sampled = [], []
+        plain_settings = SamplingSettings(lam=1.0, temperature=0, max_new_tokens=args.max_completion_length)
+        drawn_settings = SamplingSettings(
+            lam=1.0, num_generations=self.num_samples, max_new_tokens=args.max_completion_length,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        )
         with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
             for start in range(0, len(shard), self.batch_size):
                 rows = [self.dataset[i] for i in shard[start : start + self.batch_size]]
                 prompts = [row["prompt"] for row in rows]
                 answers = [str(row[self.answer_column]) for row in rows]
-                common = dict(lam=1.0, max_new_tokens=args.max_completion_length)
-                plain = guided_generate(model, trainer.processing_class, prompts, answers, temperature=0, **common)
-                drawn = guided_generate(
-                    model,
-                    trainer.processing_class,
-                    prompts,
-                    answers,
-                    num_generations=self.num_samples,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    min_p=args.min_p,
-                    seed=rollout_seed(self.seed, "heldout", accelerator.process_index, start),
-                    **common,
-                )
+                plain = guided_generate(model, trainer.processing_class, prompts, answers, plain_settings)
+                seed = rollout_seed(self.seed, "heldout", accelerator.process_index, start)
+                drawn = guided_generate(model, trainer.processing_class, prompts, answers, drawn_settings, seed=seed)
                 greedy += self._solved(_verify(self.verifier, trainer, rows, plain, 1))
                 solved = self._solved(_verify(self.verifier, trainer, rows, drawn, self.num_samples))
                 sampled += [sum(solved[i : i + self.num_samples]) for i in range(0, len(solved), self.num_samples)]

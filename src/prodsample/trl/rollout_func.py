@@ -9,6 +9,7 @@ from ..controller import GuidanceController
 from ..grpo import DEFAULT_DISTILL_CLIP, DistillCoefficient
 from ..prompts import DEFAULT_HINT_TEMPLATE
 from ..schedules import Schedule
+from ..settings import SamplingSettings, check_integer
 from .backends import ROLLOUT_BACKENDS, RolloutBackend
 from .batch import prompt_key
 from .off_policy import DEFAULT_OFF_POLICY_MODE, TRL_OFF_POLICY_MODES
@@ -19,7 +20,7 @@ __all__ = ["GuidedRolloutFunc", "guided_rollout_func", "rollout_seed"]
 def rollout_seed(*parts) -> int:
     """A keyed-noise seed that differs per (run seed, mode, step, process, call) and repeats on resume."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, the range guided_generate draws from
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, prodsample.settings.SEED_BOUND
 
 
 def _copies_per_prompt(prompts: Sequence) -> int:
@@ -90,10 +91,7 @@ class GuidedRolloutFunc:
         firsts = range(0, len(prompts), copies)
         backend = ROLLOUT_BACKENDS[self.backend] if isinstance(self.backend, str) else self.backend
         args = trainer.args
-        rollout = backend(
-            trainer,
-            [prompts[i] for i in firsts],
-            [batch.answers[i] for i in firsts],
+        settings = SamplingSettings(
             lam=self.rollout_lambdas(trainer, prompts, training),
             num_generations=copies,
             seed=self._seed(trainer, training),
@@ -104,6 +102,7 @@ class GuidedRolloutFunc:
             min_p=args.min_p,
             hint_template=self.hint_template,
         )
+        rollout = backend(trainer, [prompts[i] for i in firsts], [batch.answers[i] for i in firsts], settings)
         batch.record_rollout(rollout)
         return {
             "prompt_ids": rollout.prompt_ids,
@@ -188,8 +187,8 @@ def guided_rollout_func(
         raise ValueError(f"off_policy must be one of {TRL_OFF_POLICY_MODES}, got {off_policy!r}")
     if not answer_column:
         raise ValueError("answer_column must name the dataset column that holds the answers")
-    if guided_per_group is not None and guided_per_group < 1:
-        raise ValueError(f"guided_per_group must be None or >= 1, got {guided_per_group}")
+    if guided_per_group is not None:
+        check_integer(guided_per_group, "guided_per_group", low=1)
     if not luffy_gamma > 0:
         raise ValueError(f"luffy_gamma must be > 0, got {luffy_gamma}")
     if baseline_keeping_truncate is not None and off_policy != "baseline_keeping":

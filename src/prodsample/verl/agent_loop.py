@@ -37,7 +37,7 @@ from ..vllm.pacing import RolloutRequests, check_pairs_fit, settle
 from ..vllm.pairing import RECORDS_KEY, RolloutRecord
 from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
 from ..schedules import Adaptive, Schedule, schedule_from_dict
-from ..settings import SamplingSettings
+from ..settings import SEED_BOUND, SamplingSettings, is_guided
 
 __all__ = [
     "AGENT_NAME",
@@ -152,14 +152,16 @@ class GuidedAgentLoop(AgentLoopBase):
         messages = list(row["raw_prompt"])
         plain_ids = await self.ct_build_initial_tokens(messages)
         guide_ids = None
-        if lam < 1:
+        if is_guided(lam):
             hinted = add_hint(messages, _field(row, self.answer_field), self.hint_template)
             # not ct_build_initial_tokens: it cuts a prompt to rollout.prompt_length, which binds the plain prompt only
             guide_ids = await self.loop.run_in_executor(None, self.continuous_token_builder.build_initial_tokens, hinted)
-        rollout = rollout_requests(
-            uuid.uuid4().hex, 0, plain_ids, guide_ids, lam, secrets.randbits(62),
-            _sampling_settings(sampling_params, lam), self._max_new_tokens(plain_ids, guide_ids), self._eos_token_id(),
+        settings = _sampling_settings(
+            sampling_params, lam=lam, max_new_tokens=self._max_new_tokens(plain_ids, guide_ids),
+            # from the OS, not torch's RNG: verl may seed every agent-loop worker's torch alike
+            seed=secrets.randbelow(SEED_BOUND), hint_template=self.hint_template,
         )
+        rollout = rollout_requests(uuid.uuid4().hex, 0, plain_ids, guide_ids, settings, self._eos_token_id())
         if self.rollout_config.get("max_num_batched_tokens"):
             check_pairs_fit([rollout], self.rollout_config.max_num_batched_tokens)
         return rollout
@@ -262,12 +264,13 @@ def _field(row: Mapping[str, Any], path: str) -> str:
     return str(value)
 
 
-def _sampling_settings(sampling_params: Mapping[str, Any], lam: float) -> SamplingSettings:
-    """verl's sampling parameters as prodsample's (verl's top_k −1 is off, as prodsample's 0)."""
+def _sampling_settings(sampling_params: Mapping[str, Any], **fields) -> SamplingSettings:
+    """verl's sampling parameters as prodsample's, with the rollout's own `fields` (verl's top_k −1 is off, as
+    prodsample's 0)."""
     top_k = sampling_params.get("top_k")
     return SamplingSettings(
-        lam, temperature=sampling_params.get("temperature", 1.0), top_k=None if top_k is None or top_k < 0 else top_k,
-        top_p=sampling_params.get("top_p"), min_p=sampling_params.get("min_p"),
+        temperature=sampling_params.get("temperature", 1.0), top_k=None if top_k is None or top_k < 0 else top_k,
+        top_p=sampling_params.get("top_p"), min_p=sampling_params.get("min_p"), **fields,
     )
 
 

@@ -26,6 +26,7 @@ from verl.workers.rollout.replica import TokenOutput
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
+from ..settings import check_integer
 from ..vllm.pairing import RECORDS_KEY, GuidanceTag, RolloutRecord, records_from_workers
 from ..vllm.processor import RecordsExtension
 
@@ -51,8 +52,7 @@ class RolloutFinish:
     """
 
     def __init__(self, max_waiting: int = 100_000) -> None:
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
-            raise ValueError(f"max_waiting must be a positive integer, got {max_waiting!r}")
+        check_integer(max_waiting, "max_waiting", low=1)
         self.max_waiting = max_waiting
         self._one_finished: OrderedDict[str, None] = OrderedDict()
 

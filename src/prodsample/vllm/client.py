@@ -35,11 +35,12 @@ from typing import Any
 
 import httpx
 
-from .guided_call import NEUTRAL_SAMPLING, GuidedCall, pad_token_id
+from .guided_call import NEUTRAL_SAMPLING, GuidedCall
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle
 from .pairing import DesyncCause, RolloutRecord, records_from_workers
-from ..prompts import DEFAULT_HINT_TEMPLATE
+from ..prompts import pad_token_id
 from ..rollout import GuidedRollout
+from ..settings import SamplingSettings, check_integer
 
 __all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
@@ -69,8 +70,8 @@ class AsyncGuidedClient:
 
     Example:
         >>> client = AsyncGuidedClient("http://127.0.0.1:8000", tokenizer)  # doctest: +SKIP
-        >>> rollouts = await client.generate(["What is 2+3?"], ["5"], lam=0.5, num_generations=4,
-        ...                                  max_new_tokens=64, seed=0)  # doctest: +SKIP
+        >>> settings = SamplingSettings(lam=0.5, num_generations=4, max_new_tokens=64, seed=0)
+        >>> rollouts = await client.generate(["What is 2+3?"], ["5"], settings)  # doctest: +SKIP
     """
 
     def __init__(
@@ -82,8 +83,7 @@ class AsyncGuidedClient:
             raise ValueError(f"records must be one of {RECORDS_MODES}, got {records!r}")
         if records == "recompute" and policy is None:
             raise ValueError("records='recompute' needs policy: a local transformers copy of the served model")
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        check_integer(max_concurrency, "max_concurrency", low=1)
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.model = model
@@ -97,27 +97,12 @@ class AsyncGuidedClient:
         self.last_records_source: str | None = None  # "server" or "recomputed"
 
     async def generate(
-        self,
-        prompts: Sequence,
-        answers: Sequence[str],
-        *,
-        lam,
-        num_generations: int = 1,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        hint_template: str = DEFAULT_HINT_TEMPLATE,
+        self, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings | None = None, **changes
     ) -> GuidedRollout:
         """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.vllm.GuidedLLM.generate`
-        returns them. Sets `last_stats` (engine_steps 0: a server does not say) and `last_records_source`."""
-        call = GuidedCall.plan(
-            self.tokenizer, prompts, answers, lam=lam, num_generations=num_generations,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            seed=seed, hint_template=hint_template,
-        )
+        returns them (`settings` and `changes` as there). Sets `last_stats` (engine_steps 0: a server does not
+        say) and `last_records_source`."""
+        call = GuidedCall.plan(self.tokenizer, prompts, answers, SamplingSettings.build(settings, **changes))
         # a connection for each request in flight: a pair's first request must never hold the last connection
         # while its partner waits for one (the scheduler holds the first until the second arrives)
         limits = httpx.Limits(max_connections=2 * self.max_concurrency + 1, keepalive_expiry=KEEPALIVE_EXPIRY_S)
@@ -322,12 +307,11 @@ def recompute_records(
     `outputs_differ`). A desync that leaves both outputs equal is not seen."""
     from ..hf import score
 
-    generations = call.num_generations
+    generations = call.settings.num_generations
     prompts = [call.prompts[r // generations] for r in range(len(call.rollouts))]
     answers = [call.answers[r // generations] for r in range(len(call.rollouts))]
     plain = [completions[rollout.plain.request_id] for rollout in call.rollouts]
-    kwargs = dict(call.settings.sampler_kwargs(), hint_template=call.hint_template)
-    guided = score(policy, tokenizer, prompts, answers, plain, lam=call.lams, **kwargs)
+    guided = score(policy, tokenizer, prompts, answers, plain, call.settings, lam=call.lams)
     lost_at = {
         r: _first_difference(plain[r], completions[rollout.guide.request_id])
         for r, rollout in enumerate(call.rollouts) if rollout.paired
@@ -335,7 +319,7 @@ def recompute_records(
     lost_at = {r: position for r, position in lost_at.items() if position is not None}
     lost = sorted(lost_at)
     on_policy = score(policy, tokenizer, [prompts[r] for r in lost], [answers[r] for r in lost],
-                      [plain[r] for r in lost], lam=1.0, **kwargs) if lost else None
+                      [plain[r] for r in lost], call.settings, lam=1.0) if lost else None
     records = {}
     for r, rollout in enumerate(call.rollouts):
         length = len(plain[r])
@@ -370,12 +354,14 @@ class GuidedClient:
     def __init__(self, *args, **kwargs) -> None:
         self.client = AsyncGuidedClient(*args, **kwargs)
 
-    def generate(self, prompts: Sequence, answers: Sequence[str], **kwargs) -> GuidedRollout:
+    def generate(
+        self, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings | None = None, **changes
+    ) -> GuidedRollout:
         """`AsyncGuidedClient.generate`, blocking."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.client.generate(prompts, answers, **kwargs))
+            return asyncio.run(self.client.generate(prompts, answers, settings, **changes))
         raise RuntimeError("GuidedClient.generate blocks, so it cannot run inside an event loop: use AsyncGuidedClient")
 
     @property
@@ -403,7 +389,7 @@ class ServerBackend:
         self.base_url = base_url
         self.client_kwargs = client_kwargs
 
-    def __call__(self, trainer, prompts, answers, **sampling) -> GuidedRollout:
+    def __call__(self, trainer, prompts, answers, settings: SamplingSettings) -> GuidedRollout:
         args = trainer.args
         url = self.base_url or args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-        return GuidedClient(url, trainer.processing_class, **self.client_kwargs).generate(prompts, answers, **sampling)
+        return GuidedClient(url, trainer.processing_class, **self.client_kwargs).generate(prompts, answers, settings)

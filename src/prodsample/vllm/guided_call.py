@@ -7,9 +7,10 @@ in-process engine wrapper (`prodsample.vllm.GuidedLLM`) and the server client (`
 differ only in how the requests reach an engine.
 
 Example (the test tokenizer needs the `hf` extra):
+    >>> from prodsample.settings import SamplingSettings
     >>> from prodsample.testing import tiny_tokenizer
-    >>> call = GuidedCall.plan(tiny_tokenizer(), ["2+3?"], ["5"], lam=0.5, num_generations=2, max_new_tokens=8,
-    ...                        seed=0)
+    >>> settings = SamplingSettings(lam=0.5, num_generations=2, max_new_tokens=8, seed=0)
+    >>> call = GuidedCall.plan(tiny_tokenizer(), ["2+3?"], ["5"], settings)
     >>> [[request.tag.role.value for request in rollout.requests] for rollout in call.rollouts]
     [['guide', 'plain'], ['guide', 'plain']]
 """
@@ -25,11 +26,11 @@ import torch
 
 from .pacing import EngineRequest, RolloutOutcome, RolloutRequests
 from .pairing import GuidanceTag, Role
-from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from ..prompts import add_hint, check_prompts_and_answers, render_prompt
 from ..rollout import PER_TOKEN_RECORDS, GuidedRollout
-from ..settings import SamplingSettings
+from ..settings import SamplingSettings, is_guided
 
-__all__ = ["GuidedCall", "NEUTRAL_SAMPLING", "pad_token_id", "request_sampling_params", "rollout_requests"]
+__all__ = ["GuidedCall", "NEUTRAL_SAMPLING", "request_sampling_params", "rollout_requests"]
 
 # What vLLM's own sampler does with a tagged request: it only keeps the token the processor forces, so greedy
 # and nothing else that acts on logits or tokens (the processor refuses other values); explicit, so that a
@@ -49,50 +50,31 @@ class GuidedCall:
     answers: list[str]
     plain_ids: list[list[int]]  # per prompt
     lams: list[float]  # per rollout
-    num_generations: int
-    settings: SamplingSettings  # λ as given, temperature and filters
-    hint_template: str
+    settings: SamplingSettings  # as given, with the call's seed
 
     @classmethod
-    def plan(
-        cls,
-        tokenizer,
-        prompts: Sequence,
-        answers: Sequence[str],
-        *,
-        lam,
-        num_generations: int = 1,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        hint_template: str = DEFAULT_HINT_TEMPLATE,
-    ) -> GuidedCall:
-        """The requests of `prodsample.vllm.GuidedLLM.generate`'s arguments; bad ones raise ValueError naming
-        them. Rollout names are unique per call (a random prefix), so calls can share an engine."""
+    def plan(cls, tokenizer, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings) -> GuidedCall:
+        """The requests of one call (`prodsample.vllm.GuidedLLM.generate`'s arguments); bad ones raise
+        ValueError naming them. Rollout names are unique per call (a random prefix), so calls can share an
+        engine."""
         check_prompts_and_answers(prompts, answers)
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
-        rollouts = len(prompts) * _positive_int(num_generations, "num_generations")
-        settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
-        lams = settings.lam_per_rollout(len(prompts), num_generations).tolist()
-        _positive_int(max_new_tokens, "max_new_tokens")
-        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
-
+        settings = settings.with_seed()
+        group = settings.num_generations
+        lams = settings.lam_per_rollout(len(prompts)).tolist()
         plain_ids = [render_prompt(tokenizer, p) for p in prompts]
         guide_ids = [
-            render_prompt(tokenizer, add_hint(p, a, hint_template)) if any(l < 1 for l in lams) else None
+            render_prompt(tokenizer, add_hint(p, a, settings.hint_template)) if any(map(is_guided, lams)) else None
             for p, a in zip(prompts, answers)
         ]
         call = uuid.uuid4().hex[:12]
         requests = [
-            rollout_requests(f"{call}-{r}", r, plain_ids[r // num_generations], guide_ids[r // num_generations],
-                              lams[r], seed, settings, max_new_tokens, tokenizer.eos_token_id)
-            for r in range(rollouts)
+            rollout_requests(f"{call}-{r}", r, plain_ids[r // group], guide_ids[r // group],
+                             dataclasses.replace(settings, lam=lams[r]), tokenizer.eos_token_id)
+            for r in range(len(lams))
         ]
-        return cls(requests, list(prompts), list(answers), plain_ids, lams, num_generations, settings, hint_template)
+        return cls(requests, list(prompts), list(answers), plain_ids, lams, settings)
 
     @property
     def names(self) -> list[str]:
@@ -106,36 +88,31 @@ class GuidedCall:
             return [getattr(o.record, name)[: len(o.completion)] for o in outcomes]
 
         return GuidedRollout.from_lists(
-            prompt_ids=[self.plain_ids[r // self.num_generations] for r in range(len(outcomes))],
+            prompt_ids=[self.plain_ids[r // self.settings.num_generations] for r in range(len(outcomes))],
             completions=completions,
             **{name: per_token(name) for name in PER_TOKEN_RECORDS},
             lam=self.lams,
-            group_ids=torch.arange(len(outcomes)) // self.num_generations,
+            group_ids=torch.arange(len(outcomes)) // self.settings.num_generations,
             pad_token_id=pad_token_id,
             desynced=[outcome.desynced for outcome in outcomes],
         )
 
 
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad token, or its EOS where it has none."""
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-
 def rollout_requests(
-    name: str, r: int, plain_ids: list[int], guide_ids: list[int] | None, lam: float, seed: int,
-    settings: SamplingSettings, max_new_tokens: int, eos: int,
+    name: str, r: int, plain_ids: list[int], guide_ids: list[int] | None, settings: SamplingSettings, eos: int
 ) -> RolloutRequests:
-    """The tagged requests of rollout `name` (index `r` in its call's keyed noise): the guide and plain
-    requests when λ < 1 (`guide_ids` then needed), the plain one alone when λ = 1."""
-    contexts = [(Role.GUIDE, guide_ids)] if lam < 1 else []
+    """The tagged requests of rollout `name` (index `r` in its call's keyed noise), whose `settings` hold its
+    one λ and its seed: the guide and plain requests when it is guided (`guide_ids` then needed), the plain
+    one alone at λ = 1."""
+    if settings.seed is None:
+        raise ValueError("a rollout's requests need its settings' seed: the keyed noise of both rows uses it")
+    contexts = [(Role.GUIDE, guide_ids)] if is_guided(settings.lam) else []
     contexts.append((Role.PLAIN, plain_ids))  # guide first: see RolloutRequests
     requests = []
     for role, ids in contexts:
-        tag = GuidanceTag(
-            rollout=name, role=role, rollout_index=r, seed=seed, release_token=eos,
-            settings=dataclasses.replace(settings, lam=lam),
-        )
-        requests.append(EngineRequest(ids, max_new_tokens, tag))
+        tag = GuidanceTag(rollout=name, role=role, rollout_index=r, seed=settings.seed, release_token=eos,
+                          settings=settings.draw_settings())
+        requests.append(EngineRequest(ids, settings.max_new_tokens, tag))
     return RolloutRequests(tuple(requests))
 
 
@@ -143,9 +120,3 @@ def request_sampling_params(request: EngineRequest) -> dict:
     """`vllm.SamplingParams` keyword arguments of a tagged request sent to an engine as it is (the flat tag in
     `extra_args`; over HTTP the same tag goes in `vllm_xargs`)."""
     return {"max_tokens": request.max_new_tokens, **NEUTRAL_SAMPLING, "extra_args": request.tag.to_extra_args()}
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value

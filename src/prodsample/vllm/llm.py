@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from ..prompts import DEFAULT_HINT_TEMPLATE
+from ..prompts import pad_token_id
 from ..rollout import GuidedRollout
-from .guided_call import GuidedCall, pad_token_id
+from ..settings import SamplingSettings
+from .guided_call import GuidedCall
 from .pacing import (
     AdmitAll,
     EngineLimits,
@@ -138,8 +139,8 @@ class GuidedLLM:
 
     Example:
         >>> guided = GuidedLLM("path/to/model", dtype="float32")  # doctest: +SKIP
-        >>> rollouts = guided.generate(["What is 2+3?"], ["5"], lam=0.5, num_generations=4,
-        ...                            max_new_tokens=64, seed=0)  # doctest: +SKIP
+        >>> settings = SamplingSettings(lam=0.5, num_generations=4, max_new_tokens=64, seed=0)
+        >>> rollouts = guided.generate(["What is 2+3?"], ["5"], settings)  # doctest: +SKIP
     """
 
     def __init__(
@@ -184,28 +185,13 @@ class GuidedLLM:
             )
 
     def generate(
-        self,
-        prompts: Sequence,
-        answers: Sequence[str],
-        *,
-        lam,
-        num_generations: int = 1,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        hint_template: str = DEFAULT_HINT_TEMPLATE,
+        self, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings | None = None, **changes
     ) -> GuidedRollout:
         """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.hf.guided_generate` returns
-        them and with its tokens under the same `seed`. `lam`: a float, one per prompt or one per rollout.
-        Sets `last_stats`."""
-        call = GuidedCall.plan(
-            self.tokenizer, prompts, answers, lam=lam, num_generations=num_generations,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            seed=seed, hint_template=hint_template,
-        )
+        them and with its tokens under the same seed. `settings`: the call's `SamplingSettings`; `changes`:
+        fields that replace its own, or, without it, build it (`lam=0.5, num_generations=4, ...`). Sets
+        `last_stats`."""
+        call = GuidedCall.plan(self.tokenizer, prompts, answers, SamplingSettings.build(settings, **changes))
         try:
             driven = self.driver.run(_SteppedLLM(self.llm), call.rollouts)
         except BaseException:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
+from ..settings import check_integer
 from .pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
 
 __all__ = [
@@ -50,11 +51,6 @@ __all__ = [
 ]
 
 
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class EngineLimits:
     """What one engine step can take: requests, prefill tokens, and KV-cache blocks."""
@@ -66,7 +62,7 @@ class EngineLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_blocks", "block_size"):
-            _check_positive(getattr(self, name), f"EngineLimits.{name}")
+            check_integer(getattr(self, name), f"EngineLimits.{name}", low=1)
 
     def blocks(self, prompt_len: int, max_new_tokens: int) -> int:
         """KV-cache blocks one request holds at full length."""
@@ -84,7 +80,7 @@ class EngineRequest:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id}: prompt_token_ids is empty")
-        _check_positive(self.max_new_tokens, "max_new_tokens")
+        check_integer(self.max_new_tokens, "max_new_tokens", low=1)
 
     @property
     def request_id(self) -> str:

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -37,7 +37,7 @@ import torch
 
 from ..fused import ProductSample
 from ..sampling import product_sample
-from ..settings import SamplingSettings
+from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, is_guided
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -100,9 +100,9 @@ class GuidanceTag:
             raise ValueError(f"prodsample role must be 'plain' or 'guide', got {self.role!r}") from None
         if not isinstance(self.rollout, str) or not self.rollout:
             raise ValueError(f"prodsample rollout must be a non-empty string, got {self.rollout!r}")
-        _integer(self.rollout_index, "rollout_index", 0)
-        _integer(self.seed, "seed", -(2**63))
-        _integer(self.release_token, "release_token", 0)
+        check_integer(self.rollout_index, "prodsample rollout_index", 0, 2**63)
+        check_integer(self.seed, "prodsample seed", -(2**63), 2**63)
+        check_integer(self.release_token, "prodsample release_token", 0, 2**63)
         if not isinstance(self.settings, SamplingSettings):
             raise ValueError(f"prodsample settings must be a SamplingSettings, got {type(self.settings).__name__}")
         if not isinstance(self.settings.lam, float):
@@ -112,7 +112,7 @@ class GuidanceTag:
 
     @property
     def paired(self) -> bool:
-        return self.settings.lam < 1.0
+        return is_guided(self.settings.lam)
 
     def to_extra_args(self) -> dict[str, str | int | float | list]:
         request = {name: getattr(self, name) for name in _REQUEST_FIELDS} | {"role": self.role.value}
@@ -130,16 +130,11 @@ class GuidanceTag:
         missing = {*_REQUEST_FIELDS, "lam"} - raw.keys()
         if missing:
             raise ValueError(f"the prodsample tag in extra_args lacks {sorted(prefix + name for name in missing)}")
-        unknown = raw.keys() - {*_REQUEST_FIELDS, *(f.name for f in fields(SamplingSettings))}
+        unknown = raw.keys() - {*_REQUEST_FIELDS, *DRAW_FIELDS}
         if unknown:
             raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
         settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
         return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
-
-
-def _integer(value, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
-        raise ValueError(f"prodsample {name} must be an integer in [{low}, 2**63), got {value!r}")
 
 
 class RequestKey(NamedTuple):
