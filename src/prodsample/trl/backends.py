@@ -1,8 +1,8 @@
 """Who samples the rollouts: the trained model (HF) or TRL's colocated vLLM engine.
 
 A backend takes the trainer, this process's prompts and answers and the sampling settings, and returns a
-prompt-major `GuidedRollout`; `guided_rollout_func(backend=...)` takes a name of `ROLLOUT_BACKENDS` or any
-callable with that contract.
+prompt-major `GuidedRollout`; `GuidedGRPOConfig(guidance_backend=...)` names one of `ROLLOUT_BACKENDS`, and
+`GuidedGRPOTrainer(rollout_backend=...)` takes any callable with that contract.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "unwrapped_model"]
 
 
 class RolloutBackend(Protocol):
-    """What samples the rollouts of a `guided_rollout_func`: called with the trainer, this process's distinct
+    """What samples the rollouts of a `GuidedRolloutFunc`: called with the trainer, this process's distinct
     prompts and their answers, and the call's settings (λ per prompt or per rollout, G, the length, TRL's
     temperature and filters, the seed, the hint template); returns the prompt-major `GuidedRollout`."""
 
@@ -63,4 +63,11 @@ def _vllm_backend(trainer, prompts, answers, settings: SamplingSettings) -> Guid
     return _GUIDED_ENGINES[llm].generate(prompts, answers, settings)
 
 
-ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend}
+def _server_backend(trainer, prompts, answers, settings: SamplingSettings) -> GuidedRollout:
+    """A vLLM server running prodsample, in TRL's server mode (`prodsample.vllm.client.ServerBackend`)."""
+    from ..vllm.client import ServerBackend
+
+    return ServerBackend()(trainer, prompts, answers, settings)
+
+
+ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {"hf": _hf_backend, "vllm": _vllm_backend, "server": _server_backend}

