@@ -746,3 +746,23 @@ def test_an_off_policy_mode_is_one_registry_entry(tokenizer, tmp_path, monkeypat
     assert len(checked) == 1 and checked[0].off_policy == "doubled"
     assert advantages["none"].abs().max() > 0.1
     torch.testing.assert_close(advantages["doubled"], 2 * advantages["none"])
+
+
+@pytest.mark.parametrize("mask", [True, False], ids=["masked", "kept"])
+def test_a_guided_prefix_is_sampled_at_lam_zero_and_masked_or_kept(tokenizer, tmp_path, mask):
+    """guide_prefix_tokens = 2: the rollout function samples the first 2 tokens of each guided rollout at
+    λ = 0 (log q = the hinted log π there), and the trainer gives them advantage 0 unless told to keep them."""
+    rows = [row for row in sums(2) for _ in range(4)]
+    trainer = build(tokenizer, tmp_path, reward=token_reward, guidance_schedule=Constant(0.5, end_step=4),
+                    guide_prefix_tokens=2, mask_guide_prefix=mask)
+    trainer.model.train()
+    seen = []
+    backend = trainer.rollout_func.backend
+    trainer.rollout_func.backend = lambda *call: seen.append(backend(*call)) or seen[-1]
+    advantages = trainer._generate_and_score_completions(rows)["advantages"]
+    (rollout,) = seen
+    real = rollout.completion_mask[:, :2]
+    torch.testing.assert_close(rollout.logprobs[:, :2][real], rollout.guide_logprobs[:, :2][real])
+    prefix, rest = advantages[:, :2][real], advantages[:, 2:][rollout.completion_mask[:, 2:]]
+    assert rest.abs().max() > 0.01  # informative groups: the comparison is not 0 = 0
+    assert (prefix.abs().max() == 0) == mask

@@ -304,9 +304,10 @@ def run(coroutine):
 
 
 @torch.no_grad()
-def expected_logprobs(model, tokenizer, output: DataProto, lams) -> tuple[torch.Tensor, torch.Tensor]:
+def expected_logprobs(model, tokenizer, output: DataProto, lams, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """log q and log π(o | prompt) of every response token `[B, response_length]` (0 on padding), from the
-    model's logits of the plain and hinted contexts: q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ)."""
+    model's logits of the plain and hinted contexts: q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ), at λ = 0 on
+    the first `prefix` tokens of a guided rollout (`guide_prefix_tokens`)."""
     shape = output.batch["responses"].shape
     log_q, log_pi = torch.zeros(shape), torch.zeros(shape)
     for b, lam in enumerate(lams):
@@ -320,7 +321,9 @@ def expected_logprobs(model, tokenizer, output: DataProto, lams) -> tuple[torch.
             return model(torch.tensor([ids + completion])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
 
         plain = log_softmax(plain_ids)
-        mixed = plain if lam == 1 else (lam * plain + (1 - lam) * log_softmax(hinted_ids)).log_softmax(-1)
+        lam_t = torch.full((length, 1), float(lam))
+        lam_t[:prefix] = 0.0 if lam < 1 else 1.0
+        mixed = plain if lam == 1 else (lam_t * plain + (1 - lam_t) * log_softmax(hinted_ids)).log_softmax(-1)
         index = torch.tensor(completion)[:, None]
         log_q[b, :length], log_pi[b, :length] = mixed.gather(1, index)[:, 0], plain.gather(1, index)[:, 0]
     return log_q, log_pi
@@ -471,11 +474,19 @@ def test_a_pair_split_across_replicas_is_flagged_and_masked_never_guided(config,
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf, vllm_engine):
+@pytest.mark.parametrize("prefix", [0, 2], ids=["no prefix", "guided prefix"])
+def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf, vllm_engine, prefix, tmp_path):
     """verl's server `generate` over a real vLLM CPU engine running prodsample's processor, pair scheduler and
-    worker extension: every trajectory comes back guided, in step, with records equal to log q by hand."""
+    worker extension: every trajectory comes back guided, in step, with records equal to log q by hand; with
+    the loop's `guide_prefix_tokens`, its first tokens drawn at λ = 0."""
     model, tokenizer = hf
     loop, engine = vllm_engine
+    if prefix:
+        loop_yaml = tmp_path / "loop.yaml"
+        settings = OmegaConf.load(RECIPE_YAML)
+        settings[0].guide_prefix_tokens = prefix
+        OmegaConf.save(settings, loop_yaml)
+        config = changed(config, {"actor_rollout_ref": {"rollout": {"agent": {"agent_loop_config_path": str(loop_yaml)}}}})
     output = loop.run_until_complete(agent_loop_worker(config, [engine]).generate_sequences(rollout_batch()))
     columns = output.non_tensor_batch
     assert columns["prodsample_records"].all() and columns["prodsample_guided"].all()
@@ -483,8 +494,11 @@ def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf,
     mask = output.batch["response_mask"].bool()
     assert mask.any(dim=1).all()
     lam = float(columns["prodsample_lam"][0])
-    log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+    log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output), prefix)
     assert torch.allclose(output.batch["rollout_log_probs"][mask], log_q[mask], atol=TOL, rtol=0)
+    if prefix:  # the prefix's records are the hinted policy's, not the λ mixture's
+        at_lam, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+        assert not torch.allclose(log_q[:, :prefix][mask[:, :prefix]], at_lam[:, :prefix][mask[:, :prefix]], atol=1e-3)
 
 
 def loop_with(config, tokenizer, **settings):

@@ -491,8 +491,9 @@ def _decode(model, plan: _ContextPlan, lam_rows, settings: SamplingSettings, pad
     batch = _DecodeBatch(cache, attention_mask, torch.arange(len(lam_rows), device=device), is_guided(lam_rows).to(device))
     for position in range(settings.max_new_tokens):
         plain_logits, guide_logits = batch.split_logits(logits)
+        lam = settings.lam_at(lam_device[batch.rollouts], position)  # 0 in a guided rollout's prefix
         drawn = product_sample(
-            plain_logits, guide_logits, lam_device[batch.rollouts], **settings.sampler_kwargs(),
+            plain_logits, guide_logits, lam, **settings.sampler_kwargs(),
             seed=settings.seed, rollout_ids=batch.rollouts, positions=position,
         )
         records.add(batch.rollouts, position, drawn)
@@ -628,7 +629,9 @@ def score(
     scored = product_logprobs(
         plain_logits,
         guide_logits,
-        lam_rows.repeat_interleave(torch.tensor(lengths)).to(model.device),
+        settings.lam_at(
+            lam_rows.repeat_interleave(torch.tensor(lengths)), torch.cat([torch.arange(n) for n in lengths])
+        ).to(model.device),
         torch.tensor([token for completion in completions for token in completion], device=model.device),
         **settings.sampler_kwargs(),
     )

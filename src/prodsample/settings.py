@@ -37,7 +37,7 @@ from .prompts import DEFAULT_HINT_TEMPLATE, check_hint_template
 __all__ = ["SamplingSettings", "check_sampling_values", "check_integer", "is_guided", "draw_seed", "SEED_BOUND"]
 
 # What an engine's draw needs, and so what a request's tag carries (`SamplingSettings.to_flat`).
-DRAW_FIELDS = ("lam", "temperature", "top_k", "top_p", "min_p")
+DRAW_FIELDS = ("lam", "temperature", "top_k", "top_p", "min_p", "guide_prefix_tokens")
 
 # Seeds drawn here lie in [0, SEED_BOUND): the keyed noise mixes them with 64-bit row keys without overflow.
 SEED_BOUND = 2**62
@@ -139,6 +139,9 @@ class SamplingSettings:
         max_new_tokens: ≥ 1 tokens at most per rollout (16 when not given, as vLLM's `max_tokens`).
         seed: the keyed noise's seed (an integer ≥ 0), or None: each call draws one (`draw_seed`).
         hint_template: how the answer joins the prompt (`prodsample.prompts.add_hint`).
+        guide_prefix_tokens: k ≥ 0: the first k tokens of every guided rollout (λ < 1) are drawn at λ = 0,
+            from the hinted context alone, and the rest at the rollout's λ (`lam_at`); a λ = 1 rollout stays
+            plain throughout. Every token's log q is recorded at the λ it was drawn with.
 
     A field left at its off value is stored as that value (None becomes 0, 1.0 or 0.0), so two settings that
     sample alike compare equal.
@@ -153,6 +156,7 @@ class SamplingSettings:
     max_new_tokens: int = dataclasses.field(default=16, kw_only=True)
     seed: int | None = dataclasses.field(default=None, kw_only=True)
     hint_template: str = dataclasses.field(default=DEFAULT_HINT_TEMPLATE, kw_only=True)
+    guide_prefix_tokens: int = dataclasses.field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         normalised = {
@@ -165,6 +169,7 @@ class SamplingSettings:
         check_sampling_values(**normalised)
         normalised["num_generations"] = check_integer(self.num_generations, "num_generations", low=1)
         normalised["max_new_tokens"] = check_integer(self.max_new_tokens, "max_new_tokens", low=1)
+        normalised["guide_prefix_tokens"] = check_integer(self.guide_prefix_tokens, "guide_prefix_tokens", low=0)
         if self.seed is not None:
             normalised["seed"] = check_integer(self.seed, "seed", low=-(2**63), high=2**63)
         check_hint_template(self.hint_template)
@@ -204,6 +209,16 @@ class SamplingSettings:
             f"lam must be a float, one value per prompt ({num_prompts}) or one per rollout ({rollouts}), "
             f"got {values.numel()} values"
         )
+
+    def lam_at(self, lam, positions) -> torch.Tensor:
+        """The λ each token is drawn with: 0 at positions below `guide_prefix_tokens` of a guided rollout, the
+        rollout's λ elsewhere. `lam` (per row) and `positions` (completion indices) broadcast together.
+
+        >>> SamplingSettings(lam=0.5, guide_prefix_tokens=2).lam_at(torch.tensor([0.5, 1.0]), 1).tolist()
+        [0.0, 1.0]
+        """
+        lam, positions = torch.as_tensor(lam), torch.as_tensor(positions, device=torch.as_tensor(lam).device)
+        return torch.where(is_guided(lam) & (positions < self.guide_prefix_tokens), torch.zeros_like(lam), lam)
 
     def sampler_kwargs(self) -> dict[str, float | int]:
         """temperature, top_k, top_p and min_p as keyword arguments of `prodsample.product_sample` and

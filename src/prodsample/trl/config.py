@@ -68,6 +68,16 @@ class GuidedGRPOConfig(GRPOConfig):
         metadata={"help": "None: every rollout of a group shares its λ. k: only the first k rollouts of each "
                   "group are guided, the rest plain (LUFFY-style mixing)."},
     )
+    guide_prefix_tokens: int = field(
+        default=0,
+        metadata={"help": "k: the first k tokens of every guided rollout are drawn at λ = 0 (from the hinted "
+                  "context), the rest at the schedule's λ; log q and log π are recorded for every token."},
+    )
+    mask_guide_prefix: bool = field(
+        default=True,
+        metadata={"help": "Keep the guided prefix out of the policy loss (True, as POPE masks its oracle prefix "
+                  "and QuestA never trains on the given part), or train on it with its off-policy weights."},
+    )
     off_policy: str = field(
         default=DEFAULT_OFF_POLICY_MODE,
         metadata={"help": f"The off-policy mode, one of {sorted(OFF_POLICY_MODES)} (docs/trl.md)."},
@@ -112,6 +122,7 @@ class GuidedGRPOConfig(GRPOConfig):
         if not self.answer_column:
             raise ValueError("answer_column must name the dataset column that holds the answers")
         check_hint_template(self.hint_template)
+        check_integer(self.guide_prefix_tokens, "guide_prefix_tokens", low=0)
         if self.guided_per_group is not None:
             check_integer(self.guided_per_group, "guided_per_group", low=1)
         if self.off_policy not in OFF_POLICY_MODES:
@@ -140,7 +151,8 @@ class GuidedGRPOConfig(GRPOConfig):
         template, with `per_call`'s fields (λ, G, seed)."""
         return SamplingSettings(
             max_new_tokens=self.max_completion_length, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, min_p=self.min_p, hint_template=self.hint_template, **per_call,
+            top_p=self.top_p, min_p=self.min_p, hint_template=self.hint_template,
+            guide_prefix_tokens=self.guide_prefix_tokens, **per_call,
         )
 
     def schedule(self) -> Schedule:

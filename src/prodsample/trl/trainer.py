@@ -20,6 +20,7 @@ from ..hf import check_tokenizer_matches, score
 from ..importance import ImportanceConfig
 from ..prompts import add_hint, hint_leakage
 from ..schedules import schedule_from_dict
+from ..settings import is_guided
 from .backends import ROLLOUT_BACKENDS, RolloutBackend, unwrapped_model
 from .batch import GatheredBatch, GuidedBatch, OpenBatches, gather_batch
 from .checks import check_answers, check_distill_ends, check_guided_args, warn_if_never_plain
@@ -63,7 +64,9 @@ class GuidedAdvantages:
     The off-policy mode of `args.off_policy` (`prodsample.trl.off_policy.OFF_POLICY_MODES`) turns TRL's
     advantages `[R]` and the gathered batch into the advantages and per-token weights of the loss (π_trainer /
     π_engine included when `engine` says an engine sampled). With β (the self-distillation coefficient at
-    this step) truthy, β·w_t·a_t is added, w_t the capped π/q token weight.
+    this step) truthy, β·w_t·a_t is added, w_t the capped π/q token weight. With `mask_guide_prefix`, the
+    first `guide_prefix_tokens` tokens of guided rollouts get advantage 0 (before the self-distillation term,
+    which keeps its teacher signal there).
     """
 
     args: GuidedGRPOConfig
@@ -76,6 +79,10 @@ class GuidedAdvantages:
         mode = OFF_POLICY_MODES[self.args.off_policy]
         advantages, weights = mode.advantages(gathered, advantages, self.engine, self.args)
         per_token = advantages.unsqueeze(1) * gathered.local(weights.weights)[:, :width]
+        if self.args.mask_guide_prefix and self.args.guide_prefix_tokens:
+            # the tokens drawn at λ = 0 (the hinted policy's, not the plain one's) carry no policy gradient
+            guided = is_guided(gathered.local(gathered.lam)).to(per_token.device)
+            per_token[guided, : self.args.guide_prefix_tokens] = 0.0
         metrics = gathered.metrics(weights, self.success_threshold)
         if beta is not None:
             metrics["guidance/distill_coef"] = beta

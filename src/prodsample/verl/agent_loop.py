@@ -37,7 +37,7 @@ from ..vllm.pacing import RolloutRequests, check_pairs_fit, settle
 from ..vllm.pairing import RECORDS_KEY, RolloutRecord
 from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
 from ..schedules import Adaptive, Schedule, schedule_from_dict
-from ..settings import SEED_BOUND, SamplingSettings, is_guided
+from ..settings import SEED_BOUND, SamplingSettings, check_integer, is_guided
 
 __all__ = [
     "AGENT_NAME",
@@ -107,7 +107,7 @@ class GuidedAgentLoop(AgentLoopBase):
 
     def __init__(
         self, *args, schedule: Mapping | Schedule | None = None, answer_field: str = "reward_model.ground_truth",
-        hint_template: str = DEFAULT_HINT_TEMPLATE, **kwargs,
+        hint_template: str = DEFAULT_HINT_TEMPLATE, guide_prefix_tokens: int = 0, **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.rollout_config.get("data_parallel_size", 1) != 1:
@@ -123,6 +123,7 @@ class GuidedAgentLoop(AgentLoopBase):
         self.controller = GuidanceController(_schedule(schedule))
         self.answer_field = answer_field
         self.hint_template = hint_template
+        self.guide_prefix_tokens = check_integer(guide_prefix_tokens, "guide_prefix_tokens", low=0)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         rollout_step = _ROLLOUT_STEP.get()
@@ -160,6 +161,7 @@ class GuidedAgentLoop(AgentLoopBase):
             sampling_params, lam=lam, max_new_tokens=self._max_new_tokens(plain_ids, guide_ids),
             # from the OS, not torch's RNG: verl may seed every agent-loop worker's torch alike
             seed=secrets.randbelow(SEED_BOUND), hint_template=self.hint_template,
+            guide_prefix_tokens=self.guide_prefix_tokens,
         )
         rollout = rollout_requests(uuid.uuid4().hex, 0, plain_ids, guide_ids, settings, self._eos_token_id())
         if self.rollout_config.get("max_num_batched_tokens"):

@@ -399,8 +399,8 @@ def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dic
 
 
 def _sample(logits: torch.Tensor, draws: list[_Draw], tags: list[GuidanceTag], backend: str) -> ProductSample:
-    """One batched `product_sample` call for every planned draw: joint draws at the rollout's λ, solo draws at
-    λ = 1 (the plain row stands in for the missing guide row), each with its own settings and noise key."""
+    """One batched `product_sample` call for every planned draw: joint draws at the rollout's λ at that position
+    (0 in its guided prefix), solo draws at λ = 1 (the plain row stands in for the missing guide row), each with its own settings and noise key."""
     settings = [tag.settings for tag in tags]
 
     def per_row(values, dtype=torch.int64):
@@ -409,7 +409,8 @@ def _sample(logits: torch.Tensor, draws: list[_Draw], tags: list[GuidanceTag], b
     return product_sample(
         logits.index_select(0, per_row([d.plain.row for d in draws])),
         logits.index_select(0, per_row([(d.guide or d.plain).row for d in draws])),
-        per_row([s.lam if d.guide is not None else 1.0 for s, d in zip(settings, draws)], torch.float32),
+        per_row([float(s.lam_at(s.lam, d.plain.position)) if d.guide is not None else 1.0
+                 for s, d in zip(settings, draws)], torch.float32),
         temperature=per_row([s.temperature for s in settings], torch.float32),
         top_k=per_row([s.top_k for s in settings]),
         top_p=per_row([s.top_p for s in settings], torch.float32),
