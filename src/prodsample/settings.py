@@ -230,6 +230,8 @@ class SamplingSettings:
         what an engine request's tag carries (vLLM's `SamplingParams.extra_args`, and `vllm_xargs` over its
         HTTP server). G, the length, the seed and the hint template stay with the caller."""
         flat: dict[str, FlatValue] = {name: getattr(self, name) for name in DRAW_FIELDS}
+        if not self.guide_prefix_tokens:  # left out at 0, so a call without a prefix tags as before it existed
+            del flat["guide_prefix_tokens"]
         if isinstance(self.lam, tuple):
             flat["lam"] = list(self.lam)
         return flat
