@@ -4,7 +4,7 @@ Methods (all sample at the same temperature; guided ones at --lam; B = batch siz
 
 - `plain`: `model.generate` on the B plain prompts: the baseline every ratio divides by.
 - `plain_2B`: `model.generate` on 2B rows (the B plain and the B hinted prompts): the anchor, since a guided
-  step reads both contexts. Target (issue 3): `guided_generate` costs no more than this.
+  step reads both contexts. Target: `guided_generate` costs no more than this.
 - `hf_cfg`: transformers' own classifier-free guidance (`guidance_scale` with `negative_prompt_ids` = the
   hinted prompts), which runs the second context as a separate, sequential forward: the reference point.
 - `processor`: `prodsample.hf.ProductLogitsProcessor` in `model.generate`, records included

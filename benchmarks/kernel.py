@@ -47,7 +47,7 @@ QUICK_BATCHES = (1, 8)
 QUICK_VOCABS = (8192, 32000)
 VARYING_BATCHES = (1, 7, 64, 3, 256, 33, 2, 128, 9, 64)
 QUICK_VARYING_BATCHES = (1, 5, 8, 3, 2)
-HEADLINE = (64, 151936)  # the issue's CPU target: compiled ≥ 3× eager here
+HEADLINE = (64, 151936)  # the CPU target: compiled ≥ 3× eager here
 LAM, TEMPERATURE = 0.6, 0.9
 # Peak HBM bandwidth (bytes/s) by device name, when the driver does not report clock and bus width.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
@@ -290,7 +290,7 @@ def gpu_section(batches, vocabs, dtypes, sweep: bool) -> tuple[list[Row], dict]:
 
 
 def gpu_targets(rows: list[Row]) -> dict:
-    """The issue's GPU targets at B ≥ 64, per dtype: the kernel's worst fraction of peak bandwidth (launched
+    """The GPU targets at B ≥ 64, per dtype: the kernel's worst fraction of peak bandwidth (launched
     from Python, and as a CUDA graph), and its worst speed-up over eager and over torch.compile."""
     targets = {}
     for dtype in sorted({row.dtype for row in rows}):

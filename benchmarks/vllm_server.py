@@ -4,12 +4,12 @@ clients, and the desync rate of guided pairs with and without prodsample's sched
     bash scripts/with-env.sh prodsample server --model smollm2 --out benchmarks/results/server-smollm2
 
 Two servers on 127.0.0.1 (started here, or given with --paired-url/--stock-url), both with prodsample's
-logits processor and worker extension in dev mode: "paired" runs `prodsample.vllm_scheduler.PairedScheduler`,
+logits processor and worker extension in dev mode: "paired" runs `prodsample.vllm.scheduler.PairedScheduler`,
 "stock" vLLM's own scheduler. The workload is the one of `prodsample vllm`: chat prompts of mixed lengths
 from reasoning-gym tasks, their answers as hints, G rollouts each.
 
 - throughput, on the paired server: for C in --clients, C threads at once, each with its own prompts;
-  "guided" threads call `prodsample.client.GuidedClient.generate` at λ = 0.5 (two requests per rollout),
+  "guided" threads call `prodsample.vllm.client.GuidedClient.generate` at λ = 0.5 (two requests per rollout),
   "plain" threads send the plain prompts as ordinary completion requests (vLLM's own sampler), G per prompt,
   and "plain_2b" threads send the plain and the hinted prompts so (the floor: two ordinary rows per rollout).
   Time per token = wall time of the C calls over the completion tokens per rollout (a guided rollout's guide
@@ -40,7 +40,7 @@ DESYNC_CLIENTS = 16
 def server_flags(dtype: str, seed: int) -> list[str]:
     return ["--dtype", dtype, "--max-model-len", "1024", "--enforce-eager", "--seed", str(seed),
             "--max-num-batched-tokens", "16384", "--distributed-executor-backend", "uni",
-            "--worker-extension-cls", "prodsample.vllm.RecordsExtension"]
+            "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension"]
 
 
 def in_threads(count: int, work) -> tuple[float, list]:
@@ -91,7 +91,7 @@ def plain_call(url: str, prompt_ids: list[list[int]], generations: int, max_new_
 
 def guided_call(url: str, tokenizer, prompts, answers, generations: int, max_new_tokens: int, temperature: float,
                 seed: int) -> dict:
-    from prodsample.client import GuidedClient
+    from prodsample.vllm.client import GuidedClient
 
     client = GuidedClient(url, tokenizer)
     rollout = client.generate(prompts, answers, lam=0.5, num_generations=generations, max_new_tokens=max_new_tokens,
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
 
     from prodsample.prompts import render_prompt
     from prodsample.testing import LocalVllmServer
-    from prodsample.vllm_scheduler import SCHEDULER_CLS
+    from prodsample.vllm.scheduler import SCHEDULER_CLS
 
     from .vllm_generate import model_directory, provenance, ratios, token_range, workload, write_records
 

@@ -29,12 +29,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is an exp
 import torch
 from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
-from trl import GRPOConfig
 
 from prodsample.grpo import DistillCoefficient
 from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.schedules import Linear
-from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, HeldOutEvalCallback, guided_rollout_func
+from prodsample.trl import TRL_OFF_POLICY_MODES, GuidedGRPOConfig, GuidedGRPOTrainer, HeldOutEvalCallback
 
 
 def addition_problems(count: int, seed: int) -> Dataset:
@@ -70,7 +69,7 @@ def main() -> None:
 
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer, arch="llama", seed=args.seed)
-    config = GRPOConfig(
+    config = GuidedGRPOConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -85,9 +84,7 @@ def main() -> None:
         seed=args.seed,
         # The baseline-keeping weights need each rollout's token sum over max_completion_length (TRL's Dr. GRPO).
         **({"loss_type": "dr_grpo"} if args.off_policy == "baseline_keeping" else {}),
-    )
-    rollout_func = guided_rollout_func(
-        Linear(start=0.5, end_step=max(1, int(0.6 * args.max_steps))),
+        guidance_schedule=Linear(start=0.5, end_step=max(1, int(0.6 * args.max_steps))),
         answer_column="answer",
         **({"off_policy": args.off_policy} if args.off_policy else {}),
         **(
@@ -102,7 +99,6 @@ def main() -> None:
         args=config,
         train_dataset=addition_problems(256, seed=1),
         processing_class=tokenizer,
-        rollout_func=rollout_func,
     )
     heldout = HeldOutEvalCallback(
         trainer, addition_problems(16, seed=2), contains_answer, eval_steps=args.eval_steps, num_samples=4
@@ -113,7 +109,7 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         summary = {
             "processes": trainer.accelerator.num_processes,
-            "off_policy": trainer.rollout_func.off_policy,
+            "off_policy": trainer.args.off_policy,
             "log_history": trainer.state.log_history,
             "heldout": heldout.history,
             "controller": trainer.rollout_func.controller.state_dict(),

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("transformers", reason="the client's tests need the hf extra (the tiny model and score)")
 httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from prodsample.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
+from prodsample.vllm.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
 from prodsample.hf import score  # noqa: E402
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.settings import SamplingSettings  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
 from prodsample.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -240,7 +241,7 @@ def test_bad_client_settings(kwargs, message):
     ],
 )
 def test_the_trl_server_backend_finds_trls_server_and_uses_the_trainers_tokenizer(args, url):
-    """The TRL hook's backend contract: backend(trainer, prompts, answers, **sampling) -> GuidedRollout."""
+    """The TRL hook's backend contract: backend(trainer, prompts, answers, settings) -> GuidedRollout."""
     completion = [40, EOS]
     server = FakeServer(lambda tag: completion, records=_RecordsFor(lambda name: record(completion)))
     seen = []
@@ -251,6 +252,7 @@ def test_the_trl_server_backend_finds_trls_server_and_uses_the_trainers_tokenize
 
     trainer = SimpleNamespace(args=SimpleNamespace(**args), processing_class=tiny_tokenizer())
     backend = ServerBackend(transport=httpx.MockTransport(recorded))
-    got = backend(trainer, PROMPTS, ANSWERS, lam=0.5, num_generations=2, seed=0, max_new_tokens=2, temperature=1.0,
-                  top_k=None, top_p=None, min_p=None, hint_template="{prompt} ({answer})")
+    settings = SamplingSettings(lam=0.5, num_generations=2, seed=0, max_new_tokens=2, temperature=1.0,
+                                hint_template="{prompt} ({answer})")
+    got = backend(trainer, PROMPTS, ANSWERS, settings)
     assert len(got) == 4 and all(address.startswith(url) for address in seen)

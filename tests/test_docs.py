@@ -20,7 +20,7 @@ FENCE_KINDS = {"": [], " slow": [pytest.mark.slow]}  # and " no-run", which is n
 # The optional dependency behind each module an example may import: without it the example is skipped.
 OPTIONAL = {
     "vllm": "vllm", "prodsample.vllm": "vllm", "trl": "trl", "prodsample.trl": "trl", "datasets": "datasets",
-    "prodsample.client": "httpx", "transformers": "transformers", "prodsample.hf": "transformers",
+    "prodsample.vllm.client": "httpx", "transformers": "transformers", "prodsample.hf": "transformers",
     "prodsample.testing": "transformers",
 }
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -7,7 +7,7 @@ import pytest
 
 MODULES = [
     "prodsample.mixing", "prodsample.sampling", "prodsample.prompts", "prodsample.importance", "prodsample.grpo",
-    "prodsample.metrics", "prodsample.testing", "prodsample.settings", "prodsample.guided_call",
+    "prodsample.metrics", "prodsample.testing", "prodsample.settings", "prodsample.vllm.guided_call",
 ]
 
 

@@ -7,6 +7,7 @@ import torch
 from scipy.stats import chi2_contingency
 
 from prodsample.testing import tiny_model, tiny_tokenizer
+from prodsample.settings import SamplingSettings
 from prodsample.hf import ProductLogitsProcessor, build_contexts, guided_generate, score
 from prodsample.noise import exponential_noise, row_keys
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE
@@ -152,6 +153,32 @@ def test_score_equals_what_sampling_recorded(model, tokenizer):
         torch.testing.assert_close(getattr(scored, name), getattr(rollout, name), atol=FP32_TOL, rtol=FP32_TOL)
 
 
+def test_a_guided_prefix_is_drawn_at_lam_zero_and_recorded_exactly(model, tokenizer):
+    """guide_prefix_tokens = k: a guided rollout's first k tokens come from the hinted context alone (log q =
+    its tempered log π there), the rest at the rollout's λ; λ = 1 rollouts stay plain. Teacher-forced `score`
+    with the same settings reproduces every record."""
+    k = 3
+    settings = SamplingSettings(lam=[0.6, 1.0, 0.3], num_generations=2, max_new_tokens=8, temperature=1.0, seed=5,
+                                guide_prefix_tokens=k)
+    rollout = guided_generate(model, tokenizer, PROMPTS, ANSWERS, settings)
+    rows = rollout.group_ids.tolist()
+    scored = score(model, tokenizer, [PROMPTS[i] for i in rows], [ANSWERS[i] for i in rows],
+                   rollout.completion_lists(), settings, lam=rollout.lam)
+    for name in ("logprobs", "plain_logprobs", "guide_logprobs"):
+        torch.testing.assert_close(getattr(scored, name), getattr(rollout, name), atol=FP32_TOL, rtol=FP32_TOL)
+    mask, guided = rollout.completion_mask, rollout.guided
+    prefix = mask.clone()
+    prefix[:, k:] = False
+    torch.testing.assert_close(rollout.logprobs[prefix & guided[:, None]], rollout.guide_logprobs[prefix & guided[:, None]])
+    torch.testing.assert_close(rollout.logprobs[~guided[:, None] & mask], rollout.plain_logprobs[~guided[:, None] & mask])
+    after = mask & guided[:, None]
+    after[:, :k] = False
+    assert after.any() and (rollout.logprobs[after] - rollout.guide_logprobs[after]).abs().max() > 1e-3  # λ again
+    without = score(model, tokenizer, [PROMPTS[i] for i in rows], [ANSWERS[i] for i in rows],
+                    rollout.completion_lists(), settings, lam=rollout.lam, guide_prefix_tokens=0)
+    assert (without.logprobs[prefix & guided[:, None]] - rollout.logprobs[prefix & guided[:, None]]).abs().max() > 1e-3
+
+
 def test_seeded_generation_reproduces(llama, tokenizer):
     first = guided_generate(llama, tokenizer, PROMPTS, ANSWERS, lam=0.5, num_generations=4, max_new_tokens=8, seed=3)
     again = guided_generate(llama, tokenizer, PROMPTS, ANSWERS, lam=0.5, num_generations=4, max_new_tokens=8, seed=3)
@@ -236,7 +263,7 @@ def greedy_generate_with(model, input_ids, processor, max_new_tokens=4):
 
 
 def test_a_processor_reused_for_another_generate_call_is_refused(llama, tokenizer):
-    """Issue 13's reuse bug: a second generate call whose prompts are as wide as the first call's output
+    """The cache-reuse bug: a second generate call whose prompts are as wide as the first call's output
     continued the first call's guide cache silently (at λ = 0, greedy, other tokens than a fresh processor)."""
     plain_contexts, guide_contexts = build_contexts(tokenizer, PROMPTS[:1], ANSWERS[:1])
     first, guide = torch.tensor(plain_contexts), torch.tensor(guide_contexts)
@@ -289,6 +316,8 @@ def test_rollout_refuses_the_outputs_of_a_call_the_processor_did_not_follow(llam
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=1.5, max_new_tokens=2), r"lam must lie in \[0, 1\]"),
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, max_new_tokens=0), "max_new_tokens"),
         (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2, temperature=-1), "temperature"),
+        (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, lam=0.5, num_generations=True), "num_generations must be a positive integer"),
+        (lambda m, t: guided_generate(m, t, PROMPTS, ANSWERS, max_new_tokens=2), "lam is required"),
         (lambda m, t: score(m, t, PROMPTS, ANSWERS, [[5], []], lam=0.5), "one entry per prompt"),
         (lambda m, t: score(m, t, PROMPTS[:2], ANSWERS[:2], [[5], []], lam=0.5), r"completions\[1\] is empty"),
         (lambda m, t: ProductLogitsProcessor(m, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4)), "shape of guide_input_ids"),

@@ -111,3 +111,26 @@ def test_a_constructed_cycle_is_found(tmp_path):
     assert find_cycle(graph) == ["loop.first", "loop.second", "loop.third", "loop.first"]
     (package / "third.py").write_text("value = 1\n")
     assert find_cycle(import_graph({"loop": package})) is None
+
+
+INTEGRATIONS = ("prodsample.vllm", "prodsample.trl", "prodsample.verl")
+
+
+def package_of(module: str) -> str | None:
+    return next((package for package in INTEGRATIONS if module == package or module.startswith(package + ".")), None)
+
+
+def test_the_core_is_the_ground_floor():
+    """The modules at the top of `prodsample` import no integration package; an integration imports no other
+    one above it (verl builds on vllm, nothing builds on verl or trl but their own modules)."""
+    graph = import_graph(package_roots())
+    floor = [name for name in graph if name.startswith("prodsample") and name.count(".") <= 1
+             and package_of(name) is None]
+    assert {"prodsample.mixing", "prodsample.hf", "prodsample.settings"} <= set(floor)
+    for name in floor:
+        assert not {target for target in graph[name] if package_of(target)}, name
+    allowed = {"prodsample.vllm": set(), "prodsample.trl": {"prodsample.vllm"}, "prodsample.verl": {"prodsample.vllm"}}
+    for name, targets in graph.items():
+        if (package := package_of(name)) is not None:
+            above = {package_of(target) for target in targets} - {None, package}
+            assert above <= allowed[package], (name, above)

@@ -1,4 +1,4 @@
-"""The difficulty-ladder experiment (issue 12): its sets, warm-up rows, gate, schedule, readings and a toy run."""
+"""The difficulty-ladder experiment: its sets, warm-up rows, gate, schedule, readings and a toy run."""
 
 import json
 

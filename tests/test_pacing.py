@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from prodsample.pacing import (
+from prodsample.vllm.pacing import (
     AdmitAll,
     EngineLimits,
     EngineRequest,
@@ -17,7 +17,7 @@ from prodsample.pacing import (
     RolloutRequests,
     settle,
 )
-from prodsample.pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
+from prodsample.vllm.pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
 from prodsample.settings import SamplingSettings
 
 EOS = 2
@@ -387,6 +387,6 @@ def test_rollouts_with_the_same_name_are_refused_before_reaching_the_engine():
 
 @pytest.mark.slow  # a fresh process imports torch
 def test_the_driver_module_imports_no_engine():
-    code = "import sys, prodsample.pacing; print(sorted({'vllm', 'transformers'} & set(sys.modules)))"
+    code = "import sys, prodsample.vllm.pacing; print(sorted({'vllm', 'transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from prodsample.pairing import (
+from prodsample.vllm.pairing import (
     EXTRA_ARGS_KEY,
     DesyncCause,
     GuidanceTag,
@@ -321,7 +321,7 @@ def test_tag_round_trips_through_flat_extra_args():
         ({"rollout_index": 1.5}, "rollout_index must be an integer in"),
         ({"role": "critic"}, "role must be 'plain' or 'guide'"),
         ({"lam": 1.0}, "a guide request needs lam < 1"),
-        ({"lam_per_position": [0.5]}, "lam_per_position is not supported yet"),
+        ({"num_generations": 2}, "unknown fields"),
         ({"colour": "red"}, r"unknown fields \['prodsample.colour'\]"),
     ],
 )

@@ -22,11 +22,12 @@ pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from prodsample.benchmarks.vllm_server import in_threads  # noqa: E402
-from prodsample.client import AsyncGuidedClient, GuidedClient  # noqa: E402
+from prodsample.settings import SamplingSettings  # noqa: E402
+from prodsample.vllm.client import AsyncGuidedClient, GuidedClient  # noqa: E402
 from prodsample.hf import guided_generate  # noqa: E402
-from prodsample.pairing import DesyncCause  # noqa: E402
+from prodsample.vllm.pairing import DesyncCause  # noqa: E402
 from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
-from prodsample.vllm_scheduler import SCHEDULER_CLS  # noqa: E402
+from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
 
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1536",
                 "--seed", "0", "--distributed-executor-backend", "uni",
-                "--worker-extension-cls", "prodsample.vllm.RecordsExtension"]
+                "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension"]
 # Prompts of about 5 to 300 characters (the tokenizer is character-level), each with its answer.
 PROMPTS = [
     "2^5 =",
@@ -105,6 +106,21 @@ def run_load(url: str, tokenizer) -> list[tuple]:
         return thread_load(t), rollout, client.last_stats, client.last_records_source
 
     return in_threads(THREADS, work)[1]
+
+
+def test_a_guided_prefix_through_the_server_is_recorded_exactly(servers, hf):
+    """guide_prefix_tokens travels in each request's tag: the engine draws a guided rollout's first tokens at
+    λ = 0, and the records the server returns equal teacher-forced score with the same settings."""
+    model, tokenizer = hf
+    prompts, answers = PROMPTS[:3], ANSWERS[:3]
+    settings = SamplingSettings(lam=0.5, num_generations=2, max_new_tokens=MAX_NEW_TOKENS, seed=9, guide_prefix_tokens=2)
+    client = GuidedClient(servers["paired"], tokenizer)
+    rollout = client.generate(prompts, answers, settings)
+    assert client.last_records_source == "server" and not rollout.desynced.any() and bool(rollout.guided.all())
+    want = guided_generate(model, tokenizer, prompts, answers, settings)
+    same = (rollout.completion_ids == want.completion_ids) & want.completion_mask
+    assert float(same.sum() / want.completion_mask.sum()) >= 0.99
+    assert records_match_score(rollout, hf, per_rollout(prompts, 2), per_rollout(answers, 2), guide_prefix_tokens=2) <= TOL
 
 
 def test_the_pair_scheduler_keeps_every_pair_of_a_concurrent_load_in_step(servers, hf):

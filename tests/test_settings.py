@@ -33,7 +33,10 @@ def test_off_filters_are_stored_as_their_off_values():
         (dict(lam=0.5, top_k=True), "top_k must be an integer"),
         (dict(lam=0.5, top_p=0.0), r"top_p must lie in \(0, 1\]"),
         (dict(lam=0.5, min_p=2.0), r"min_p must lie in \[0, 1\]"),
-        (dict(lam=0.5, lam_per_position=(0.5, 1.0)), "lam_per_position is not supported yet"),
+        (dict(lam=0.5, num_generations=True), "num_generations must be a positive integer"),
+        (dict(lam=0.5, max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(lam=0.5, seed=1.5), "seed must be an integer"),
+        (dict(lam=0.5, hint_template="no fields"), "hint_template must contain"),
     ],
 )
 def test_bad_settings_name_the_argument(kwargs, message):
@@ -97,3 +100,12 @@ def test_sampler_kwargs_are_what_product_sample_takes():
     plain, guide = torch.randn(3, 9), torch.randn(3, 9)
     out = product_sample(plain, guide, settings.lam, **settings.sampler_kwargs(), seed=0, positions=0)
     assert torch.equal(out.token_ids, (plain.log_softmax(-1) + guide.log_softmax(-1)).argmax(-1))
+
+
+def test_a_guided_prefix_travels_in_the_flat_form_only_when_set():
+    """The tag carries guide_prefix_tokens when it is not 0, and leaves it out at 0 (tags as before)."""
+    with_prefix = SamplingSettings(lam=0.5, guide_prefix_tokens=2)
+    assert with_prefix.to_flat()["guide_prefix_tokens"] == 2
+    assert SamplingSettings.from_flat(with_prefix.to_flat()) == with_prefix.draw_settings()
+    assert "guide_prefix_tokens" not in SamplingSettings(lam=0.5).to_flat()
+    assert with_prefix.lam_at(torch.tensor([0.5, 0.5, 1.0]), torch.tensor([1, 2, 0])).tolist() == [0.0, 0.5, 1.0]

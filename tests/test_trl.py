@@ -26,18 +26,19 @@ from prodsample.grpo import DistillCoefficient
 from prodsample.hf import guided_generate, score
 from prodsample.importance import OFF_POLICY_MODE_NAMES, ImportanceConfig
 from prodsample.importance import off_policy_weights
+from prodsample.settings import SamplingSettings
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.rollout import GuidedRollout
 from prodsample.trl import (
     ROLLOUT_BACKENDS,
-    TRL_OFF_POLICY_MODES,
     GatheredBatch,
     GuidedBatch,
+    GuidedRolloutFunc,
     GuidedGRPOTrainer,
     HeldOutEvalCallback,
     engine_importance_config,
     guidance_metrics,
-    guided_rollout_func,
+    GuidedGRPOConfig,
     off_policy_mode_weights,
 )
 
@@ -71,9 +72,10 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def config(tmp_path, **overrides) -> GRPOConfig:
+def config(tmp_path, **overrides) -> GuidedGRPOConfig:
     settings = dict(
         output_dir=str(tmp_path),
+        guidance_schedule=Linear(0.5, end_step=4),
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=4,
@@ -86,7 +88,7 @@ def config(tmp_path, **overrides) -> GRPOConfig:
         bf16=False,
         seed=0,
     )
-    return GRPOConfig(**{**settings, **overrides})
+    return GuidedGRPOConfig(**{**settings, **overrides})
 
 
 def sums(count: int) -> Dataset:
@@ -125,10 +127,9 @@ def test_grpo_trainer_follows_the_schedule_and_logs_the_metrics(tokenizer, tmp_p
     trainer = GuidedGRPOTrainer(
         model=tiny_model(tokenizer, seed=0),
         reward_funcs=reward,
-        args=config(tmp_path),
+        args=config(tmp_path, guidance_schedule=schedule, off_policy="token_truncate"),
         train_dataset=chat,
         processing_class=tokenizer,
-        rollout_func=guided_rollout_func(schedule, off_policy="token_truncate"),
     )
     heldout = HeldOutEvalCallback(trainer, chat.select(range(3)), contains_answer, eval_steps=2, num_samples=2)
     trainer.add_callback(heldout)
@@ -162,10 +163,9 @@ def test_guided_per_group_mixes_guided_and_plain_rollouts(tokenizer, tmp_path):
     trainer = GuidedGRPOTrainer(
         model=tiny_model(tokenizer, seed=0),
         reward_funcs=reward,
-        args=config(tmp_path, max_steps=1),
+        args=config(tmp_path, max_steps=1, guidance_schedule=Constant(0.4, end_step=1), guided_per_group=1),
         train_dataset=sums(8),
         processing_class=tokenizer,
-        rollout_func=guided_rollout_func(Constant(0.4, end_step=1), guided_per_group=1),
     )
     trainer.train()
     assert reward.calls[0]["lam"] == pytest.approx([0.4, 1.0, 1.0, 1.0] * 2)
@@ -174,8 +174,9 @@ def test_guided_per_group_mixes_guided_and_plain_rollouts(tokenizer, tmp_path):
 
 def test_guided_per_group_counts_positions_in_the_global_batch():
     """A group can straddle two processes: positions are counted in TRL's global (process-major) order."""
-    rollout_func = guided_rollout_func(Constant(0.4, end_step=10), guided_per_group=2)
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=1), num_generations=4)
+    rollout_func = GuidedRolloutFunc(GuidanceController(Constant(0.4, end_step=10)), ROLLOUT_BACKENDS["hf"])
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=1), num_generations=4,
+                              args=SimpleNamespace(guided_per_group=2))
     prompts = ["a", "a", "b", "b", "b", "b"]  # process 1 holds global entries 6..11: positions 2, 3, 0, 1, 2, 3
     assert rollout_func.rollout_lambdas(trainer, prompts, training=True) == [1.0, 1.0, 0.4, 0.4, 1.0, 1.0]
     assert rollout_func.rollout_lambdas(trainer, prompts, training=False) == [1.0] * 6
@@ -191,8 +192,8 @@ def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatc
         def __init__(self, llm, tokenizer=None):
             calls.append(("wrap", llm, tokenizer))
 
-        def generate(self, prompts, answers, **sampling):
-            calls.append(("generate", prompts, answers, sampling))
+        def generate(self, prompts, answers, settings):
+            calls.append(("generate", prompts, answers, settings))
             return "rollout"
 
     class Engine:  # stands for vllm.LLM
@@ -203,17 +204,17 @@ def test_the_vllm_backend_samples_with_trls_engine_through_guided_llm(monkeypatc
     monkeypatch.setitem(sys.modules, "prodsample.vllm", module)
     engine = Engine()
     trainer = SimpleNamespace(vllm_generation=SimpleNamespace(llm=engine), processing_class="the trainer's tokenizer")
-    sampling = dict(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7, top_k=0,
-                    top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
+    settings = SamplingSettings(lam=[0.5, 0.5], num_generations=2, seed=3, max_new_tokens=8, temperature=0.7,
+                                top_k=0, top_p=1.0, min_p=None, hint_template="{prompt} [{answer}]")  # fmt: skip
     for _ in range(2):
-        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], **sampling) == "rollout"
-    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], sampling)] * 2
+        assert ROLLOUT_BACKENDS["vllm"](trainer, ["1+1="], ["2"], settings) == "rollout"
+    assert calls == [("wrap", engine, "the trainer's tokenizer")] + [("generate", ["1+1="], ["2"], settings)] * 2
 
 
 def test_the_vllm_backend_explains_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "prodsample.vllm", None)  # as if the vLLM integration were not installed
     with pytest.raises(ImportError, match="backend='vllm' needs prodsample.vllm.GuidedLLM"):
-        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"])
+        ROLLOUT_BACKENDS["vllm"](SimpleNamespace(), ["1+1="], ["2"], SamplingSettings(lam=0.5))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,12 +226,11 @@ def test_the_rollout_function_gets_each_rows_answer_from_its_batch(tokenizer, tm
     """The trainer opens each generation batch from its rows; the rollout function reads the answers there."""
     seen = []
 
-    def recording_backend(trainer, prompts, answers, **sampling):
+    def recording_backend(trainer, prompts, answers, settings):
         seen.extend(zip(prompts, answers))
-        return ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, **sampling)
+        return ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, settings)
 
-    rollout_func = guided_rollout_func(Linear(0.5, end_step=2), backend=recording_backend)
-    build(tokenizer, tmp_path, rollout_func=rollout_func, max_steps=2).train()
+    build(tokenizer, tmp_path, rollout_backend=recording_backend, guidance_schedule=Linear(0.5, end_step=2), max_steps=2).train()
     answers = {row["prompt"]: row["answer"] for row in sums(8)}
     assert len(seen) == 4  # 2 steps x 2 prompts of 4 rollouts each
     assert [answer for _, answer in seen] == [answers[prompt] for prompt, _ in seen]
@@ -369,10 +369,11 @@ def resumable_trainer(tokenizer, tmp_path, reward, **overrides):
     return GuidedGRPOTrainer(
         model=tiny_model(tokenizer, seed=0),
         reward_funcs=reward,
-        args=config(tmp_path, per_device_train_batch_size=8, max_steps=4, save_steps=2, save_strategy="steps", shuffle_dataset=False, max_completion_length=3),
+        args=config(tmp_path, per_device_train_batch_size=8, max_steps=4, save_steps=2, save_strategy="steps", shuffle_dataset=False, max_completion_length=3,
+                    guidance_schedule=controller.schedule),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        rollout_func=guided_rollout_func(controller),
+        guidance_controller=controller,
     )
 
 
@@ -414,14 +415,16 @@ def test_resume_refuses_a_checkpoint_without_the_controller(tokenizer, tmp_path)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, reward=None, **config_overrides):
+def build(tokenizer, tmp_path, *, model=None, dataset=None, reward=None, trainer_kwargs=None, rollout_backend=None,
+          **config_overrides):
     return GuidedGRPOTrainer(
         model=model if model is not None else tiny_model(tokenizer, seed=0),
         reward_funcs=reward if reward is not None else RewardSpy(),
         args=config(tmp_path, **config_overrides),
         train_dataset=dataset if dataset is not None else sums(8),
         processing_class=tokenizer,
-        rollout_func=rollout_func if rollout_func is not None else guided_rollout_func(Linear(0.5, end_step=4)),
+        rollout_backend=rollout_backend,
+        **(trainer_kwargs or {}),
     )
 
 
@@ -432,50 +435,54 @@ def build(tokenizer, tmp_path, *, model=None, dataset=None, rollout_func=None, r
          ValueError, r"train_dataset row 1 has no answer in column 'answer'"),
         (lambda tok, tmp: build(tok, tmp, dataset=Dataset.from_list([{"prompt": "1+1=", "solution": "2"}])),
          ValueError, r"train_dataset has no 'answer' column"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), backend="sglang"),
-         ValueError, r"backend must be one of \['hf', 'vllm'\]"),
+        (lambda tok, tmp: config(tmp, guidance_backend="sglang"),
+         ValueError, r"guidance_backend must be one of \['hf', 'server', 'vllm'\]"),
         (lambda tok, tmp: build(tok, tmp, temperature=0.0),
          ValueError, r"temperature must be > 0 .* greedy \(T = 0\) rollouts have no valid importance ratio"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), off_policy="clip_everything"),
+        (lambda tok, tmp: config(tmp, off_policy="clip_everything"),
          ValueError, "off_policy must be one of"),
-        (lambda tok, tmp: guided_rollout_func(Adaptive(Linear(0.5, end_step=4), mode="probe")),
+        (lambda tok, tmp: config(tmp, guidance_schedule=Adaptive(Linear(0.5, end_step=4), mode="probe")),
          ValueError, "mode='probe'"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), backend="vllm")),
+        (lambda tok, tmp: build(tok, tmp, guidance_backend="vllm"),
          ValueError, "use_vllm=True"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=lambda prompts, trainer: {}),
-         TypeError, "needs rollout_func=prodsample.trl.guided_rollout_func"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="luffy_shaping"), num_iterations=2),
+        (lambda tok, tmp: build(tok, tmp, trainer_kwargs={"rollout_func": lambda prompts, trainer: {}}),
+         TypeError, "builds its rollout_func from args"),
+        (lambda tok, tmp: GuidedGRPOTrainer(tiny_model(tok), RewardSpy(), args=GRPOConfig(output_dir=str(tmp), use_cpu=True)),
+         TypeError, "needs args=prodsample.trl.GuidedGRPOConfig"),
+        (lambda tok, tmp: config(tmp, guidance_schedule=None),
+         ValueError, "guidance_schedule is required"),
+        (lambda tok, tmp: build(tok, tmp, trainer_kwargs={"guidance_controller": GuidanceController(Constant(0.5, end_step=1))}),
+         ValueError, "guidance_controller's schedule .* is not the config's guidance_schedule"),
+        (lambda tok, tmp: build(tok, tmp, off_policy="luffy_shaping", num_iterations=2),
          ValueError, "luffy_shaping"),
         (lambda tok, tmp: build(tok, tmp, repetition_penalty=1.2),
          ValueError, "repetition_penalty"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), guided_per_group=5)),
+        (lambda tok, tmp: build(tok, tmp, guided_per_group=5),
          ValueError, "guided_per_group"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping")),
+        (lambda tok, tmp: build(tok, tmp, off_policy="baseline_keeping"),
          ValueError, r"loss_type='dapo' does not .* set loss_type to one of \('dr_grpo',\)"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping"),
-                                loss_type="dr_grpo", scale_rewards="batch"),
+        (lambda tok, tmp: build(tok, tmp, off_policy="baseline_keeping", loss_type="dr_grpo", scale_rewards="batch"),
          ValueError, "scale_rewards must be 'group' or 'none', got 'batch'"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping"),
-                                loss_type="dr_grpo", multi_objective_aggregation="normalize_then_sum"),
+        (lambda tok, tmp: build(tok, tmp, off_policy="baseline_keeping", loss_type="dr_grpo",
+                                multi_objective_aggregation="normalize_then_sum"),
          ValueError, "multi_objective_aggregation must be 'sum_then_normalize'"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), baseline_keeping_truncate=2.0),
+        (lambda tok, tmp: config(tmp, baseline_keeping_truncate=2.0),
          ValueError, "baseline_keeping_truncate applies to off_policy='baseline_keeping' only, got off_policy='none'"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), off_policy="baseline_keeping", baseline_keeping_truncate=0.5),
+        (lambda tok, tmp: config(tmp, off_policy="baseline_keeping", baseline_keeping_truncate=0.5),
          ValueError, "baseline_keeping_truncate must be >= 1"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), self_distill=0.5),
-         TypeError, "self_distill must be a prodsample.grpo.DistillCoefficient"),
-        (lambda tok, tmp: guided_rollout_func(Linear(0.5, end_step=4), distill_clip=2.0),
+        (lambda tok, tmp: config(tmp, self_distill=0.5),
+         ValueError, "self_distill must be a mapping or its JSON"),
+        (lambda tok, tmp: config(tmp, distill_clip=2.0),
          ValueError, "distill_clip .* needs self_distill"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
-            Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=10)))),
+        (lambda tok, tmp: build(tok, tmp, self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=10))),
          ValueError, r"self_distill's β reaches 0 at step 10, after training stops at max_steps=4"),
-        (lambda tok, tmp: build(tok, tmp, rollout_func=guided_rollout_func(
-            Linear(0.5, end_step=4), self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=4))),
-            importance_sampling_level="sequence", loss_type="grpo"),
+        (lambda tok, tmp: build(tok, tmp, self_distill=DistillCoefficient(1.0, Linear(0.0, end_step=4)),
+                                importance_sampling_level="sequence", loss_type="grpo"),
          ValueError, "importance_sampling_level must be 'token', got 'sequence'"),
     ],
     ids=["row without answer", "no answer column", "unknown backend", "temperature 0", "unknown off-policy mode",
-         "probe mode", "vllm backend without vllm", "foreign rollout_func", "luffy with reuse", "repetition penalty",
+         "probe mode", "vllm backend without vllm", "foreign rollout_func", "plain GRPOConfig", "no schedule",
+         "foreign controller", "luffy with reuse", "repetition penalty",
          "guided_per_group > G", "baseline_keeping with a token-mean loss", "baseline_keeping with batch scaling",
          "baseline_keeping with per-function normalisation", "truncate without baseline_keeping", "truncate below 1",
          "self_distill not a coefficient", "distill_clip without self_distill", "self_distill past max_steps",
@@ -490,8 +497,8 @@ def test_self_distill_ending_after_an_epoch_based_run_is_refused_when_training_s
     """Without max_steps the number of steps is known only once training starts: refused then, before the
     first rollout."""
     coefficient = DistillCoefficient(1.0, Linear(0.0, end_step=10))
-    rollout_func = guided_rollout_func(Linear(0.5, end_step=1), self_distill=coefficient)
-    trainer = build(tokenizer, tmp_path, rollout_func=rollout_func, max_steps=-1, num_train_epochs=1)
+    trainer = build(tokenizer, tmp_path, guidance_schedule=Linear(0.5, end_step=1), self_distill=coefficient,
+                    max_steps=-1, num_train_epochs=1)
     with pytest.raises(ValueError, match="after training stops at max_steps=4"):  # 8 prompts x 4 rollouts / 8 per step
         trainer.train()
 
@@ -506,14 +513,14 @@ def test_tokenizer_that_does_not_match_the_model(tokenizer, tmp_path):
 def test_schedules_that_never_reach_one_warn(tokenizer, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the schedule itself warns when built; the trainer must warn too
-        endless = guided_rollout_func(Constant(0.5))
+        endless = Constant(0.5)
     with pytest.warns(UserWarning, match="never reaches lam = 1"):
-        build(tokenizer, tmp_path, rollout_func=endless)
+        build(tokenizer, tmp_path, guidance_schedule=endless)
     with pytest.warns(UserWarning, match="reaches lam = 1 at step 40 but training stops at max_steps=4"):
-        build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=40)))
+        build(tokenizer, tmp_path, guidance_schedule=Linear(0.5, end_step=40))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        build(tokenizer, tmp_path, rollout_func=guided_rollout_func(Linear(0.5, end_step=4)))
+        build(tokenizer, tmp_path, guidance_schedule=Linear(0.5, end_step=4))
 
 
 def test_a_plain_grpo_trainer_is_refused_at_the_first_rollout(tokenizer, tmp_path):
@@ -523,7 +530,7 @@ def test_a_plain_grpo_trainer_is_refused_at_the_first_rollout(tokenizer, tmp_pat
         args=config(tmp_path, max_steps=1),
         train_dataset=sums(8),
         processing_class=tokenizer,
-        rollout_func=guided_rollout_func(Linear(0.5, end_step=1)),
+        rollout_func=GuidedRolloutFunc(GuidanceController(Linear(0.5, end_step=1)), ROLLOUT_BACKENDS["hf"]),
     )
     with pytest.raises(TypeError, match="need prodsample.trl.GuidedGRPOTrainer"):
         trainer.train()
@@ -652,7 +659,7 @@ def test_baseline_keeping_on_plain_rollouts_gives_trls_grpo_advantages(tokenizer
     for mode in ("none", "baseline_keeping"):
         trainer = build(
             tokenizer, tmp_path / mode, reward=token_reward, loss_type="dr_grpo", scale_rewards=scale_rewards,
-            rollout_func=guided_rollout_func(Constant(1.0, end_step=0), off_policy=mode),
+            guidance_schedule=Constant(1.0, end_step=0), off_policy=mode,
         )
         trainer.model.train()
         advantages[mode] = trainer._generate_and_score_completions(rows)["advantages"]
@@ -668,7 +675,7 @@ def test_self_distill_teacher_forces_the_hinted_prompt_on_plain_rollouts(tokeniz
     coefficient = DistillCoefficient(0.5, Linear(0.0, end_step=2))
     trainer = build(
         tokenizer, tmp_path, dataset=chat, max_steps=2,
-        rollout_func=guided_rollout_func(Constant(1.0, end_step=0), self_distill=coefficient),
+        guidance_schedule=Constant(1.0, end_step=0), self_distill=coefficient,
     )
     rows = [chat[i] for i in (0, 0, 1, 1)]
     prompts, answers = [row["prompt"] for row in rows], [row["answer"] for row in rows]
@@ -686,3 +693,76 @@ def test_self_distill_teacher_forces_the_hinted_prompt_on_plain_rollouts(tokeniz
     assert [entry["guidance/distill_coef"] for entry in logged] == [0.5, 0.25]
     assert all(math.isfinite(entry["guidance/distill_advantage_mean"]) for entry in logged)
     assert all(0.0 <= entry["guidance/distill_clipped_fraction"] <= 1.0 for entry in logged)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config: saved, printed and parsed like every GRPO setting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_guidance_settings_parse_from_the_command_line_and_yaml(tmp_path):
+    from trl import TrlParser
+
+    schedule = '{"kind": "linear", "start": 0.5, "end_step": 10}'
+    distill = '{"start": 0.2, "shape": {"kind": "linear", "start": 0.0, "end_step": 10}}'
+    (args,) = TrlParser(GuidedGRPOConfig).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "True", "--guidance_schedule", schedule,
+        "--off_policy", "token_truncate", "--guided_per_group", "2", "--self_distill", distill,
+    ])
+    assert args.schedule() == Linear(0.5, end_step=10) and args.off_policy == "token_truncate"
+    assert args.guided_per_group == 2 and args.distill_coefficient() == DistillCoefficient(0.2, Linear(0.0, end_step=10))
+
+    yaml_file = tmp_path / "guided.yaml"
+    yaml_file.write_text(
+        f"output_dir: {tmp_path}\nuse_cpu: true\noff_policy: baseline_keeping\nloss_type: dr_grpo\n"
+        "guidance_schedule:\n  kind: constant\n  lam: 0.5\n  end_step: 3\n"
+    )
+    (from_yaml,) = TrlParser(GuidedGRPOConfig).parse_args_and_config(["--config", str(yaml_file)])
+    assert from_yaml.schedule() == Constant(0.5, end_step=3) and from_yaml.off_policy == "baseline_keeping"
+
+    saved = json.loads(args.to_json_string())  # what the trainer writes next to its checkpoints
+    assert saved["guidance_schedule"] == Linear(0.5, end_step=10).to_dict() and saved["off_policy"] == "token_truncate"
+    assert "guidance_schedule" in str(args)  # printed with the rest
+
+
+def test_an_off_policy_mode_is_one_registry_entry(tokenizer, tmp_path, monkeypatch):
+    """A new mode needs only its entry: the config accepts its name, the trainer calls its advantages and its
+    check. The stand-in doubles TRL's advantages and keeps unit weights."""
+    from prodsample.trl import OFF_POLICY_MODES, OffPolicyMode
+
+    checked = []
+
+    def doubled(gathered, advantages, engine, args):
+        return 2 * advantages, gathered.off_policy_weights("none", engine, args.luffy_gamma)
+
+    monkeypatch.setitem(OFF_POLICY_MODES, "doubled", OffPolicyMode(doubled, checked.append))
+    rows = [row for row in sums(2) for _ in range(4)]
+    advantages = {}
+    for mode in ("none", "doubled"):
+        trainer = build(tokenizer, tmp_path / mode, reward=token_reward, guidance_schedule=Constant(1.0, end_step=0),
+                        off_policy=mode)
+        trainer.model.train()
+        advantages[mode] = trainer._generate_and_score_completions(rows)["advantages"]
+    assert len(checked) == 1 and checked[0].off_policy == "doubled"
+    assert advantages["none"].abs().max() > 0.1
+    torch.testing.assert_close(advantages["doubled"], 2 * advantages["none"])
+
+
+@pytest.mark.parametrize("mask", [True, False], ids=["masked", "kept"])
+def test_a_guided_prefix_is_sampled_at_lam_zero_and_masked_or_kept(tokenizer, tmp_path, mask):
+    """guide_prefix_tokens = 2: the rollout function samples the first 2 tokens of each guided rollout at
+    λ = 0 (log q = the hinted log π there), and the trainer gives them advantage 0 unless told to keep them."""
+    rows = [row for row in sums(2) for _ in range(4)]
+    trainer = build(tokenizer, tmp_path, reward=token_reward, guidance_schedule=Constant(0.5, end_step=4),
+                    guide_prefix_tokens=2, mask_guide_prefix=mask)
+    trainer.model.train()
+    seen = []
+    backend = trainer.rollout_func.backend
+    trainer.rollout_func.backend = lambda *call: seen.append(backend(*call)) or seen[-1]
+    advantages = trainer._generate_and_score_completions(rows)["advantages"]
+    (rollout,) = seen
+    real = rollout.completion_mask[:, :2]
+    torch.testing.assert_close(rollout.logprobs[:, :2][real], rollout.guide_logprobs[:, :2][real])
+    prefix, rest = advantages[:, :2][real], advantages[:, 2:][rollout.completion_mask[:, 2:]]
+    assert rest.abs().max() > 0.01  # informative groups: the comparison is not 0 = 0
+    assert (prefix.abs().max() == 0) == mask

@@ -26,12 +26,11 @@ from datasets import Dataset
 from torch import nn
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
-from trl import GRPOConfig
 
 from prodsample.grpo import DEFAULT_DISTILL_CLIP, DistillCoefficient
 from prodsample.rollout import GuidedRollout
 from prodsample.schedules import Constant, Linear
-from prodsample.trl import DEFAULT_OFF_POLICY_MODE, TRL_OFF_POLICY_MODES, GuidedGRPOTrainer, guided_rollout_func
+from prodsample.trl import DEFAULT_OFF_POLICY_MODE, TRL_OFF_POLICY_MODES, GuidedGRPOConfig, GuidedGRPOTrainer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -105,14 +104,15 @@ def theta_of(model) -> torch.Tensor:
     return model.lm_head.weight.detach()[:, 0].clone()
 
 
-def bandit_backend(trainer, prompts, answers, *, lam, num_generations, temperature, **sampling):
+def bandit_backend(trainer, prompts, answers, settings):
     """Rollouts with known tokens and their exact float64 records (the backend contract of prodsample.trl).
 
     As `prodsample.hf.guided_generate` does, λ = 1 rollouts run no hinted context: their guide_logprobs repeat
     the plain ones (the trainer must teacher-force the teacher there)."""
     theta = theta_of(trainer.model)
-    lam = torch.as_tensor(lam, dtype=torch.float64)
-    tokens = torch.tensor([token for prompt in prompts for token in TOKENS[prompt][:num_generations]])
+    lam = settings.lam_per_rollout(len(prompts)).double()
+    temperature = settings.temperature
+    tokens = torch.tensor([token for prompt in prompts for token in TOKENS[prompt][:settings.num_generations]])
     teacher_logits = theta + trainer.model.hint_shift
     plain = torch.log_softmax(theta, 0)
     guide = torch.log_softmax(teacher_logits, 0)
@@ -133,7 +133,7 @@ def bandit_backend(trainer, prompts, answers, *, lam, num_generations, temperatu
         lam=lam.float(),
         guided=guided,
         desynced=torch.zeros(rows, dtype=torch.bool),
-        group_ids=torch.arange(len(prompts)).repeat_interleave(num_generations),
+        group_ids=torch.arange(len(prompts)).repeat_interleave(settings.num_generations),
     )
 
 
@@ -218,13 +218,17 @@ def test_the_bandit_exercises_the_self_distillation_clip_and_weight():
     assert (expected_step("none", BETA) - expected_step("none")).abs().max() > 1e-3
 
 
-def bandit_step(tmp_path, max_steps=1, **rollout_options) -> GuidedGRPOTrainer:
-    """The real trainer after `max_steps` steps on the bandit, with `guided_rollout_func(..., **rollout_options)`."""
+def bandit_step(tmp_path, max_steps=1, **guidance) -> GuidedGRPOTrainer:
+    """The real trainer after `max_steps` steps on the bandit, with the `GuidedGRPOConfig` settings `guidance`."""
     torch.manual_seed(0)
     model = BanditLM(BanditConfig())
     assert torch.equal(theta_of(model), THETA)
-    args = GRPOConfig(
+    args = GuidedGRPOConfig(
         output_dir=str(tmp_path),
+        guidance_schedule=Constant(LAM, end_step=max_steps),
+        guided_per_group=2,
+        luffy_gamma=GAMMA,
+        **guidance,
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=1,
@@ -244,10 +248,6 @@ def bandit_step(tmp_path, max_steps=1, **rollout_options) -> GuidedGRPOTrainer:
         save_strategy="no",
         use_cpu=True,
     )
-    rollout_func = guided_rollout_func(
-        Constant(LAM, end_step=max_steps), backend=bandit_backend, guided_per_group=2, luffy_gamma=GAMMA,
-        **rollout_options,
-    )
     dataset = Dataset.from_list([{"prompt": "p0", "answer": "x"}, {"prompt": "p1", "answer": "x"}])
     trainer = GuidedGRPOTrainer(
         model=model,
@@ -255,7 +255,7 @@ def bandit_step(tmp_path, max_steps=1, **rollout_options) -> GuidedGRPOTrainer:
         args=args,
         train_dataset=dataset,
         processing_class=bandit_tokenizer(),
-        rollout_func=rollout_func,
+        rollout_backend=bandit_backend,
     )
     trainer.train()
     return trainer

@@ -1,4 +1,4 @@
-"""TRL's vLLM colocate mode with guided rollouts (`prodsample.trl_colocate`), end to end on the CPU engine.
+"""TRL's vLLM colocate mode with guided rollouts (`prodsample.trl.colocate`), end to end on the CPU engine.
 
 `tests/trl_colocate_run.py` trains `GuidedGRPOTrainer` (use_vllm=True, vllm_mode="colocate", backend="vllm")
 for 2 steps on the tiny model, in 1 process and in 2 (`accelerate launch`, an engine per process), each run
@@ -29,8 +29,8 @@ import psutil  # noqa: E402  (a dependency of vLLM)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
-from prodsample.trl_colocate import colocated_engine_settings  # noqa: E402
-from prodsample.vllm_sync import FLOAT32_TOLERANCE  # noqa: E402
+from prodsample.trl.colocate import colocated_engine_settings  # noqa: E402
+from prodsample.vllm.sync import FLOAT32_TOLERANCE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "tests" / "trl_colocate_run.py"
@@ -171,18 +171,17 @@ def test_the_trainer_refuses_colocate_settings_it_cannot_honour_before_building_
     tmp_path, config, trainer_kwargs, message
 ):
     from datasets import Dataset
-    from trl import GRPOConfig
 
     from prodsample.testing import tiny_model, tiny_tokenizer
     from prodsample.schedules import Linear
-    from prodsample.trl import GuidedGRPOTrainer, guided_rollout_func
+    from prodsample.trl import GuidedGRPOConfig, GuidedGRPOTrainer
 
     colocate = dict(use_vllm=True, vllm_mode="colocate") if config else {}
-    args = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=4, **colocate, **config)
+    args = GuidedGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=4,
+                            guidance_schedule=Linear(0.5, end_step=4), **colocate, **config)
     # a custom backend: the refusals hold for any sampler in colocate mode, not only backend="vllm"
-    rollout_func = guided_rollout_func(Linear(0.5, end_step=4), backend=lambda *args, **kwargs: None)
     tokenizer = tiny_tokenizer()
     with pytest.raises(ValueError, match=message):
         GuidedGRPOTrainer(model=tiny_model(tokenizer), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                           args=args, train_dataset=Dataset.from_list([{"prompt": "1+1=", "answer": "2"}]),
-                          processing_class=tokenizer, rollout_func=rollout_func, **trainer_kwargs)
+                          processing_class=tokenizer, rollout_backend=lambda *args: None, **trainer_kwargs)

@@ -39,11 +39,11 @@ from verl.workers.config import HFModelConfig  # noqa: E402
 from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
 from verl.workers.rollout.router import GlobalRequestLoadBalancer  # noqa: E402
 
-from prodsample.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, PairedSampler, RequestKey, RowView  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
 from prodsample.schedules import schedule_from_dict  # noqa: E402
 from prodsample.testing import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
-from prodsample.vllm_scheduler import SCHEDULER_CLS  # noqa: E402
+from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL  # noqa: E402
 
@@ -208,7 +208,7 @@ class PairEngine:
             done.set_result(types.SimpleNamespace(outputs=[choice], num_cached_tokens=0))
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        """`prodsample.vllm.RecordsExtension.prodsample_take_records` of this engine's one worker."""
+        """`prodsample.vllm.processor.RecordsExtension.prodsample_take_records` of this engine's one worker."""
         assert method == "prodsample_take_records"
         taken = self.sampler.take(json.loads(args[0]))
         return [json.dumps({name: list(record) for name, record in taken.items()})]
@@ -217,7 +217,7 @@ class PairEngine:
 def verl_server(engine, config):
     """prodsample's subclass of verl's vLLM server as `launch_server` leaves it, serving `engine`; built without
     `__init__`, which starts Ray and opens ports."""
-    from prodsample.verl_server import GuidedVllmHttpServer
+    from prodsample.verl.server import GuidedVllmHttpServer
 
     server = object.__new__(GuidedVllmHttpServer)
     server.config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
@@ -275,7 +275,7 @@ def vllm_engine(model_dir, vllm_metadata):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from prodsample.verl_server import WORKER_EXTENSION_CLS
+    from prodsample.verl.server import WORKER_EXTENSION_CLS
 
     args = AsyncEngineArgs(
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_batched_tokens=1024,
@@ -304,9 +304,10 @@ def run(coroutine):
 
 
 @torch.no_grad()
-def expected_logprobs(model, tokenizer, output: DataProto, lams) -> tuple[torch.Tensor, torch.Tensor]:
+def expected_logprobs(model, tokenizer, output: DataProto, lams, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """log q and log π(o | prompt) of every response token `[B, response_length]` (0 on padding), from the
-    model's logits of the plain and hinted contexts: q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ)."""
+    model's logits of the plain and hinted contexts: q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ), at λ = 0 on
+    the first `prefix` tokens of a guided rollout (`guide_prefix_tokens`)."""
     shape = output.batch["responses"].shape
     log_q, log_pi = torch.zeros(shape), torch.zeros(shape)
     for b, lam in enumerate(lams):
@@ -320,7 +321,9 @@ def expected_logprobs(model, tokenizer, output: DataProto, lams) -> tuple[torch.
             return model(torch.tensor([ids + completion])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
 
         plain = log_softmax(plain_ids)
-        mixed = plain if lam == 1 else (lam * plain + (1 - lam) * log_softmax(hinted_ids)).log_softmax(-1)
+        lam_t = torch.full((length, 1), float(lam))
+        lam_t[:prefix] = 0.0 if lam < 1 else 1.0
+        mixed = plain if lam == 1 else (lam_t * plain + (1 - lam_t) * log_softmax(hinted_ids)).log_softmax(-1)
         index = torch.tensor(completion)[:, None]
         log_q[b, :length], log_pi[b, :length] = mixed.gather(1, index)[:, 0], plain.gather(1, index)[:, 0]
     return log_q, log_pi
@@ -343,11 +346,11 @@ def test_the_plugin_registers_the_loop_and_the_vllm_replica_on_import_verl(vllm_
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    from prodsample.verl_server import GuidedVllmHttpServer, GuidedVllmReplica
+    from prodsample.verl.server import GuidedVllmHttpServer, GuidedVllmReplica
 
-    assert _agent_loop_registry["prodsample_guided"] == {"_target_": "prodsample.verl.GuidedAgentLoop"}
+    assert _agent_loop_registry["prodsample_guided"] == {"_target_": "prodsample.verl.agent_loop.GuidedAgentLoop"}
     assert get_rollout_replica_class("vllm") is GuidedVllmReplica
-    assert GuidedVllmHttpServer._get_worker_extension_cls(None) == "prodsample.verl_server.GuidedWorkerExtension"
+    assert GuidedVllmHttpServer._get_worker_extension_cls(None) == "prodsample.verl.server.GuidedWorkerExtension"
 
 
 def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(config, vllm_metadata):
@@ -355,7 +358,7 @@ def test_the_recipes_scheduler_reaches_the_engine_through_verls_cli_conversion(c
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from verl.workers.rollout.vllm_rollout.utils import build_cli_args_from_config
 
-    from prodsample.vllm_scheduler import SCHEDULER_CLS
+    from prodsample.vllm.scheduler import SCHEDULER_CLS
 
     engine_kwargs = dict(config.actor_rollout_ref.rollout.engine_kwargs.vllm)
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -471,11 +474,19 @@ def test_a_pair_split_across_replicas_is_flagged_and_masked_never_guided(config,
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf, vllm_engine):
+@pytest.mark.parametrize("prefix", [0, 2], ids=["no prefix", "guided prefix"])
+def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf, vllm_engine, prefix, tmp_path):
     """verl's server `generate` over a real vLLM CPU engine running prodsample's processor, pair scheduler and
-    worker extension: every trajectory comes back guided, in step, with records equal to log q by hand."""
+    worker extension: every trajectory comes back guided, in step, with records equal to log q by hand; with
+    the loop's `guide_prefix_tokens`, its first tokens drawn at λ = 0."""
     model, tokenizer = hf
     loop, engine = vllm_engine
+    if prefix:
+        loop_yaml = tmp_path / "loop.yaml"
+        settings = OmegaConf.load(RECIPE_YAML)
+        settings[0].guide_prefix_tokens = prefix
+        OmegaConf.save(settings, loop_yaml)
+        config = changed(config, {"actor_rollout_ref": {"rollout": {"agent": {"agent_loop_config_path": str(loop_yaml)}}}})
     output = loop.run_until_complete(agent_loop_worker(config, [engine]).generate_sequences(rollout_batch()))
     columns = output.non_tensor_batch
     assert columns["prodsample_records"].all() and columns["prodsample_guided"].all()
@@ -483,8 +494,11 @@ def test_guided_rollouts_from_a_real_vllm_engine_behind_verls_server(config, hf,
     mask = output.batch["response_mask"].bool()
     assert mask.any(dim=1).all()
     lam = float(columns["prodsample_lam"][0])
-    log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+    log_q, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output), prefix)
     assert torch.allclose(output.batch["rollout_log_probs"][mask], log_q[mask], atol=TOL, rtol=0)
+    if prefix:  # the prefix's records are the hinted policy's, not the λ mixture's
+        at_lam, _ = expected_logprobs(model, tokenizer, output, [lam] * len(output))
+        assert not torch.allclose(log_q[:, :prefix][mask[:, :prefix]], at_lam[:, :prefix][mask[:, :prefix]], atol=1e-3)
 
 
 def loop_with(config, tokenizer, **settings):
@@ -531,12 +545,12 @@ def test_the_loop_refuses_to_run_outside_the_guided_manager(config, hf, vllm_met
 
 
 def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_metadata):
-    from prodsample.guided_call import rollout_requests
+    from prodsample.vllm.guided_call import rollout_requests
     from prodsample.settings import SamplingSettings
-    from prodsample.verl_server import RolloutFinish
+    from prodsample.verl.server import RolloutFinish
 
     def requests(name, lam):
-        return rollout_requests(name, 0, [5, 6], [5, 6, 7], lam, 0, SamplingSettings(lam), 4, 2).requests
+        return rollout_requests(name, 0, [5, 6], [5, 6, 7], SamplingSettings(lam, seed=0, max_new_tokens=4), 2).requests
 
     taken = []
 

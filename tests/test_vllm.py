@@ -23,8 +23,8 @@ from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.hf import build_contexts, guided_generate  # noqa: E402
-from prodsample.pacing import AdmitAll, PacedDriver  # noqa: E402
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.vllm.pacing import AdmitAll, PacedDriver  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm import GuidedLLM, build_engine  # noqa: E402
 
@@ -89,6 +89,23 @@ def test_same_tokens_and_records_as_the_hf_path(guided, hf, sampling):
     assert float((got.completion_mask == want.completion_mask).float().mean()) >= 0.99
     prompts, answers = per_rollout(PROMPTS, generations), per_rollout(ANSWERS, generations)
     assert records_match_score(got, hf, prompts, answers, **sampling) <= TOL
+
+
+def test_a_guided_prefix_gives_the_hf_paths_tokens_and_exact_records(guided, hf):
+    """guide_prefix_tokens = 3 on the engine: the first 3 tokens of each guided rollout at λ = 0, the rest at
+    its λ; same tokens as guided_generate, records equal to teacher-forced score with the same settings."""
+    model, tokenizer = hf
+    settings = SamplingSettings(lam=LAMS, num_generations=4, max_new_tokens=12, seed=2, temperature=1.0,
+                                guide_prefix_tokens=3)
+    got = guided.generate(PROMPTS, ANSWERS, settings)
+    want = guided_generate(model, tokenizer, PROMPTS, ANSWERS, settings)
+    assert not got.desynced.any() and torch.equal(got.guided, want.guided)
+    same = (got.completion_ids == want.completion_ids) & want.completion_mask
+    assert float(same.sum() / want.completion_mask.sum()) >= 0.99
+    prompts, answers = per_rollout(PROMPTS, 4), per_rollout(ANSWERS, 4)
+    assert records_match_score(got, hf, prompts, answers, guide_prefix_tokens=3) <= TOL
+    prefix = got.completion_mask[:, :3] & got.guided[:, None]
+    torch.testing.assert_close(got.logprobs[:, :3][prefix], got.guide_logprobs[:, :3][prefix], atol=TOL, rtol=0)
 
 
 def test_draws_follow_q_over_two_tokens(guided, hf):

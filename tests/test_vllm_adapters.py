@@ -26,20 +26,20 @@ from vllm.v1.worker.gpu.sample.logits_processor import (  # noqa: E402
 )
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor  # noqa: E402
 
-from prodsample.pairing import EXTRA_ARGS_KEY, GuidanceTag, Role  # noqa: E402
+from prodsample.vllm.pairing import EXTRA_ARGS_KEY, GuidanceTag, Role  # noqa: E402
 from prodsample.sampling import product_sample  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
-from prodsample.vllm import (  # noqa: E402
+from prodsample.vllm.processor import (  # noqa: E402
     ProductLogitsProcessor,
     ProductLogitsProcessorV1,
     ProductLogitsProcessorV2,
-    _take_records,
+    take_records,
 )
 
 VOCAB = 13
 SEED = 99
 EOS = 2
-ENTRY_POINT = "prodsample.vllm:ProductLogitsProcessor"
+ENTRY_POINT = "prodsample.vllm.processor:ProductLogitsProcessor"
 
 
 def params(role: Role, *, rollout="r0", index=0, lam=0.5, **overrides) -> SamplingParams:
@@ -138,7 +138,7 @@ def test_v1_adapter_follows_batch_updates_and_forces_pairs_only():
         other_out.append(int(logits[2].argmax()))
     processor.update_state(BatchUpdate(1, removed=[0, 1], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
     assert processor.rows == {}
-    record = _take_records(None, "v1-batch", ["r0"])["r0"]
+    record = take_records(None, "v1-batch", ["r0"])["r0"]
     assert record[0] == plain_out and record[4] is None  # tokens, lost_at
     for t, (plain, guide) in enumerate(seen):
         expected = product_sample(plain[None], guide[None], 0.5, seed=SEED, rollout_ids=0, positions=torch.tensor([t]))
@@ -212,7 +212,7 @@ def test_v2_adapter_maps_reordered_rows_to_slots_and_skips_rows_mid_prefill():
         plain_out.append(forced_token(processed[plain_row]))
         assert forced_token(processed[guide_row]) == EOS, "the guide row that lost its partner is released"
         state.prefill_len.np[guide_slot] = 9
-    record = _take_records(None, "v2-batch", ["r0"])["r0"]
+    record = take_records(None, "v2-batch", ["r0"])["r0"]
     tokens, logprobs, _plain, guide, lost_at, cause = record
     assert tokens == plain_out and (lost_at, cause) == (0, "partner_mid_prefill")
     assert all(np.isnan(guide))
@@ -243,7 +243,7 @@ def test_v2_adapter_draws_a_pair_in_step_jointly():
         token = forced_token(processed[plain_row])
         assert forced_token(processed[1 - plain_row]) == token
         tokens.append(token)
-    record = _take_records(None, "v2-joint", ["j"])["j"]
+    record = take_records(None, "v2-joint", ["j"])["j"]
     assert record[0] == tokens and record[4] is None
     for t, (plain, guide) in enumerate(seen):
         expected = product_sample(plain[None], guide[None], 0.2, seed=SEED, rollout_ids=6, positions=torch.tensor([t]))

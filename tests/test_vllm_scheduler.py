@@ -21,9 +21,9 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
-from prodsample.pairing import GuidanceTag, Role  # noqa: E402
+from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
-from prodsample.vllm_scheduler import PairedAsyncScheduler, PairedScheduler  # noqa: E402
+from prodsample.vllm.scheduler import PairedAsyncScheduler, PairedScheduler  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -350,7 +350,7 @@ def test_a_pair_one_step_cannot_prefill_is_refused(base_config, caplog, settings
     scheduler = build(base_config, **settings)
     guide, plain = pair("r0", prompt_len)
     scheduler.add_request(guide)
-    with caplog.at_level("WARNING", logger="prodsample.vllm_scheduler"):
+    with caplog.at_level("WARNING", logger="prodsample.vllm.scheduler"):
         scheduler.add_request(plain)
     assert cause in caplog.text and "refused the pair of rollout 'r0'" in caplog.text
     scheduled, finished = step(scheduler)
@@ -376,7 +376,7 @@ def test_a_lone_request_runs_alone_after_the_timeout(base_config, caplog):
     scheduler = build(base_config, timeout=0.0)
     guide, plain = pair("r0", 6)
     scheduler.add_request(guide)
-    with caplog.at_level("WARNING", logger="prodsample.vllm_scheduler"):
+    with caplog.at_level("WARNING", logger="prodsample.vllm.scheduler"):
         assert step(scheduler)[0] == {"r0-guide": 9}
     assert "runs alone" in caplog.text and scheduler.pair_stats.released_alone == 1
     scheduler.add_request(plain)  # its partner, too late: it runs at once, alone as well

@@ -1,4 +1,4 @@
-"""The checked weight sync (`prodsample.vllm_sync`) on a real CPU engine, and its failure paths.
+"""The checked weight sync (`prodsample.vllm.sync`) on a real CPU engine, and its failure paths.
 
 On the engine (tiny fp32 Llama, eager, its own engine: these tests change its weights): a sync of new weights
 passes its checks and the engine then computes with them (log-probs of other text and of a cached prompt
@@ -19,7 +19,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.vllm import build_engine  # noqa: E402
-from prodsample.vllm_sync import (  # noqa: E402
+from prodsample.vllm.sync import (  # noqa: E402
     FLOAT32_TOLERANCE,
     HALF_PRECISION_TOLERANCE,
     EngineWeightSync,

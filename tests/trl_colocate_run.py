@@ -21,10 +21,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
 
 from prodsample.schedules import Linear  # noqa: E402
-from prodsample.trl import GuidedGRPOTrainer, guided_rollout_func  # noqa: E402
+from prodsample.trl import GuidedGRPOConfig, GuidedGRPOTrainer  # noqa: E402
 
 
 def varied_reward(completions, **kwargs) -> list[float]:
@@ -75,7 +74,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     dataset = Dataset.from_list([{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)])
-    config = GRPOConfig(
+    config = GuidedGRPOConfig(
+        guidance_schedule=Linear(start=0.5, end_step=args.max_steps),
+        guidance_backend="vllm",
         output_dir=str(args.out / "trainer"),
         max_steps=args.max_steps,
         per_device_train_batch_size=4,
@@ -99,7 +100,6 @@ def main() -> None:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        rollout_func=guided_rollout_func(Linear(start=0.5, end_step=args.max_steps), backend="vllm"),
         vllm_engine_kwargs={"dtype": "float32", "enforce_eager": True},
     )
     trainer.train()

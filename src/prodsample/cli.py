@@ -4,17 +4,16 @@
     prodsample reward  [options]       # reward, informative groups, KL, leakage ... as a function of λ
     prodsample generate [options]      # decoding cost of guided vs plain, same model and prompts
     prodsample report DIR [DIR ...]    # rebuild tables, CSV/JSON and plots from a result directory
-    prodsample kernel [options]        # the fused sampling kernel benchmark (issue 5)
-    prodsample vllm --out DIR [...]    # guided vs plain decoding on one vLLM engine, desync rate (issue 4)
+    prodsample kernel [options]        # the fused sampling kernel benchmark
+    prodsample vllm --out DIR [...]    # guided vs plain decoding on one vLLM engine, desync rate
     prodsample server --out DIR [...]  # the same through a vLLM server at 1/4/16 clients, with and without
-                                       #   prodsample's scheduler (issue 15)
-    prodsample train --out DIR [...]   # the claim experiment: GRPO arms with and without guidance (issue 7)
+                                       #   prodsample's scheduler
+    prodsample train --out DIR [...]   # the claim experiment: GRPO arms with and without guidance
 
 Each command's harness lives in `prodsample.benchmarks` (the repository's `benchmarks/`). The built-in ones
 expose `add_arguments(parser)` and `main(args)`; a harness that keeps its own argument parser (`kernel`,
 `vllm`, `server`, `train`) exposes `main(argv)` and receives the rest of the command line. `HARNESSES` is the
-registry; a registered harness missing from an installation gets a subcommand that says which module and issue
-provide it.
+registry; a registered harness missing from an installation gets a subcommand that says which module is missing.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ class Harness:
     module: str  # importable module providing the command
     help: str
     own_parser: bool = False  # main(argv) parses its own arguments
-    provided_by: str = ""  # who provides it, named when it is missing
 
 
 HARNESSES = {
@@ -45,15 +43,15 @@ HARNESSES = {
     "generate": Harness("prodsample.benchmarks.generate", "tokens/s and time per step of guided vs plain decoding, "
                         "same model and prompts, ratios measured side by side"),
     "kernel": Harness("prodsample.benchmarks.kernel", "the fused sampling kernel against eager PyTorch and the "
-                      "other fast paths (issue 5)", own_parser=True, provided_by="the kernel work (issue 5)"),
+                      "other fast paths", own_parser=True),
     "vllm": Harness("prodsample.benchmarks.vllm_generate", "guided vs plain and vs the 2B-plain floor, time per "
-                    "token on one vLLM engine at B = 1, 4, 16, and the desync rate of GuidedLLM's defaults (issues 4, 14)", own_parser=True,
-                    provided_by="the vLLM integration (issue 4)"),
+                    "token on one vLLM engine at B = 1, 4, 16, and the desync rate of GuidedLLM's defaults",
+                    own_parser=True),
     "server": Harness("prodsample.benchmarks.vllm_server", "guided vs plain time per token through a vLLM server at "
-                      "1, 4 and 16 concurrent clients, and the desync rate with and without prodsample's scheduler "
-                      "(issue 15)", own_parser=True, provided_by="server mode (issue 15)"),
-    "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance "
-                     "(issue 7)", own_parser=True, provided_by="the claim experiment (issue 7)"),
+                      "1, 4 and 16 concurrent clients, and the desync rate with and without prodsample's scheduler",
+                      own_parser=True),
+    "train": Harness("prodsample.benchmarks.claim.run", "the claim experiment: GRPO arms with and without guidance",
+                     own_parser=True),
 }
 
 
@@ -78,7 +76,7 @@ def _import(name: str):
             raise
         raise SystemExit(
             f"prodsample {name}: its harness {harness.module} is not in this installation; "
-            f"{harness.provided_by or 'prodsample'} provides it"
+            "install a prodsample version that ships it"
         ) from None
 
 

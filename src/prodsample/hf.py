@@ -17,10 +17,10 @@ from transformers import LogitsProcessor
 
 from .fused import ProductSample
 from .mixing import mix_logprobs
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, render_prompt
+from .prompts import DEFAULT_HINT_TEMPLATE, add_hint, check_prompts_and_answers, pad_token_id, render_prompt
 from .rollout import PER_TOKEN_RECORDS, GuidedRollout
 from .sampling import product_logprobs, product_sample
-from .settings import SamplingSettings
+from .settings import SamplingSettings, is_guided
 
 __all__ = ["ProductLogitsProcessor", "guided_generate", "score", "build_contexts", "check_tokenizer_matches"]
 
@@ -66,11 +66,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else pad
-
-
 def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """`[N, L]` ids and attention mask, left-padded (what a decoder-only model continues from)."""
     width = max(len(ids) for ids in sequences)
@@ -86,12 +81,6 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding (and any padding inside a row)."""
     return (attention_mask.cumsum(dim=-1) - 1).clamp_min(0)
-
-
-def _check_positive(**counts: int) -> None:
-    for name, value in counts.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
@@ -490,25 +479,26 @@ class _Records:
         }
 
 
-def _decode(model, plan: _ContextPlan, lam_rows, settings: SamplingSettings, seed: int, max_new_tokens: int,
-            pad_id: int, eos_ids: list[int]) -> _Records:
+def _decode(model, plan: _ContextPlan, lam_rows, settings: SamplingSettings, pad_id: int,
+            eos_ids: list[int]) -> _Records:
     """Prefill, then per position: one product draw for every running rollout (keyed noise: seed, rollout,
     position), until each rollout has drawn an EOS or `max_new_tokens` tokens."""
     device = model.device
-    records = _Records(len(lam_rows), max_new_tokens, pad_id)
+    records = _Records(len(lam_rows), settings.max_new_tokens, pad_id)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     lam_device = lam_rows.to(device)
     logits, cache, attention_mask = _prefill(model, plan, pad_id)
-    batch = _DecodeBatch(cache, attention_mask, torch.arange(len(lam_rows), device=device), (lam_rows < 1).to(device))
-    for position in range(max_new_tokens):
+    batch = _DecodeBatch(cache, attention_mask, torch.arange(len(lam_rows), device=device), is_guided(lam_rows).to(device))
+    for position in range(settings.max_new_tokens):
         plain_logits, guide_logits = batch.split_logits(logits)
+        lam = settings.lam_at(lam_device[batch.rollouts], position)  # 0 in a guided rollout's prefix
         drawn = product_sample(
-            plain_logits, guide_logits, lam_device[batch.rollouts], **settings.sampler_kwargs(),
-            seed=seed, rollout_ids=batch.rollouts, positions=position,
+            plain_logits, guide_logits, lam, **settings.sampler_kwargs(),
+            seed=settings.seed, rollout_ids=batch.rollouts, positions=position,
         )
         records.add(batch.rollouts, position, drawn)
         running = ~torch.isin(drawn.token_ids, eos)
-        if position + 1 == max_new_tokens or not bool(running.any()):
+        if position + 1 == settings.max_new_tokens or not bool(running.any()):
             break
         batch.keep(running)
         logits = batch.advance(model, drawn.token_ids[running])
@@ -521,16 +511,8 @@ def guided_generate(
     tokenizer,
     prompts: Sequence,
     answers: Sequence[str],
-    *,
-    lam,
-    num_generations: int = 1,
-    max_new_tokens: int,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    seed: int | None = None,
-    hint_template: str = DEFAULT_HINT_TEMPLATE,
+    settings: SamplingSettings | None = None,
+    **changes,
 ) -> GuidedRollout:
     """Sample `num_generations` rollouts per prompt from q ∝ π(·|prompt)^λ · π(·|prompt ⊕ hint)^(1−λ).
 
@@ -544,32 +526,30 @@ def guided_generate(
         model: a causal LM (`AutoModelForCausalLM`); tokenizer: its tokenizer.
         prompts: strings (tokenised as-is) or chat message lists (chat template + generation prompt).
         answers: one answer per prompt, inserted into `hint_template` to build the guide context.
-        lam: float, one per prompt, or one per rollout (len(prompts) · num_generations).
-        temperature, top_k, top_p, min_p: applied to q as in `prodsample.product_sample`; temperature 0 is greedy.
-            With `lam` they form the call's `prodsample.settings.SamplingSettings`.
-        seed: the noise key; None draws one from torch's global RNG (so `torch.manual_seed` reproduces it).
+        settings: the call's `prodsample.settings.SamplingSettings` (λ, G = `num_generations`,
+            `max_new_tokens`, temperature and filters, seed, hint template).
+        changes: fields of `SamplingSettings` that replace those of `settings`, or, without `settings`, build
+            it (`lam=0.5, num_generations=4, ...`).
 
     Returns:
         `GuidedRollout` with R = len(prompts) · num_generations rollouts, prompt-major. For λ = 1 rollouts the
         guide context is never run and `guide_logprobs` repeats `plain_logprobs`.
 
     Example:
-        >>> rollout = guided_generate(model, tokenizer, ["What is 2+3?"], ["5"], lam=0.5,  # doctest: +SKIP
-        ...                           num_generations=4, max_new_tokens=32, seed=0)
+        >>> settings = SamplingSettings(lam=0.5, num_generations=4, max_new_tokens=32, seed=0)
+        >>> rollout = guided_generate(model, tokenizer, ["What is 2+3?"], ["5"], settings)  # doctest: +SKIP
         >>> rollout.completion_ids.shape, rollout.logprobs.shape  # doctest: +SKIP
         (torch.Size([4, L]), torch.Size([4, L]))
     """
-    _check_positive(num_generations=num_generations, max_new_tokens=max_new_tokens)
-    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+    settings = SamplingSettings.build(settings, **changes).with_seed()
     check_tokenizer_matches(model, tokenizer)
-    plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
-    lam_rows = settings.lam_per_rollout(len(prompts), num_generations)
-    group_ids = torch.arange(len(prompts)).repeat_interleave(num_generations)
-    plan = _plan_contexts(plain_contexts, guide_contexts, group_ids, guided=lam_rows < 1)
-    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    pad_id = _pad_id(tokenizer)
+    plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, settings.hint_template)
+    lam_rows = settings.lam_per_rollout(len(prompts))
+    group_ids = torch.arange(len(prompts)).repeat_interleave(settings.num_generations)
+    plan = _plan_contexts(plain_contexts, guide_contexts, group_ids, guided=is_guided(lam_rows))
+    pad_id = pad_token_id(tokenizer)
     with _EvalMode(model):
-        records = _decode(model, plan, lam_rows, settings, seed, max_new_tokens, pad_id, _eos_ids(model, tokenizer))
+        records = _decode(model, plan, lam_rows, settings, pad_id, _eos_ids(model, tokenizer))
     return GuidedRollout.from_lists(
         prompt_ids=[plain_contexts[group] for group in group_ids], **records.per_rollout(), lam=lam_rows,
         group_ids=group_ids, pad_token_id=pad_id,
@@ -615,20 +595,16 @@ def score(
     prompts: Sequence,
     answers: Sequence[str],
     completions: Sequence[Sequence[int]],
-    *,
-    lam,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    hint_template: str = DEFAULT_HINT_TEMPLATE,
+    settings: SamplingSettings | None = None,
+    **changes,
 ) -> GuidedRollout:
     """Teacher-forced log q, log π(o | prompt) and log π(o | prompt ⊕ hint) for given completions.
 
     One prompt, answer and completion (token ids) per rollout; two batched forwards (plain contexts, and
     guide contexts for rollouts with λ < 1). With the sampler's λ, temperature and filters it reproduces what
     `guided_generate` (or any backend) recorded: the oracle for every sampler, and the way a trainer
-    recomputes log q when an engine cannot send its records back.
+    recomputes log q when an engine cannot send its records back. `settings` and `changes` as in
+    `guided_generate`; λ is one value or one per completion, and G, the length and the seed play no part.
 
     Returns:
         `GuidedRollout` whose `completion_ids` are the given completions (right-padded) and whose log-prob
@@ -639,21 +615,23 @@ def score(
     for i, completion in enumerate(completions):
         if len(completion) == 0:
             raise ValueError(f"completions[{i}] is empty; score needs at least one token per completion")
-    settings = SamplingSettings(lam, temperature, top_k, top_p, min_p)
+    settings = SamplingSettings.build(settings, **changes)
     check_tokenizer_matches(model, tokenizer)
-    plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, hint_template)
+    plain_contexts, guide_contexts = build_contexts(tokenizer, prompts, answers, settings.hint_template)
     lam_rows = settings.lam_per_rollout(len(completions), 1)
     completions = [list(map(int, completion)) for completion in completions]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     with _EvalMode(model):
         plain_logits, guide_logits = _teacher_forced_logits(
-            model, plain_contexts, guide_contexts, completions, lam_rows < 1, pad_id
+            model, plain_contexts, guide_contexts, completions, is_guided(lam_rows), pad_id
         )
     lengths = [len(completion) for completion in completions]
     scored = product_logprobs(
         plain_logits,
         guide_logits,
-        lam_rows.repeat_interleave(torch.tensor(lengths)).to(model.device),
+        settings.lam_at(
+            lam_rows.repeat_interleave(torch.tensor(lengths)), torch.cat([torch.arange(n) for n in lengths])
+        ).to(model.device),
         torch.tensor([token for completion in completions for token in completion], device=model.device),
         **settings.sampler_kwargs(),
     )

@@ -12,7 +12,15 @@ import re
 import string
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_HINT_TEMPLATE", "add_hint", "render_prompt", "check_prompts_and_answers", "hint_leakage"]
+__all__ = [
+    "DEFAULT_HINT_TEMPLATE",
+    "add_hint",
+    "check_hint_template",
+    "render_prompt",
+    "pad_token_id",
+    "check_prompts_and_answers",
+    "hint_leakage",
+]
 
 DEFAULT_HINT_TEMPLATE = "{prompt}\n\n(Hint: the correct final answer is {answer}.)"
 
@@ -26,8 +34,7 @@ def add_hint(prompt: Prompt, answer: str, template: str = DEFAULT_HINT_TEMPLATE)
         >>> add_hint("What is 2+3?", "5")
         'What is 2+3?\\n\\n(Hint: the correct final answer is 5.)'
     """
-    if "{prompt}" not in template or "{answer}" not in template:
-        raise ValueError(f"hint_template must contain '{{prompt}}' and '{{answer}}' fields, got {template!r}")
+    check_hint_template(template)
     if isinstance(prompt, str):
         return template.format(prompt=prompt, answer=answer)
     messages = [dict(message) for message in prompt]
@@ -38,12 +45,26 @@ def add_hint(prompt: Prompt, answer: str, template: str = DEFAULT_HINT_TEMPLATE)
     raise ValueError("a chat prompt needs a user message to attach the hint to")
 
 
+def check_hint_template(template: str) -> None:
+    """ValueError unless `template` is a string with `{prompt}` and `{answer}` fields."""
+    if not isinstance(template, str) or "{prompt}" not in template or "{answer}" not in template:
+        raise ValueError(f"hint_template must contain '{{prompt}}' and '{{answer}}' fields, got {template!r}")
+
+
 def render_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of a prompt: chat lists through the chat template (with generation prompt), strings as-is."""
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads completions: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 def check_prompts_and_answers(prompts: Sequence[Prompt], answers: Sequence[str] | None) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .settings import is_guided
+
 __all__ = ["GuidedRollout", "PER_TOKEN_RECORDS"]
 
 PER_TOKEN_RECORDS = ("logprobs", "plain_logprobs", "guide_logprobs")
@@ -103,7 +105,7 @@ class GuidedRollout:
             plain_logprobs=_right_padded(plain_logprobs, lengths, "plain_logprobs", torch.float32),
             guide_logprobs=_right_padded(guide_logprobs, lengths, "guide_logprobs", torch.float32),
             lam=lam,
-            guided=(lam < 1) & ~desynced if guided is None else _per_rollout(guided, "guided", rows, torch.bool),
+            guided=is_guided(lam) & ~desynced if guided is None else _per_rollout(guided, "guided", rows, torch.bool),
             desynced=desynced,
             group_ids=_per_rollout(group_ids, "group_ids", rows, torch.int64),
         )

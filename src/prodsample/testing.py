@@ -116,7 +116,7 @@ class LocalVllmServer:
 
     Args:
         model: the model path or name.
-        args: further server flags, e.g. ["--scheduler-cls", "prodsample.vllm_scheduler.PairedScheduler"].
+        args: further server flags, e.g. ["--scheduler-cls", "prodsample.vllm.scheduler.PairedScheduler"].
         env: environment variables on top of this process's (e.g. {"VLLM_SERVER_DEV_MODE": "1"}).
         log: the file the server writes its output to.
 

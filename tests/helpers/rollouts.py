@@ -8,17 +8,19 @@ TOL = 2e-4  # fp32 logits of two engines (vLLM's CPU kernels vs transformers')
 
 
 def records_match_score(rollout, hf, prompts, answers, *, temperature=1.0, top_k=None, top_p=None,
-                        half_prefilled_guides=False):
+                        guide_prefix_tokens=0, half_prefilled_guides=False):
     """Recorded log-probs equal teacher-forced ones: λ's q up to the first position whose guide log-prob is
-    NaN (where the rollout lost its guide context), π at λ = 1 from there. Returns the largest error.
+    NaN (where the rollout lost its guide context), π at λ = 1 from there; λ = 0 on the first
+    `guide_prefix_tokens` tokens of a guided rollout. Returns the largest error.
 
     `half_prefilled_guides`: the rollouts include `guide_mid_prefill` losses, whose token at the loss was drawn
-    jointly with a guide row's half-prefill logits (see prodsample.pairing): log q there is only checked finite."""
+    jointly with a guide row's half-prefill logits (see prodsample.vllm.pairing): log q there is only checked finite."""
     model, tokenizer = hf
     completions = rollout.completion_lists()
     lams = rollout.lam.tolist()
     filters = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    with_lam = score(model, tokenizer, prompts, answers, completions, lam=lams, **filters)
+    with_lam = score(model, tokenizer, prompts, answers, completions, lam=lams, guide_prefix_tokens=guide_prefix_tokens,
+                     **filters)
     on_policy = score(model, tokenizer, prompts, answers, completions, lam=1.0, **filters)
     worst = 0.0
     for r, completion in enumerate(completions):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
-from prodsample.pairing import EXTRA_ARGS_KEY
+from prodsample.vllm.pairing import EXTRA_ARGS_KEY
 
 
 @dataclass

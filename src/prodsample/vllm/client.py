@@ -3,13 +3,13 @@
 A server with prodsample installed in its environment, started as
 
     VLLM_SERVER_DEV_MODE=1 vllm serve MODEL \\
-        --scheduler-cls prodsample.vllm_scheduler.PairedScheduler \\
-        --worker-extension-cls prodsample.vllm.RecordsExtension
+        --scheduler-cls prodsample.vllm.scheduler.PairedScheduler \\
+        --worker-extension-cls prodsample.vllm.processor.RecordsExtension
 
 runs guided pairs: a rollout is two requests to the OpenAI-compatible `/v1/completions` endpoint (the plain
 prompt and the prompt with the hint, as token ids), each with the flat prodsample tag in `vllm_xargs`. The
 logits processor the package registers draws every token from q and forces it into both requests, and the
-scheduler keeps the two in step (`prodsample.vllm_scheduler`). `AsyncGuidedClient.generate` (asyncio) and
+scheduler keeps the two in step (`prodsample.vllm.scheduler`). `AsyncGuidedClient.generate` (asyncio) and
 `GuidedClient.generate` (blocking) return the same `GuidedRollout` as `prodsample.hf.guided_generate`, with
 its tokens under the same seed.
 
@@ -35,11 +35,12 @@ from typing import Any
 
 import httpx
 
-from .guided_call import NEUTRAL_SAMPLING, GuidedCall, pad_token_id
+from .guided_call import NEUTRAL_SAMPLING, GuidedCall
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle
 from .pairing import DesyncCause, RolloutRecord, records_from_workers
-from .prompts import DEFAULT_HINT_TEMPLATE
-from .rollout import GuidedRollout
+from ..prompts import pad_token_id
+from ..rollout import GuidedRollout
+from ..settings import SamplingSettings, check_integer
 
 __all__ = ["AsyncGuidedClient", "GuidedClient", "ServerBackend", "recompute_records"]
 
@@ -69,8 +70,8 @@ class AsyncGuidedClient:
 
     Example:
         >>> client = AsyncGuidedClient("http://127.0.0.1:8000", tokenizer)  # doctest: +SKIP
-        >>> rollouts = await client.generate(["What is 2+3?"], ["5"], lam=0.5, num_generations=4,
-        ...                                  max_new_tokens=64, seed=0)  # doctest: +SKIP
+        >>> settings = SamplingSettings(lam=0.5, num_generations=4, max_new_tokens=64, seed=0)
+        >>> rollouts = await client.generate(["What is 2+3?"], ["5"], settings)  # doctest: +SKIP
     """
 
     def __init__(
@@ -82,8 +83,7 @@ class AsyncGuidedClient:
             raise ValueError(f"records must be one of {RECORDS_MODES}, got {records!r}")
         if records == "recompute" and policy is None:
             raise ValueError("records='recompute' needs policy: a local transformers copy of the served model")
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        check_integer(max_concurrency, "max_concurrency", low=1)
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.model = model
@@ -97,27 +97,12 @@ class AsyncGuidedClient:
         self.last_records_source: str | None = None  # "server" or "recomputed"
 
     async def generate(
-        self,
-        prompts: Sequence,
-        answers: Sequence[str],
-        *,
-        lam,
-        num_generations: int = 1,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        hint_template: str = DEFAULT_HINT_TEMPLATE,
+        self, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings | None = None, **changes
     ) -> GuidedRollout:
         """Guided rollouts, prompt-major (rollout r = i·G + g), as `prodsample.vllm.GuidedLLM.generate`
-        returns them. Sets `last_stats` (engine_steps 0: a server does not say) and `last_records_source`."""
-        call = GuidedCall.plan(
-            self.tokenizer, prompts, answers, lam=lam, num_generations=num_generations,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            seed=seed, hint_template=hint_template,
-        )
+        returns them (`settings` and `changes` as there). Sets `last_stats` (engine_steps 0: a server does not
+        say) and `last_records_source`."""
+        call = GuidedCall.plan(self.tokenizer, prompts, answers, SamplingSettings.build(settings, **changes))
         # a connection for each request in flight: a pair's first request must never hold the last connection
         # while its partner waits for one (the scheduler holds the first until the second arrives)
         limits = httpx.Limits(max_connections=2 * self.max_concurrency + 1, keepalive_expiry=KEEPALIVE_EXPIRY_S)
@@ -132,7 +117,7 @@ class AsyncGuidedClient:
             warnings.warn(
                 "prodsample: records recomputed with teacher-forced score on the local policy (the server does not "
                 "serve them: start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
-                "prodsample.vllm.RecordsExtension); desyncs are seen only where a pair's outputs differ",
+                "prodsample.vllm.processor.RecordsExtension); desyncs are seen only where a pair's outputs differ",
                 stacklevel=2,
             )
             records = recompute_records(call, completions, self.policy, self.tokenizer)
@@ -153,7 +138,7 @@ class AsyncGuidedClient:
                 )
             if not info["keeps_pairs"]:
                 warnings.warn(
-                    "prodsample: the server does not run prodsample.vllm_scheduler.PairedScheduler: pairs may fall "
+                    "prodsample: the server does not run prodsample.vllm.scheduler.PairedScheduler: pairs may fall "
                     "out of step (flagged desynced, never guided)", stacklevel=3,
                 )
             check_pairs_fit(call.rollouts, info["max_num_batched_tokens"])
@@ -162,7 +147,7 @@ class AsyncGuidedClient:
             reason = "records='server' was asked for" if self.records == "server" else "no policy to recompute them"
             raise RuntimeError(
                 f"the server does not serve prodsample's records ({why_not}) and {reason}: start it with "
-                "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls prodsample.vllm.RecordsExtension, or pass policy="
+                "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls prodsample.vllm.processor.RecordsExtension, or pass policy="
             )
         await server.check_processor(call.rollouts[0].plain)
         return "recomputed"
@@ -320,14 +305,13 @@ def recompute_records(
     where they differ: from there its record holds log π (λ = 1) and NaN guide log-probs, as the engine's
     record would had it lost step there (it may have lost step earlier; either way it is flagged, cause
     `outputs_differ`). A desync that leaves both outputs equal is not seen."""
-    from .hf import score
+    from ..hf import score
 
-    generations = call.num_generations
+    generations = call.settings.num_generations
     prompts = [call.prompts[r // generations] for r in range(len(call.rollouts))]
     answers = [call.answers[r // generations] for r in range(len(call.rollouts))]
     plain = [completions[rollout.plain.request_id] for rollout in call.rollouts]
-    kwargs = dict(call.settings.sampler_kwargs(), hint_template=call.hint_template)
-    guided = score(policy, tokenizer, prompts, answers, plain, lam=call.lams, **kwargs)
+    guided = score(policy, tokenizer, prompts, answers, plain, call.settings, lam=call.lams)
     lost_at = {
         r: _first_difference(plain[r], completions[rollout.guide.request_id])
         for r, rollout in enumerate(call.rollouts) if rollout.paired
@@ -335,7 +319,7 @@ def recompute_records(
     lost_at = {r: position for r, position in lost_at.items() if position is not None}
     lost = sorted(lost_at)
     on_policy = score(policy, tokenizer, [prompts[r] for r in lost], [answers[r] for r in lost],
-                      [plain[r] for r in lost], lam=1.0, **kwargs) if lost else None
+                      [plain[r] for r in lost], call.settings, lam=1.0) if lost else None
     records = {}
     for r, rollout in enumerate(call.rollouts):
         length = len(plain[r])
@@ -370,12 +354,14 @@ class GuidedClient:
     def __init__(self, *args, **kwargs) -> None:
         self.client = AsyncGuidedClient(*args, **kwargs)
 
-    def generate(self, prompts: Sequence, answers: Sequence[str], **kwargs) -> GuidedRollout:
+    def generate(
+        self, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings | None = None, **changes
+    ) -> GuidedRollout:
         """`AsyncGuidedClient.generate`, blocking."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.client.generate(prompts, answers, **kwargs))
+            return asyncio.run(self.client.generate(prompts, answers, settings, **changes))
         raise RuntimeError("GuidedClient.generate blocks, so it cannot run inside an event loop: use AsyncGuidedClient")
 
     @property
@@ -389,8 +375,8 @@ class GuidedClient:
 
 class ServerBackend:
     """A rollout backend of the TRL hook that samples through a vLLM server running prodsample:
-    `prodsample.trl.guided_rollout_func(schedule, backend=ServerBackend())` with TRL's server mode
-    (`GRPOConfig(use_vllm=True, vllm_mode="server")`). TRL pushes the trained weights into the server before
+    `prodsample.trl.GuidedGRPOConfig(guidance_backend="server", use_vllm=True, vllm_mode="server")` (TRL's server
+    mode) uses it with its defaults; `GuidedGRPOTrainer(rollout_backend=ServerBackend(...))` with others. TRL pushes the trained weights into the server before
     each rollout call (its NCCL weight transfer, which needs GPUs: not verified here); this backend sends the
     rollouts with `GuidedClient`, rendering prompts with the trainer's tokenizer.
 
@@ -403,7 +389,7 @@ class ServerBackend:
         self.base_url = base_url
         self.client_kwargs = client_kwargs
 
-    def __call__(self, trainer, prompts, answers, **sampling) -> GuidedRollout:
+    def __call__(self, trainer, prompts, answers, settings: SamplingSettings) -> GuidedRollout:
         args = trainer.args
         url = self.base_url or args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-        return GuidedClient(url, trainer.processing_class, **self.client_kwargs).generate(prompts, answers, **sampling)
+        return GuidedClient(url, trainer.processing_class, **self.client_kwargs).generate(prompts, answers, settings)

@@ -1,6 +1,6 @@
 """Pacing: the driver that keeps the two requests of each guided pair in step on an engine stepped from outside.
 
-An engine without multi-context decoding runs a guided rollout as two requests (`prodsample.pairing`), and
+An engine without multi-context decoding runs a guided rollout as two requests (`prodsample.vllm.pairing`), and
 the pair stays in step only if both requests enter the same step whole and neither is preempted before the
 end. An engine built by others (TRL's colocate `vllm.LLM`, say) takes no custom scheduler, so `PacedDriver`
 does this from outside: it steps the engine itself and, between steps, admits a rollout's requests only
@@ -20,7 +20,7 @@ implements (`prodsample.vllm` over `vllm.LLM.llm_engine`; the tests over a fake 
   has_unfinished_requests()  whether the engine still holds any request
 
 A driver is anything with `PacedDriver.run`'s signature (`RolloutDriver`). An engine that keeps pairs
-together by itself (vLLM with `prodsample.vllm_scheduler.PairedScheduler`) gets `AdmitAll`, which adds every
+together by itself (vLLM with `prodsample.vllm.scheduler.PairedScheduler`) gets `AdmitAll`, which adds every
 rollout at once and leaves the pacing to the engine's scheduler.
 """
 
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
+from ..settings import check_integer
 from .pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
 
 __all__ = [
@@ -50,11 +51,6 @@ __all__ = [
 ]
 
 
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class EngineLimits:
     """What one engine step can take: requests, prefill tokens, and KV-cache blocks."""
@@ -66,7 +62,7 @@ class EngineLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_blocks", "block_size"):
-            _check_positive(getattr(self, name), f"EngineLimits.{name}")
+            check_integer(getattr(self, name), f"EngineLimits.{name}", low=1)
 
     def blocks(self, prompt_len: int, max_new_tokens: int) -> int:
         """KV-cache blocks one request holds at full length."""
@@ -84,7 +80,7 @@ class EngineRequest:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id}: prompt_token_ids is empty")
-        _check_positive(self.max_new_tokens, "max_new_tokens")
+        check_integer(self.max_new_tokens, "max_new_tokens", low=1)
 
     @property
     def request_id(self) -> str:

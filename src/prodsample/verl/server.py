@@ -6,7 +6,7 @@ processor draws the tokens in the engine and keeps the per-token records there (
 log π(o | prompt ⊕ hint), desync causes). The log-probs vLLM returns for a forced token are not log q, and
 verl's own `collective_rpc` discards results, so this server subclass reads the records itself: when the
 last request of a rollout finishes, it takes the rollout's records from the engine's workers
-(`prodsample.vllm.RecordsExtension`, mixed into verl's worker extension) and attaches them to that request's
+(`prodsample.vllm.processor.RecordsExtension`, mixed into verl's worker extension) and attaches them to that request's
 `TokenOutput.extra_fields[RECORDS_KEY]`. Untagged requests pass through untouched.
 
 `prodsample.verl` registers `GuidedVllmReplica` for the name "vllm" in verl's replica registry (the plugin
@@ -26,12 +26,13 @@ from verl.workers.rollout.replica import TokenOutput
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
-from .pairing import RECORDS_KEY, GuidanceTag, RolloutRecord, records_from_workers
-from .vllm import RecordsExtension
+from ..settings import check_integer
+from ..vllm.pairing import RECORDS_KEY, GuidanceTag, RolloutRecord, records_from_workers
+from ..vllm.processor import RecordsExtension
 
 __all__ = ["GuidedVllmHttpServer", "GuidedVllmReplica", "GuidedWorkerExtension", "RolloutFinish"]
 
-WORKER_EXTENSION_CLS = "prodsample.verl_server.GuidedWorkerExtension"
+WORKER_EXTENSION_CLS = "prodsample.verl.server.GuidedWorkerExtension"
 
 
 class GuidedWorkerExtension(RecordsExtension, vLLMColocateWorkerExtension):
@@ -51,8 +52,7 @@ class RolloutFinish:
     """
 
     def __init__(self, max_waiting: int = 100_000) -> None:
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
-            raise ValueError(f"max_waiting must be a positive integer, got {max_waiting!r}")
+        check_integer(max_waiting, "max_waiting", low=1)
         self.max_waiting = max_waiting
         self._one_finished: OrderedDict[str, None] = OrderedDict()
 

@@ -1,24 +1,12 @@
-"""verl integration: guided rollouts as a verl agent loop, switched on by configuration (docs/verl.md).
+"""`GuidedAgentLoop`: a guided rollout per trajectory in verl's agent loop, and the manager that tells the
+loops the training step.
 
-prodsample registers this module under verl's `verl.plugins` entry point, which `import verl` loads in every
-process. Loading it registers:
-
-- `GuidedAgentLoop` (agent name "prodsample_guided"): per trajectory, the plain prompt and the prompt with
-  the answer as a hint (`prodsample.prompts.add_hint`) become the two tagged requests of a guided rollout
-  (`prodsample.guided_call.rollout_requests`), sent at once with one request id, which verl's load balancer
-  routes to one replica (sticky sessions). λ comes from a `GuidanceController` over the configured schedule,
-  per training step and group; validation runs plain (λ = 1). The trajectory returned is the plain one with
-  log q as `response_logprobs` (verl's `rollout_log_probs`, the behaviour log-prob its rollout correction
-  weighs with), and λ, guided and desync flags in `extra_fields`;
-- `GuidedVllmReplica` (`prodsample.verl_server`) for the rollout name "vllm": its server hands each
-  rollout's records out with the rollout's last request.
-
-`GuidedAgentLoopManager` (`actor_rollout_ref.rollout.agent.agent_loop_manager_class`) runs verl's agent-loop
-workers with the batch's training step and validation flag visible to the loops, which verl's
-`AgentLoopBase.run` does not receive. A trajectory whose pair lost step is flagged (`prodsample_desynced`)
-and never counted as guided; one whose records did not come back (its requests reached different servers,
-or failed) is flagged (`prodsample_records` False) and masked out of the loss (its `response_mask` is 0).
-`guidance_metrics_of` turns a batch's flags into the `guidance/*` metrics.
+Per trajectory, the plain prompt and the prompt with the answer as a hint (`prodsample.prompts.add_hint`)
+become the two tagged requests of a guided rollout (`prodsample.vllm.guided_call.rollout_requests`), sent at
+once with one request id, which verl's load balancer routes to one replica (sticky sessions). λ comes from a
+`GuidanceController` over the configured schedule, per training step and group; validation runs plain
+(λ = 1). The trajectory returned is the plain one with log q as `response_logprobs`, and λ, guided and
+desync flags in `extra_fields`.
 """
 
 from __future__ import annotations
@@ -41,15 +29,15 @@ from verl.experimental.agent_loop.agent_loop import (
     register,
 )
 from verl.utils.profiler import simple_timer
-from verl.workers.rollout.replica import RolloutReplicaRegistry, TokenOutput
+from verl.workers.rollout.replica import TokenOutput
 
-from .controller import GuidanceController
-from .guided_call import request_sampling_params, rollout_requests
-from .pacing import RolloutRequests, check_pairs_fit, settle
-from .pairing import RECORDS_KEY, RolloutRecord
-from .prompts import DEFAULT_HINT_TEMPLATE, add_hint
-from .schedules import Adaptive, Schedule, schedule_from_dict
-from .settings import SamplingSettings
+from ..controller import GuidanceController
+from ..vllm.guided_call import request_sampling_params, rollout_requests
+from ..vllm.pacing import RolloutRequests, check_pairs_fit, settle
+from ..vllm.pairing import RECORDS_KEY, RolloutRecord
+from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
+from ..schedules import Adaptive, Schedule, schedule_from_dict
+from ..settings import SEED_BOUND, SamplingSettings, check_integer, is_guided
 
 __all__ = [
     "AGENT_NAME",
@@ -65,7 +53,7 @@ AGENT_NAME = "prodsample_guided"
 LAMBDA_FIELD = "prodsample_lam"
 GUIDED_FIELD = "prodsample_guided"  # λ < 1, its records back, in step throughout
 DESYNCED_FIELD = "prodsample_desynced"
-CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.pairing.DesyncCause value, or None
+CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.vllm.pairing.DesyncCause value, or None
 RECORDS_FIELD = "prodsample_records"  # False: no records came back; the trajectory is masked out of the loss
 
 
@@ -119,7 +107,7 @@ class GuidedAgentLoop(AgentLoopBase):
 
     def __init__(
         self, *args, schedule: Mapping | Schedule | None = None, answer_field: str = "reward_model.ground_truth",
-        hint_template: str = DEFAULT_HINT_TEMPLATE, **kwargs,
+        hint_template: str = DEFAULT_HINT_TEMPLATE, guide_prefix_tokens: int = 0, **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.rollout_config.get("data_parallel_size", 1) != 1:
@@ -135,6 +123,7 @@ class GuidedAgentLoop(AgentLoopBase):
         self.controller = GuidanceController(_schedule(schedule))
         self.answer_field = answer_field
         self.hint_template = hint_template
+        self.guide_prefix_tokens = check_integer(guide_prefix_tokens, "guide_prefix_tokens", low=0)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         rollout_step = _ROLLOUT_STEP.get()
@@ -164,14 +153,17 @@ class GuidedAgentLoop(AgentLoopBase):
         messages = list(row["raw_prompt"])
         plain_ids = await self.ct_build_initial_tokens(messages)
         guide_ids = None
-        if lam < 1:
+        if is_guided(lam):
             hinted = add_hint(messages, _field(row, self.answer_field), self.hint_template)
             # not ct_build_initial_tokens: it cuts a prompt to rollout.prompt_length, which binds the plain prompt only
             guide_ids = await self.loop.run_in_executor(None, self.continuous_token_builder.build_initial_tokens, hinted)
-        rollout = rollout_requests(
-            uuid.uuid4().hex, 0, plain_ids, guide_ids, lam, secrets.randbits(62),
-            _sampling_settings(sampling_params, lam), self._max_new_tokens(plain_ids, guide_ids), self._eos_token_id(),
+        settings = _sampling_settings(
+            sampling_params, lam=lam, max_new_tokens=self._max_new_tokens(plain_ids, guide_ids),
+            # from the OS, not torch's RNG: verl may seed every agent-loop worker's torch alike
+            seed=secrets.randbelow(SEED_BOUND), hint_template=self.hint_template,
+            guide_prefix_tokens=self.guide_prefix_tokens,
         )
+        rollout = rollout_requests(uuid.uuid4().hex, 0, plain_ids, guide_ids, settings, self._eos_token_id())
         if self.rollout_config.get("max_num_batched_tokens"):
             check_pairs_fit([rollout], self.rollout_config.max_num_batched_tokens)
         return rollout
@@ -274,12 +266,13 @@ def _field(row: Mapping[str, Any], path: str) -> str:
     return str(value)
 
 
-def _sampling_settings(sampling_params: Mapping[str, Any], lam: float) -> SamplingSettings:
-    """verl's sampling parameters as prodsample's (verl's top_k −1 is off, as prodsample's 0)."""
+def _sampling_settings(sampling_params: Mapping[str, Any], **fields) -> SamplingSettings:
+    """verl's sampling parameters as prodsample's, with the rollout's own `fields` (verl's top_k −1 is off, as
+    prodsample's 0)."""
     top_k = sampling_params.get("top_k")
     return SamplingSettings(
-        lam, temperature=sampling_params.get("temperature", 1.0), top_k=None if top_k is None or top_k < 0 else top_k,
-        top_p=sampling_params.get("top_p"), min_p=sampling_params.get("min_p"),
+        temperature=sampling_params.get("temperature", 1.0), top_k=None if top_k is None or top_k < 0 else top_k,
+        top_p=sampling_params.get("top_p"), min_p=sampling_params.get("min_p"), **fields,
     )
 
 
@@ -305,13 +298,3 @@ def guidance_metrics_of(batch) -> dict[str, float]:
         "guidance/desynced_fraction": float(np.asarray(columns[DESYNCED_FIELD], dtype=bool).mean()),
         "guidance/records_missing_fraction": float(1.0 - np.asarray(columns[RECORDS_FIELD], dtype=bool).mean()),
     }
-
-
-def _guided_vllm_replica():
-    from .verl_server import GuidedVllmReplica
-
-    return GuidedVllmReplica
-
-
-# Loading the plugin: the "vllm" rollout runs prodsample's server (untagged requests pass through it untouched).
-RolloutReplicaRegistry.register("vllm", _guided_vllm_replica)
