@@ -11,6 +11,8 @@ the V1 trainer, so the recipe names one manager for both. Imports verl's V1 trai
 from __future__ import annotations
 
 import ray
+import transfer_queue
+from verl.experimental.agent_loop import AgentLoopWorker
 from verl.trainer.ppo.v1 import AgentLoopManagerTQ, AgentLoopWorkerTQ
 
 from .rollout_step import rollout_step_of_batch
@@ -21,6 +23,14 @@ __all__ = ["GuidedAgentLoopManagerTQ", "GuidedAgentLoopWorkerTQ"]
 class GuidedAgentLoopWorkerTQ(AgentLoopWorkerTQ.__ray_actor_class__):
     """verl's TransferQueue agent-loop worker, with the batch's `RolloutStep` visible to the loops it starts
     (each loop's task copies the context variable when `generate_sequences` creates it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # verl's AgentLoopWorkerTQ.__init__, step by step (verl 0.9.1): its own `super()` fails in a subclass's
+        # actor, where Ray has unpickled that class by value (its module's name holds the actor class, not it),
+        # so the class `super()` names is a copy of the one in this class's bases.
+        AgentLoopWorker.__init__(self, *args, **kwargs)
+        transfer_queue.init()
+        self.background_tasks = set()
 
     async def generate_sequences(self, batch) -> None:
         with rollout_step_of_batch(_value(batch, "global_steps", None), _value(batch, "validate", False)):
