@@ -120,10 +120,12 @@ class TrainerRun(NamedTuple):
     probe: Path  # the probe's JSON lines (tests/verl_ray/probe.py)
     model_dir: Path  # the initial weights
     seconds: float
-    peak_rss_gib: float  # the trainer's process tree (Ray's processes included), sampled every second
+    peak_gib: float  # the trainer's process tree (Ray's processes included), sampled every second
 
 
-def tree_rss(pid: int) -> int:
+def tree_memory(pid: int) -> int:
+    """The proportional set size of a process and its descendants (RSS would count their shared pages, the
+    libraries every Ray worker maps, once per process)."""
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
@@ -132,8 +134,8 @@ def tree_rss(pid: int) -> int:
     total = 0
     for process in processes:
         try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
@@ -165,7 +167,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
         )
         try:
             while process.poll() is None and time.monotonic() - started < TIMEOUT_S:
-                peak = max(peak, tree_rss(process.pid))
+                peak = max(peak, tree_memory(process.pid))
                 time.sleep(1)
             code = process.wait(timeout=max(TIMEOUT_S - (time.monotonic() - started), 1))
         except subprocess.TimeoutExpired:
@@ -175,7 +177,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
                 os.killpg(process.pid, signal.SIGKILL)  # its group: the trainer, Ray's head processes
                 process.wait()
     run = TrainerRun(use_v1, probe, model_dir, time.monotonic() - started, peak / 2**30)
-    print(f"trainer (use_v1={use_v1}): exit {code} after {run.seconds:.0f} s, peak {run.peak_rss_gib:.1f} GiB; log {log}")
+    print(f"trainer (use_v1={use_v1}): exit {code} after {run.seconds:.0f} s, peak {run.peak_gib:.1f} GiB; log {log}")
     if code != 0:
         pytest.fail(f"verl's trainer exited {code} (None: over {TIMEOUT_S} s):\n{log.read_text()[-6000:]}")
     return run
