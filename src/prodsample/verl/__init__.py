@@ -30,9 +30,9 @@ from .agent_loop import (
     GuidedAgentLoop,
     GuidedAgentLoopManager,
     GuidedAgentLoopWorker,
-    RolloutStep,
     guidance_metrics_of,
 )
+from .rollout_step import RolloutStep
 
 __all__ = [
     "AGENT_NAME",

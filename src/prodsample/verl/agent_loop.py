@@ -15,8 +15,7 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import ray
@@ -38,13 +37,13 @@ from ..vllm.pairing import RECORDS_KEY, RolloutRecord
 from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
 from ..schedules import Adaptive, Schedule, schedule_from_dict
 from ..settings import SEED_BOUND, SamplingSettings, check_integer, is_guided
+from .rollout_step import current_rollout_step, rollout_step_of_batch
 
 __all__ = [
     "AGENT_NAME",
     "GuidedAgentLoop",
     "GuidedAgentLoopManager",
     "GuidedAgentLoopWorker",
-    "RolloutStep",
     "guidance_metrics_of",
 ]
 
@@ -57,39 +56,31 @@ CAUSE_FIELD = "prodsample_desync_cause"  # a prodsample.vllm.pairing.DesyncCause
 RECORDS_FIELD = "prodsample_records"  # False: no records came back; the trajectory is masked out of the loss
 
 
-class RolloutStep(NamedTuple):
-    """What a loop must know of the batch it runs in: the training step, and whether it validates."""
-
-    step: int
-    validate: bool
-
-
-_ROLLOUT_STEP: ContextVar[RolloutStep | None] = ContextVar("prodsample_rollout_step", default=None)
-
-
 class GuidedAgentLoopWorker(AgentLoopWorker):
-    """verl's agent-loop worker, with the batch's `RolloutStep` visible to the loops it starts (in a context
-    variable: each loop runs in a task started inside `generate_sequences`)."""
+    """verl's agent-loop worker, with the batch's `RolloutStep` visible to the loops it starts."""
 
     async def generate_sequences(self, batch):
-        if "global_steps" not in batch.meta_info:
-            raise ValueError("prodsample's agent loop needs the batch's meta_info['global_steps'] (verl's PPO trainer sets it)")
-        token = _ROLLOUT_STEP.set(
-            RolloutStep(int(batch.meta_info["global_steps"]), bool(batch.meta_info.get("validate", False)))
-        )
-        try:
+        with rollout_step_of_batch(batch.meta_info.get("global_steps"), batch.meta_info.get("validate", False)):
             return await super().generate_sequences(batch)
-        finally:
-            _ROLLOUT_STEP.reset(token)
 
 
 class GuidedAgentLoopManager(AgentLoopManager):
     """verl's agent-loop manager running `GuidedAgentLoopWorker`s: set
-    `actor_rollout_ref.rollout.agent.agent_loop_manager_class=prodsample.verl.GuidedAgentLoopManager`."""
+    `actor_rollout_ref.rollout.agent.agent_loop_manager_class=prodsample.verl.GuidedAgentLoopManager`. Under
+    verl's V1 trainer (`trainer.use_v1`), `create` builds its TransferQueue twin
+    (`prodsample.verl.transfer_queue.GuidedAgentLoopManagerTQ`) instead."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.agent_loop_workers_class = ray.remote(GuidedAgentLoopWorker)
         super().__init__(*args, **kwargs)
+
+    @classmethod
+    def create(cls, *args, config, **kwargs):
+        if config.trainer.get("use_v1", False):
+            from .transfer_queue import GuidedAgentLoopManagerTQ
+
+            return GuidedAgentLoopManagerTQ.create(*args, config=config, **kwargs)
+        return super().create(*args, config=config, **kwargs)
 
 
 @register(AGENT_NAME)
@@ -126,7 +117,7 @@ class GuidedAgentLoop(AgentLoopBase):
         self.guide_prefix_tokens = check_integer(guide_prefix_tokens, "guide_prefix_tokens", low=0)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
-        rollout_step = _ROLLOUT_STEP.get()
+        rollout_step = current_rollout_step()
         if rollout_step is None:
             raise RuntimeError(
                 f"prodsample's agent loop runs under {GuidedAgentLoopManager.__module__}.GuidedAgentLoopManager: set "
