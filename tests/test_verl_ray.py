@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ class TrainerRun(NamedTuple):
     model_dir: Path  # the initial weights
     seconds: float
     peak_gib: float  # the trainer's process tree (Ray's processes included), sampled every second
+    log: Path  # the trainer's output
 
 
 def tree_memory(pid: int) -> int:
@@ -156,6 +158,9 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
         RAY_TMPDIR=str(tmp / "ray"), TMPDIR=str(tmp), VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
         RAY_DEDUP_LOGS="0", HYDRA_FULL_ERROR="1",
         RAY_worker_niceness="0",  # Ray's default (15) starves the trainer on a machine shared with other work
+        # Ray 2.x: a process with no Ray node of its own (verl's vLLM server actors) finds its address by routing
+        # towards 8.8.8.8, i.e. the host's interface, and verl's servers bind there; with this off it is loopback.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     log = tmp / "trainer.log"
     started = time.monotonic()
@@ -176,7 +181,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)  # its group: the trainer, Ray's head processes
                 process.wait()
-    run = TrainerRun(use_v1, probe, model_dir, time.monotonic() - started, peak / 2**30)
+    run = TrainerRun(use_v1, probe, model_dir, time.monotonic() - started, peak / 2**30, log)
     print(f"trainer (use_v1={use_v1}): exit {code} after {run.seconds:.0f} s, peak {run.peak_gib:.1f} GiB; log {log}")
     if code != 0:
         pytest.fail(f"verl's trainer exited {code} (None: over {TIMEOUT_S} s):\n{log.read_text()[-6000:]}")
@@ -206,6 +211,11 @@ def test_every_training_rollout_is_guided_in_step_on_one_replica(trained):
     records = [r for r in training if "tokens" in r]
     assert len(records) == len(roles), "every rollout's records came back, once"
     assert all(r["cause"] is None and r["lost_at"] is None for r in records), "every pair stayed in step"
+
+
+def test_verls_servers_listen_on_loopback_only(trained):
+    addresses = re.findall(r"master_address: ([^,\s]+)", trained.log.read_text())
+    assert addresses and set(addresses) == {"127.0.0.1"}, f"verl's vLLM servers bound to {sorted(set(addresses))}"
 
 
 def test_validation_runs_plain(trained):
