@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -77,7 +79,7 @@ def write_dataset(path: Path) -> Path:
     return path
 
 
-def trainer_command(tmp: Path, model_dir: Path, data: Path, *, use_v1: bool) -> list[str]:
+def trainer_command(tmp: Path, model_dir: Path, data: Path, ray_dir: Path, *, use_v1: bool) -> list[str]:
     recipe = [o for o in recipe_overrides() if not o.startswith((
         "data.", "actor_rollout_ref.model.path=", "actor_rollout_ref.rollout.n=",
         "actor_rollout_ref.rollout.agent.agent_loop_config_path=",
@@ -107,7 +109,7 @@ def trainer_command(tmp: Path, model_dir: Path, data: Path, *, use_v1: bool) -> 
         "trainer.save_freq=-1", "trainer.logger=[console,file]",
         f"trainer.default_local_dir={tmp / 'checkpoints'}",
         "ray_kwargs.ray_init.num_cpus=16", "+ray_kwargs.ray_init.num_gpus=2",
-        f"+ray_kwargs.ray_init._temp_dir={tmp / 'ray'}", "+ray_kwargs.ray_init.include_dashboard=false",
+        f"+ray_kwargs.ray_init._temp_dir={ray_dir}", "+ray_kwargs.ray_init.include_dashboard=false",
         "+ray_kwargs.ray_init._node_ip_address=127.0.0.1",
     ]
 
@@ -147,7 +149,8 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
     data = write_dataset(tmp / "rows.parquet")
     probe = tmp / "probe"
     probe.mkdir()
-    (tmp / "ray").mkdir()
+    # Ray's socket paths sit under its temp dir and must fit AF_UNIX's 107 bytes; pytest's tmp_path is too deep
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),  # vllm_metadata's too
@@ -155,7 +158,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
         # verl 0.9.1 registers its FSDP engine for cuda and npu only; on CPU it runs as is
         VERL_ENGINE_DEVICE="cuda",
         PRODSAMPLE_PROBE_DIR=str(probe), VERL_FILE_LOGGER_PATH=str(tmp / "metrics.jsonl"),
-        RAY_TMPDIR=str(tmp / "ray"), TMPDIR=str(tmp), VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+        RAY_TMPDIR=str(ray_dir), TMPDIR=str(tmp), VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
         RAY_DEDUP_LOGS="0", HYDRA_FULL_ERROR="1",
         RAY_worker_niceness="0",  # Ray's default (15) starves the trainer on a machine shared with other work
         # Ray 2.x: a process with no Ray node of its own (verl's vLLM server actors) finds its address by routing
@@ -167,7 +170,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
     peak = 0
     with open(log, "w") as out:
         process = subprocess.Popen(
-            trainer_command(tmp, model_dir, data, use_v1=use_v1), cwd=tmp, env=env, stdout=out,
+            trainer_command(tmp, model_dir, data, ray_dir, use_v1=use_v1), cwd=tmp, env=env, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -181,6 +184,7 @@ def run_trainer(tmp: Path, *, use_v1: bool) -> TrainerRun:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)  # its group: the trainer, Ray's head processes
                 process.wait()
+            shutil.rmtree(ray_dir, ignore_errors=True)
     run = TrainerRun(use_v1, probe, model_dir, time.monotonic() - started, peak / 2**30, log)
     print(f"trainer (use_v1={use_v1}): exit {code} after {run.seconds:.0f} s, peak {run.peak_gib:.1f} GiB; log {log}")
     if code != 0:
