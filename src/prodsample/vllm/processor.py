@@ -90,7 +90,8 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler(backend="auto_engine", record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
+    sampler = PairedSampler(backend="auto_engine", record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s,
+                            vocab_size=vllm_config.model_config.get_vocab_size())
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
@@ -114,7 +115,8 @@ class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
             self.rows.pop(index, None)
         for index, params, _prompt_ids, output_ids in batch_update.added:
             tag = GuidanceTag.from_extra_args(params.extra_args)
-            self._put(index, None if tag is None else (self.sampler.admit(tag), output_ids))
+            key = None if tag is None else self.sampler.admit(tag)
+            self._put(index, None if key is None else (key, output_ids))
         for source, target, direction in batch_update.moved:
             moving = self.rows.pop(source, None)
             if direction is MoveDirectionality.SWAP:
@@ -128,6 +130,7 @@ class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
             self.rows[index] = entry
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self.sampler.sweep()  # every step, tagged rows or not: the record TTL runs on the clock
         if not self.rows:
             return logits
         # Under async scheduling (GPU) the runner may leave -1 placeholders for tokens it has not copied
@@ -153,13 +156,15 @@ class ProductLogitsProcessorV2(_ChecksTaggedParams, V2LogitsProcessor):
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
-        if tag is None:
+        key = None if tag is None else self.sampler.admit(tag)
+        if key is None:
             self.slots.pop(req_idx, None)
             return False
-        self.slots[req_idx] = self.sampler.admit(tag)
+        self.slots[req_idx] = key
         return True
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        self.sampler.sweep()  # every step, tagged rows or not: the record TTL runs on the clock
         slots = ctx.idx_mapping_np
         if logits.shape[0] != len(slots):
             raise RuntimeError("prodsample: one logits row per request expected (speculative decoding is unsupported)")

@@ -373,6 +373,8 @@ class _PairLifecycle:
             return  # a streaming update of a request already here
         try:
             tag = GuidanceTag.from_extra_args(request.sampling_params.extra_args if request.sampling_params else None)
+            if tag is not None:
+                tag.check_fits(self.vllm_config.model_config.get_vocab_size())
         except ValueError as error:  # the frontend validates tags; this only catches engines fed directly
             logger.error("prodsample: request %s has a malformed tag, refused: %s", request.request_id, error)
             self._finish_here([request], RequestStatus.FINISHED_ERROR)
