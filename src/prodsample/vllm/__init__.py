@@ -12,6 +12,7 @@ One module per job, each importing only what it needs:
     client       `GuidedClient` / `AsyncGuidedClient`: the same rollouts from a vLLM server over HTTP
     middleware   the server's side of the client: tag checks against the engine, and the records endpoint
     routes       the paths that middleware serves (vLLM-free, for the client)
+    record_reader  reading finished rollouts' records, many per engine call (client and verl's server)
 
 The names below resolve on first use, so that the framework-free modules and the client (which needs httpx,
 not vLLM) import without vLLM installed.

@@ -35,6 +35,7 @@ import httpx
 from .guided_call import NEUTRAL_SAMPLING, GuidedCall
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle, warn_record_losses
 from .pairing import RolloutRecord, records_from_workers
+from .record_reader import RecordReader
 from .routes import ENGINE_INFO_PATH, MIDDLEWARE, RECORDS_PATH
 from ..prompts import pad_token_id
 from ..rollout import GuidedRollout
@@ -209,7 +210,7 @@ async def _run(
     records are read as soon as it finishes (the processor forgets records nobody reads, see `record_ttl_s`).
     On any failure the requests in flight are cancelled (the server aborts them) and their records dropped."""
     gate = asyncio.Semaphore(max_concurrency)
-    reader = _RecordReader(server)
+    reader = RecordReader(server.take_records)
 
     async def one(rollout: RolloutRequests):
         async with gate:
@@ -233,39 +234,6 @@ async def _run(
         completions.update(rollout_completions)
         records.update(rollout_records)
     return completions, records
-
-
-class _RecordReader:
-    """Reads the records of finished rollouts, many per call: the rollouts that finish while a read is in
-    flight are read together by the next one (each read is a `/collective_rpc`, which the engine serves
-    between two steps)."""
-
-    def __init__(self, server: _Server) -> None:
-        self.server = server
-        self.waiting: dict[str, asyncio.Future] = {}
-        self.reading = asyncio.Lock()
-
-    async def take(self, rollout: str) -> dict[str, RolloutRecord]:
-        """{rollout: its record}, or {} if the server has none for it."""
-        mine = asyncio.get_running_loop().create_future()
-        self.waiting[rollout] = mine
-        async with self.reading:
-            if not mine.done():  # no earlier read took it along
-                batch, self.waiting = self.waiting, {}
-                try:
-                    records = await self.server.take_records(list(batch))
-                except BaseException as error:
-                    for waiter in batch.values():
-                        if waiter is mine:
-                            continue  # raised here
-                        if isinstance(error, Exception):
-                            waiter.set_exception(error)
-                        else:
-                            waiter.cancel()
-                    raise
-                for name, waiter in batch.items():
-                    waiter.set_result({name: records[name]} if name in records else {})
-        return await mine
 
 
 class GuidedClient:
