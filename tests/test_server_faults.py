@@ -65,7 +65,8 @@ def lone_request(tokenizer, role="guide", name="lone", **tag_changes) -> dict:
     request = requests[0] if role == "guide" else requests[1]
     tag = request.tag.to_extra_args()
     tag.update({f"prodsample.{name}": value for name, value in tag_changes.items()})
-    return {"prompt": list(ids), "max_tokens": request.max_new_tokens, **NEUTRAL_SAMPLING, "vllm_xargs": tag}
+    return {"prompt": list(ids), "max_tokens": request.max_new_tokens, **NEUTRAL_SAMPLING, "vllm_xargs": tag,
+            "return_token_ids": True}
 
 
 def post(url: str, body: dict, path: str = "/v1/completions", headers=AUTH) -> httpx.Response:

@@ -151,7 +151,10 @@ class GuidanceTag:
         unknown = raw.keys() - {*_REQUEST_FIELDS, *DRAW_FIELDS}
         if unknown:
             raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
-        settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        try:
+            settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        except ValueError as error:  # named as the tag's field: vLLM's own top_p and the like are other fields
+            raise ValueError(f"the prodsample tag in extra_args ('{prefix}<field>'): {error}") from None
         return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
 
 
