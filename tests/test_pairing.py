@@ -423,10 +423,11 @@ def test_no_tag_the_tag_checks_accept_makes_a_step_raise(data):
                 "seed": data.draw(st.integers(-(2**63), 2**63 - 1)),
                 "release_token": data.draw(st.integers(0, 2 * VOCAB)),
                 "lam": data.draw(st.floats(0.0, 1.0)),
-                "temperature": data.draw(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 1e30])),
+                # any float64 the settings accept, subnormal or huge: the draw holds them as float32
+                "temperature": data.draw(st.one_of(st.floats(0.0, 2.0), st.floats(0.0, 1e308), st.just(math.inf))),
                 "top_k": data.draw(st.integers(0, 2**63 - 1)),
-                "top_p": data.draw(st.floats(1e-9, 1.0)),
-                "min_p": data.draw(st.floats(0.0, 1.0)),
+                "top_p": data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 1e-40))),
+                "min_p": data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 1e-40))),
                 "guide_prefix_tokens": data.draw(st.integers(0, 2**63 - 1)),
             }
             try:
@@ -452,3 +453,19 @@ def test_no_tag_the_tag_checks_accept_makes_a_step_raise(data):
             taken = sampler.take([data.draw(st.sampled_from(["a", "b", "c"]))])
             for name in taken:
                 outputs = {key: out for key, out in outputs.items() if key.rollout != name}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_p": 1e-50}, r"top_p must lie in \(0, 1\], got 0.0 once held as float32"),
+        ({"temperature": 1e39}, "prodsample temperature must be finite as float32"),
+        ({"temperature": math.inf}, "prodsample temperature must be finite as float32"),
+    ],
+)
+def test_tag_values_that_leave_their_range_as_float32_are_refused(change, message):
+    """The engine's draw holds these as float32: top_p 1e-50 became 0 there and its check raised inside the
+    engine's step, which killed it (found by the hostile-client test against a real server)."""
+    extra = tag("r", Role.GUIDE).to_extra_args() | {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in change.items()}
+    with pytest.raises(ValueError, match=message):
+        GuidanceTag.from_extra_args(extra)

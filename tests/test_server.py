@@ -13,14 +13,11 @@ Both servers start together (startup dominates: one to two minutes on a loaded 2
 import asyncio
 import json
 
-import httpx
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
-pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
+httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from prodsample.benchmarks.vllm_server import in_threads  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
@@ -29,10 +26,11 @@ from prodsample.vllm.guided_call import GuidedCall, request_sampling_params  # n
 from prodsample.vllm.routes import MIDDLEWARE  # noqa: E402
 from prodsample.hf import guided_generate  # noqa: E402
 from prodsample.vllm.pairing import DesyncCause  # noqa: E402
-from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
+from prodsample.testing import LocalVllmServer  # noqa: E402
 from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
+from .helpers.served_model import hf, model_dir  # noqa: E402, F401  (fixtures)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -61,18 +59,6 @@ def thread_load(t: int) -> dict:
     keep = [i for i in range(len(PROMPTS)) if i != t]
     return dict(prompts=[PROMPTS[i] for i in keep], answers=[ANSWERS[i] for i in keep], lam=LAMS[t],
                 num_generations=GENERATIONS, max_new_tokens=MAX_NEW_TOKENS, seed=100 + t, temperature=1.0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # head_dim 32: vLLM's CPU attention has no kernel for the tiny model's default head_dim of 16
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1, heads=2)
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")

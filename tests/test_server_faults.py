@@ -7,23 +7,22 @@ import asyncio
 import json
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
 httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from prodsample.settings import SamplingSettings  # noqa: E402
-from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
+from prodsample.testing import LocalVllmServer  # noqa: E402
 from prodsample.vllm.client import GuidedClient  # noqa: E402
 from prodsample.vllm.guided_call import NEUTRAL_SAMPLING, rollout_requests  # noqa: E402
 from prodsample.vllm.routes import ENGINE_INFO_PATH, MIDDLEWARE, RECORDS_PATH  # noqa: E402
 from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
+from .helpers.served_model import hf, model_dir  # noqa: E402, F401  (fixtures)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -36,18 +35,6 @@ SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256
                 *(flag for name in MIDDLEWARE for flag in ("--middleware", name))]
 REQUEST_TIMEOUT_S = 300.0  # the machine is shared with training runs at a higher priority
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # head_dim 32: vLLM's CPU attention has no kernel for the tiny model's default head_dim of 16
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1, heads=2)
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")

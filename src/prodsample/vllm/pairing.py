@@ -39,7 +39,7 @@ import torch
 
 from ..fused import ProductSample
 from ..sampling import product_sample
-from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, is_guided
+from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, check_sampling_values, is_guided
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -118,6 +118,7 @@ class GuidanceTag:
             raise ValueError(f"prodsample settings must be a SamplingSettings, got {type(self.settings).__name__}")
         if not isinstance(self.settings.lam, float):
             raise ValueError(f"a prodsample tag holds the λ of one rollout, got lam={list(self.settings.lam)}")
+        _check_as_float32(self.settings)
         if self.role is Role.GUIDE and not self.paired:
             raise ValueError("a guide request needs lam < 1 (a rollout with lam = 1 has no guide request)")
 
@@ -156,6 +157,20 @@ class GuidanceTag:
         except ValueError as error:  # named as the tag's field: vLLM's own top_p and the like are other fields
             raise ValueError(f"the prodsample tag in extra_args ('{prefix}<field>'): {error}") from None
         return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
+
+
+def _check_as_float32(settings: SamplingSettings) -> None:
+    """The engine's draw holds a tag's λ, temperature, top_p and min_p as float32 (`_sample`): a value that
+    leaves its range there (top_p = 1e-50 becomes 0, temperature = 1e39 becomes inf) would raise inside the
+    engine's step and kill it, so it is refused with the tag."""
+    values = {name: float(torch.tensor(getattr(settings, name), dtype=torch.float32))
+              for name in ("lam", "temperature", "top_p", "min_p")}
+    try:
+        check_sampling_values(**values)
+    except ValueError as error:
+        raise ValueError(f"prodsample tag: {error} once held as float32, as the engine holds it") from None
+    if not math.isfinite(values["temperature"]):
+        raise ValueError(f"prodsample temperature must be finite as float32 (below 3.4e38), got {settings.temperature!r}")
 
 
 class RequestKey(NamedTuple):
