@@ -134,7 +134,8 @@ def test_random_and_hostile_tags_lone_halves_aborts_and_disconnects_never_take_t
         response = post(server, body)
         assert response.status_code in (200, 400), response.text
         if response.status_code == 400:
-            assert "prodsample" in response.text or "vllm_xargs" in response.text, response.text
+            named = ("prodsample", "extra_args")  # a tag field, or vLLM's own check of extra_args (int64 range)
+            assert any(word in response.text for word in named), response.text
         return
     if action == "lone half":
         response = post(server, lone_request(tokenizer, role=data.draw(st.sampled_from(["guide", "plain"])), name=name))

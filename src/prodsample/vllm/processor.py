@@ -5,8 +5,9 @@ prompt with the hint, tagged through `SamplingParams.extra_args` (`prodsample.vl
 The logits processor registered under the `vllm.logits_processors` entry point finds both rows of each pair
 in the batch, draws the token from the mixture with the core sampler and forces it into both rows, and
 keeps per-token records (log q, log π(o|prompt), log π(o|prompt ⊕ hint)) in the engine's worker, read back
-through `LLM.collective_rpc` (`prodsample.vllm.llm.GuidedLLM`) or a server's `/collective_rpc`
-(`RecordsExtension`). Requests without the tag pass through untouched.
+through `LLM.collective_rpc` (`prodsample.vllm.llm.GuidedLLM`) or, on a server, through `RecordsExtension`
+(called by `prodsample.vllm.middleware`'s endpoint, or dev mode's `/collective_rpc`). Requests without the
+tag pass through untouched.
 
 Adapters, thin on purpose (the logic lives in `prodsample.vllm.pairing`):
   `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
@@ -210,10 +211,11 @@ def take_records(_worker, instance_id: str, rollouts: list[str]) -> dict[str, tu
 
 class RecordsExtension:
     """The records for a server's clients: `vllm serve ... --worker-extension-cls prodsample.vllm.processor.RecordsExtension`
-    mixes these methods into every engine worker, and with VLLM_SERVER_DEV_MODE=1 the server's
-    `/collective_rpc` endpoint calls them by name (`prodsample.vllm.client` does). That endpoint passes only
-    strings in and stringifies what is not a dict or list out, and its JSON encoder refuses NaN (a record's
-    guide log-probs after a desync), so records travel as a JSON string with NaN literals."""
+    mixes these methods into every engine worker; `prodsample.vllm.middleware.RecordsEndpoint` calls them by
+    name under the server's API key (or, with VLLM_SERVER_DEV_MODE=1, the unguarded `/collective_rpc`
+    endpoint does). That endpoint passes only strings in and stringifies what is not a dict or list out, and
+    its JSON encoder refuses NaN (a record's guide log-probs after a desync), so records travel as a JSON
+    string with NaN literals."""
 
     def prodsample_take_records(self, rollouts_json: str) -> str:
         """`json.dumps` of {rollout: RolloutRecord as a list} for the named rollouts, forgetting them."""
