@@ -280,7 +280,7 @@ def test_take_leaves_out_unknown_rollouts_and_rows_of_taken_ones_are_left_alone(
 
 def test_rollouts_no_step_has_seen_for_the_ttl_are_forgotten():
     """A server whose clients never take their records forgets them; the rows of a forgotten rollout that is
-    still in the batch are left alone (its records are gone: reading them fails, never silently)."""
+    still in the batch are left alone (its records are gone: read-out finds none, and settle flags it)."""
     now = [0.0]
     runner = FakeRunner(sampler=PairedSampler(backend="reference", record_ttl_s=10.0, clock=lambda: now[0]))
     runner.add(tag("old", Role.GUIDE), tag("old", Role.PLAIN), tag("new", Role.GUIDE), tag("new", Role.PLAIN))

@@ -278,8 +278,8 @@ class PairedSampler:
     Args:
         backend: the `product_sample` backend.
         record_ttl_s: forget a rollout that no step has seen for this long (None: keep it until `take`). A
-            server whose clients never take their records (they recompute them) would otherwise keep every
-            rollout it ever ran. A rollout forgotten while still running (preempted for longer than this) draws
+            server whose clients do not take their records (they failed before reading) would otherwise
+            keep every rollout it ever ran. A rollout forgotten while still running (preempted for longer than this) draws
             on-policy when it resumes, and its record says `record_evicted`: it comes back flagged, never guided.
             Adapters call `sweep` every engine step, so the TTL holds whether or not tagged rows run.
         vocab_size: the engine's vocabulary; a tag whose release token lies outside it is not admitted (the
