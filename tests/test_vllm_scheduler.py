@@ -128,10 +128,6 @@ def test_bad_settings_are_refused_at_construction(base_config, change, message):
 
 def test_unsupported_engines_are_refused(base_config):
     config = copy.deepcopy(base_config)
-    config.parallel_config.data_parallel_size = 2
-    with pytest.raises(ValueError, match="data_parallel_size = 1"):
-        build(config)
-    config = copy.deepcopy(base_config)
     config.scheduler_config.policy = "priority"
     with pytest.raises(ValueError, match="'fcfs'"):
         build(config)

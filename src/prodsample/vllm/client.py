@@ -36,7 +36,7 @@ from .guided_call import NEUTRAL_SAMPLING, GuidedCall
 from .pacing import EngineRequest, GenerationStats, RolloutRequests, check_pairs_fit, settle, warn_record_losses
 from .pairing import RolloutRecord, records_from_workers
 from .record_reader import RecordReader
-from .routes import ENGINE_INFO_PATH, MIDDLEWARE, RECORDS_PATH
+from .routes import DP_RANK_HEADER, ENGINE_INFO_PATH, MIDDLEWARE, RECORDS_PATH
 from ..prompts import pad_token_id
 from ..rollout import GuidedRollout
 from ..settings import SamplingSettings, check_integer
@@ -113,17 +113,20 @@ async def _check_server(server: _Server, call: GuidedCall) -> None:
             f"the server does not serve prodsample's records ({why_not}): start it with "
             f"--worker-extension-cls prodsample.vllm.processor.RecordsExtension --middleware {' --middleware '.join(MIDDLEWARE)}"
         )
-    if info["samplers"] != 1:
+    workers = info["workers"]
+    samplers = [worker["samplers"] for worker in workers]
+    if set(samplers) != {1}:
         raise RuntimeError(
-            f"the server's workers hold {info['samplers']} prodsample logits processors, expected 1: install "
+            f"the server's workers hold {samplers} prodsample logits processors, expected 1 each: install "
             "prodsample in the server's environment (it registers the vllm.logits_processors entry point)"
         )
-    if not info["keeps_pairs"]:
+    server.data_parallel_size = info["data_parallel_size"]
+    if not all(worker["keeps_pairs"] for worker in workers):
         warnings.warn(
             "prodsample: the server does not run prodsample.vllm.scheduler.PairedScheduler: pairs may fall "
             "out of step (flagged desynced, never guided)", stacklevel=4,
         )
-    check_pairs_fit(call.rollouts, info["max_num_batched_tokens"])
+    check_pairs_fit(call.rollouts, min(worker["max_num_batched_tokens"] for worker in workers))
 
 
 class _Server:
@@ -133,6 +136,7 @@ class _Server:
         self.http = http
         self._model = model
         self._dev_mode = False  # records through /collective_rpc rather than prodsample's endpoint
+        self.data_parallel_size = 1  # the server's engines: each rollout is pinned to one of them
 
     async def model(self) -> str:
         """The served model's name: as given, or the server's only one."""
@@ -146,7 +150,8 @@ class _Server:
         return self._model
 
     async def engine_info(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The workers' `prodsample_engine_info`, or None and why it is not available. From prodsample's
+        """{"workers": every worker's `prodsample_engine_info`, "data_parallel_size": engines}, or None and why
+        it is not available. From prodsample's
         endpoint (`prodsample.vllm.middleware`) where the server has it, else from dev mode's `/collective_rpc`,
         which then serves the records too."""
         response = await self.http.get(ENGINE_INFO_PATH)
@@ -158,7 +163,8 @@ class _Server:
             self._dev_mode = True
         if response.status_code >= 400:
             return None, f"the worker extension is missing: HTTP {response.status_code}: {response.text[:200]}"
-        return response.json()["results"][0], None
+        body = response.json()  # the data-parallel size: only prodsample's endpoint says (dev mode: 1 engine)
+        return {"workers": body["results"], "data_parallel_size": body.get("data_parallel_size", 1)}, None
 
     async def completion_body(self, request: EngineRequest) -> dict[str, Any]:
         return {
@@ -173,7 +179,10 @@ class _Server:
 
     async def complete(self, request: EngineRequest) -> list[int]:
         """The tokens the server returns for one tagged request."""
-        response = await self.http.post("/v1/completions", json=await self.completion_body(request))
+        # both requests of a pair to one data-parallel engine, the rollouts spread over all of them
+        ranks = self.data_parallel_size
+        headers = {DP_RANK_HEADER: str(request.tag.rollout_index % ranks)} if ranks > 1 else {}
+        response = await self.http.post("/v1/completions", json=await self.completion_body(request), headers=headers)
         _raise_for_status(response, f"request {request.request_id}")
         choice = response.json()["choices"][0]
         if choice["finish_reason"] not in ("stop", "length"):

@@ -2,13 +2,16 @@
 class): checks of tagged requests against the served engine, and the records, without vLLM's dev mode.
 
 - `TagCheck`: a completion request whose prodsample tag names a value outside the engine (a release token
-  past the vocabulary) gets HTTP 400 naming the field, before it reaches the engine. The tag's own format
+  past the vocabulary) gets HTTP 400 naming the field, before it reaches the engine; so does a tagged request
+  without the `X-data-parallel-rank` header on a data-parallel server (vLLM's balancer would route the two
+  requests of a pair on their own: both must name one rank, `prodsample.vllm.client` does). The tag's own format
   is checked by the logits processor's `validate_params` (also HTTP 400); the engine's scheduler and
   processor refuse such a tag again for engines fed directly.
 - `RecordsEndpoint`: `POST /v1/prodsample/records` with `{"rollouts": [names]}` takes the records of those
-  rollouts from the engine's workers (`prodsample.vllm.processor.RecordsExtension`) and returns them as
+  rollouts from the workers of every data-parallel engine (vLLM's own `collective_rpc` returns engine 0's
+  results only, and would delete the other ranks' records unread) (`prodsample.vllm.processor.RecordsExtension`) and returns them as
   JSON with NaN literals (`{name: RolloutRecord as a list}`); `GET /v1/prodsample/engine_info` returns the
-  workers' `prodsample_engine_info`. Both under the server's API key, as `/v1/completions`: vLLM adds
+  workers' `prodsample_engine_info` (one per worker of every engine) and the server's data-parallel size. Both under the server's API key, as `/v1/completions`: vLLM adds
   middleware given with `--middleware` outside its own authentication, so these check the key themselves.
   A rollout's records are read, and deleted, only by whoever knows its name (128 random bits per call,
   `prodsample.vllm.guided_call.GuidedCall.plan`).
@@ -27,7 +30,7 @@ from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from .pairing import MAX_ROLLOUT_NAME, GuidanceTag, records_from_workers
-from .routes import ENGINE_INFO_PATH, RECORDS_PATH
+from .routes import DP_RANK_HEADER, ENGINE_INFO_PATH, RECORDS_PATH
 
 __all__ = ["TagCheck", "RecordsEndpoint"]
 
@@ -107,11 +110,17 @@ class TagCheck:
             return await self.app(scope, receive, send)  # vLLM's authentication answers it
         body, messages = await _read_body(receive)
         tag = _tag_of(body)
+        engine = scope["app"].state.engine_client
         try:
             if tag is not None:
-                tag.check_fits(scope["app"].state.engine_client.model_config.get_vocab_size())
+                tag.check_fits(engine.model_config.get_vocab_size())
         except ValueError as error:
             return await _respond(send, 400, _error(400, str(error), "vllm_xargs.prodsample.release_token"))
+        ranks = engine.vllm_config.parallel_config.data_parallel_size
+        if tag is not None and ranks > 1 and DP_RANK_HEADER not in Headers(scope=scope):
+            message = (f"a prodsample-tagged request to a data-parallel server ({ranks} ranks) needs the "
+                       f"{DP_RANK_HEADER} header, the same for both requests of a pair")
+            return await _respond(send, 400, _error(400, message, DP_RANK_HEADER))
         await self.app(scope, _replaying(messages, receive), send)
 
 
@@ -131,8 +140,10 @@ class RecordsEndpoint:
         if path == ENGINE_INFO_PATH:
             if scope.get("method") != "GET":
                 return await _respond(send, 405, _error(405, f"{ENGINE_INFO_PATH} takes GET"))
-            results = await engine.collective_rpc("prodsample_engine_info")
-            return await _respond(send, 200, json.dumps({"results": results}))
+            results = await _every_worker(engine, "prodsample_engine_info")
+            # the engines' workers see data_parallel_size 1 each: the API server's config has the count
+            ranks = engine.vllm_config.parallel_config.data_parallel_size
+            return await _respond(send, 200, json.dumps({"results": results, "data_parallel_size": ranks}))
         if scope.get("method") != "POST":
             return await _respond(send, 405, _error(405, f"{RECORDS_PATH} takes POST"))
         body, _ = await _read_body(receive)
@@ -140,9 +151,17 @@ class RecordsEndpoint:
             names = _rollout_names(body)
         except ValueError as error:
             return await _respond(send, 400, _error(400, str(error), "rollouts"))
-        results = await engine.collective_rpc("prodsample_take_records", args=(json.dumps(names),))
+        results = await _every_worker(engine, "prodsample_take_records", json.dumps(names))
         # NaN literals: a desynced record's guide log-probs
         await _respond(send, 200, json.dumps(records_from_workers(results)))
+
+
+async def _every_worker(engine, method: str, *args) -> list:
+    """`method` of the worker extension on every worker of every data-parallel engine, one result per worker.
+    Not `engine.collective_rpc`: under data-parallel balancing it runs on every engine but returns engine 0's
+    results only (vllm/v1/engine/core_client.py, `DPLBAsyncMPClient.call_utility_async`)."""
+    per_engine = await engine.engine_core.call_utility_all_async("collective_rpc", method, None, args, None)
+    return [result for workers in per_engine for result in workers]
 
 
 def _rollout_names(body: bytes) -> list[str]:

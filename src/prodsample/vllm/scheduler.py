@@ -36,8 +36,9 @@ flagged, never silent.
 Use: `vllm serve MODEL --scheduler-cls prodsample.vllm.scheduler.PairedScheduler`, or
 `scheduler_cls=SCHEDULER_CLS` in engine arguments (`prodsample.vllm.build_engine` sets it). Settings go in
 vLLM's additional config (`EngineSettings`). Requires the
-"fcfs" policy, one data-parallel engine per server (vLLM's data-parallel balancing routes each request on
-its own and could split a pair) and no KV connector.
+"fcfs" policy and no KV connector. Under data parallelism each engine runs its own scheduler: both requests of
+a pair must name one engine (`data_parallel_rank`; `prodsample.vllm.middleware` refuses tagged HTTP requests
+without it), since vLLM's balancer routes each request on its own.
 """
 
 from __future__ import annotations
@@ -135,13 +136,8 @@ class EngineSettings:
 
 
 def _check_supported(vllm_config) -> None:
-    parallel = vllm_config.parallel_config
-    if parallel.data_parallel_size > 1:
-        raise ValueError(
-            "PairedScheduler needs data_parallel_size = 1: vLLM's data-parallel balancing routes each request on its "
-            f"own and could send the two requests of a pair to different engines (got {parallel.data_parallel_size}); "
-            "scale with one server per replica instead"
-        )
+    # data_parallel_size > 1 runs one scheduler per rank: a pair stays whole only if both of its requests name
+    # one rank (vLLM's data_parallel_rank; prodsample.vllm.middleware refuses tagged HTTP requests without it)
     scheduler = vllm_config.scheduler_config
     if scheduler.policy != "fcfs":
         raise ValueError(f"PairedScheduler supports the 'fcfs' scheduling policy only, got {scheduler.policy!r}")
