@@ -16,6 +16,7 @@ from prodsample.vllm.client import AsyncGuidedClient, GuidedClient, ServerBacken
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
+from prodsample.rollout import GuidedRollout  # noqa: E402
 from prodsample.testing import tiny_tokenizer  # noqa: E402
 from prodsample.vllm.routes import ENGINE_INFO_PATH, RECORDS_PATH  # noqa: E402
 
@@ -175,8 +176,8 @@ def test_a_server_with_several_processors_is_refused():
 @pytest.mark.parametrize("lost", ["missing", "evicted", "other tokens"])
 def test_a_rollout_whose_records_are_lost_comes_back_flagged_and_the_others_intact(lost):
     """A fault loses one rollout, never the call: rollout 1's record is missing (forgotten after record_ttl_s),
-    evicted while it ran, or holds other tokens; it comes back desynced, unguided, with NaN log-probs and a
-    warning naming the cause; rollout 0 keeps its record."""
+    evicted while it ran, or holds other tokens; it comes back with its tokens, desynced, unguided and masked
+    like padding (mask False, log-probs 0, not NaN) and a warning naming the cause; rollout 0 keeps its record."""
     completion = [40, 41, EOS]
 
     def make(name):
@@ -193,9 +194,13 @@ def test_a_rollout_whose_records_are_lost_comes_back_flagged_and_the_others_inta
         got = shell.generate(PROMPTS[:1], ANSWERS[:1], lam=0.5, num_generations=2, max_new_tokens=3, seed=0)
     assert got.desynced.tolist() == [False, True] and got.guided.tolist() == [True, False]
     assert shell.last_stats.causes == {cause: 1}
-    assert got.logprobs[1, :3].isnan().all() and got.plain_logprobs[1, :3].isnan().all()
+    assert got.masked.tolist() == [False, True] and got.completion_mask.tolist() == [[True] * 3, [False] * 3]
+    for name in ("logprobs", "plain_logprobs", "guide_logprobs"):
+        assert getattr(got, name)[1].tolist() == [0.0] * 3
     assert got.logprobs[0, :3].tolist() == [-1.0, -2.0, -3.0]
     assert got.completion_lists() == [completion] * 2
+    joined = GuidedRollout.concat([got, got], pad_token_id=0)  # a masked rollout stays masked, its tokens kept
+    assert joined.masked.tolist() == [False, True] * 2 and joined.completion_lists() == [completion] * 4
 
 
 def test_pairs_the_server_cannot_prefill_whole_are_refused_before_sending():

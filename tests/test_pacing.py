@@ -341,7 +341,8 @@ def test_outcomes_and_stats_count_every_desync_by_cause():
 
 def test_settle_flags_a_rollout_whose_records_are_lost_and_leaves_the_others():
     """No record, one the TTL evicted while the rollout ran, or one with other tokens than the engine returned:
-    that rollout is flagged with the cause and NaN log-probs (its log q is unknown); a missing completion is
+    that rollout keeps its completion, is flagged with the cause and has log-probs 0 as at padding, never NaN
+    (its log q is unknown; a NaN would poison a whole batch's loss through the mask); a missing completion is
     still an error (the driver's)."""
     rollouts = [rollout(0), rollout(1), rollout(2), rollout(3)]
     completions = {r.request_id: [100, 101] for ro in rollouts for r in ro.requests}
@@ -350,11 +351,12 @@ def test_settle_flags_a_rollout_whose_records_are_lost_and_leaves_the_others():
     outcomes = settle(rollouts, completions, records)
     assert [o.cause for o in outcomes] == [None, "record_missing", "record_evicted", "record_mismatch"]
     assert outcomes[0].record == records["call-0"]
+    assert [o.records_lost for o in outcomes] == [False, True, True, True]
     for outcome in outcomes[1:]:
         assert outcome.desynced and outcome.completion == [100, 101] and outcome.record.lost_at == 0
-        assert all(math.isnan(v) for name in ("logprobs", "plain_logprobs", "guide_logprobs")
-                   for v in getattr(outcome.record, name))
-    with pytest.warns(UserWarning, match="3 of 4 rollouts came back without their records.*raise record_ttl_s"):
+        assert [getattr(outcome.record, name) for name in ("logprobs", "plain_logprobs", "guide_logprobs")] == [[0.0, 0.0]] * 3
+    with pytest.warns(UserWarning, match="3 of 4 rollouts came back without their records.*masked out of the loss.*"
+                                         "raise record_ttl_s"):
         warn_record_losses(outcomes)
     with pytest.raises(RuntimeError, match="no completion for request 'prodsample-call-0-plain'"):
         settle(rollouts[:1], {}, {"call-0": record([100, 101])})

@@ -35,7 +35,7 @@ from verl.workers.rollout.utils import get_max_position_embeddings
 
 from ..controller import GuidanceController
 from ..vllm.guided_call import request_sampling_params, rollout_requests
-from ..vllm.pacing import RECORD_LOSS_HELP, RolloutRequests, check_pairs_fit, settle
+from ..vllm.pacing import RolloutRequests, check_pairs_fit, settle
 from ..vllm.pairing import RECORDS_KEY, RolloutRecord
 from ..prompts import DEFAULT_HINT_TEMPLATE, add_hint
 from ..schedules import Adaptive, Schedule, schedule_from_dict
@@ -172,8 +172,8 @@ class GuidedAgentLoop(AgentLoopBase):
         completions = {request.request_id: list(output.token_ids) for request, output in zip(rollout.requests, outputs)}
         outcome = settle([rollout], completions, {} if record is None else {rollout.name: record})[0]
         cause = outcome.cause
-        has_records = cause not in RECORD_LOSS_HELP  # lost records: flagged, masked out of the loss, the batch goes on
-        logprobs = outcome.record.logprobs[: len(completion)] if has_records else [0.0] * len(completion)
+        has_records = not outcome.records_lost  # lost: flagged, masked out of the loss, the batch goes on
+        logprobs = outcome.record.logprobs[: len(completion)]  # 0 where the records are lost, as at padding
 
         prompt_ids = rollout.plain.prompt_token_ids
         merged, response_mask, response_logprobs = await self.ct_merge_assistant_token(

@@ -81,7 +81,8 @@ class GuidedCall:
         return [rollout.name for rollout in self.rollouts]
 
     def rollout(self, outcomes: Sequence[RolloutOutcome], pad_token_id: int) -> GuidedRollout:
-        """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order."""
+        """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order; a rollout whose records
+        are lost is masked (`GuidedRollout.masked`)."""
         completions = [outcome.completion for outcome in outcomes]
 
         def per_token(name: str) -> list[list[float]]:
@@ -95,6 +96,7 @@ class GuidedCall:
             group_ids=torch.arange(len(outcomes)) // self.settings.num_generations,
             pad_token_id=pad_token_id,
             desynced=[outcome.desynced for outcome in outcomes],
+            masked=[outcome.records_lost for outcome in outcomes],
         )
 
 

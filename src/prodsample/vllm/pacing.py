@@ -26,7 +26,6 @@ rollout at once and leaves the pacing to the engine's scheduler.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -294,6 +293,12 @@ class RolloutOutcome(NamedTuple):
     def desynced(self) -> bool:
         return self.cause is not None
 
+    @property
+    def records_lost(self) -> bool:
+        """Its records are lost (`RECORD_LOSS_HELP`): its log q is unknown, so none of its tokens may enter a
+        loss; a trainer masks it like padding (`GuidedRollout.masked`, verl's response mask)."""
+        return self.cause in RECORD_LOSS_HELP
+
 
 # What a rollout whose records are lost (`RECORD_LOSSES`) means for a trainer, for warnings and errors.
 RECORD_LOSS_HELP = {
@@ -312,8 +317,9 @@ def settle(
     """Each rollout's outcome, from the tokens the engine returned (`completions`, by request id) and the
     pairing's records (by rollout name). A pair with no recorded cause whose two requests returned different
     tokens is `outputs_differ`. A rollout whose records are lost (no record, one the TTL evicted, or one with
-    other tokens than the completion) is flagged with that cause (`RECORD_LOSS_HELP`) and NaN log-probs: its
-    log q is unknown, so a trainer must leave it out of the loss; the other rollouts are untouched."""
+    other tokens than the completion) keeps its completion and is flagged with that cause (`RECORD_LOSS_HELP`,
+    `RolloutOutcome.records_lost`), with log-probs 0 as at padding, never NaN: its log q is unknown, so every
+    trainer masks it out of the loss; the other rollouts are untouched."""
     outcomes = []
     for rollout in rollouts:
         completion = _completion(completions, rollout.plain)
@@ -327,8 +333,8 @@ def settle(
         else:
             lost = None
         if lost is not None:
-            unknown = [math.nan] * len(completion)
-            outcomes.append(RolloutOutcome(completion, RolloutRecord(completion, unknown, unknown, unknown, 0, lost),
+            padding = [0.0] * len(completion)  # unknown: masked like padding, never NaN (NaN · 0 is NaN in a loss)
+            outcomes.append(RolloutOutcome(completion, RolloutRecord(completion, padding, padding, padding, 0, lost),
                                            rollout.paired, lost))
             continue
         cause = record.cause
@@ -344,7 +350,8 @@ def warn_record_losses(outcomes: Sequence[RolloutOutcome], stacklevel: int = 3) 
     if lost:
         causes = "; ".join(f"{count} {cause}: {RECORD_LOSS_HELP[cause]}" for cause, count in sorted(lost.items()))
         warnings.warn(f"prodsample: {sum(lost.values())} of {len(outcomes)} rollouts came back without their records, "
-                      f"flagged desynced with NaN log-probs (leave them out of the loss): {causes}",
+                      f"kept for their tokens, flagged desynced and masked out of the loss (log-probs 0 as at "
+                      f"padding): {causes}",
                       stacklevel=stacklevel)
 
 
