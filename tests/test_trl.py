@@ -702,8 +702,10 @@ def test_a_rollout_whose_records_are_lost_enters_no_loss_and_leaves_the_batch_fi
     """One server rollout of eight lost its records: built as the server backend builds it (settle, then
     GuidedCall.rollout), it is rewarded but masked like padding. The batch's advantages, metrics (the
     self-distillation teacher's included) and loss stay finite, where its old NaN log-probs failed the batch, and
-    none of its tokens enters the loss: other tokens in its place leave the loss as it was."""
-    lost, eos = 5, tokenizer.eos_token_id
+    none of its tokens enters the loss: other tokens in its place leave the loss as it was. Rollout 2 lost step
+    after one token: its guide log-probs are NaN from there (the pairing's convention), and the teacher is
+    re-scored for it as for every unguided rollout, so that NaN reaches no tensor either."""
+    lost, desynced, eos = 5, 2, tokenizer.eos_token_id
 
     def backend(trainer, prompts, answers, settings):
         call = GuidedCall.plan(trainer.processing_class, prompts, answers, settings)
@@ -711,7 +713,10 @@ def test_a_rollout_whose_records_are_lost_enters_no_loss_and_leaves_the_batch_fi
         for r, rollout in enumerate(call.rollouts):
             tokens = [5 + r % 3, 7, eos]
             completions.update({request.request_id: tokens for request in rollout.requests})
-            if r != lost:  # rollout 5's record is missing (forgotten after record_ttl_s)
+            if r == desynced:  # in step for one token: the guide context's log-probs are NaN from there on
+                records[rollout.name] = RolloutRecord(tokens, [-1.0, -2.1, -0.4], [-1.2, -2.1, -0.4],
+                                                      [-0.8, math.nan, math.nan], 1, "out_of_step")
+            elif r != lost:  # rollout 5's record is missing (forgotten after record_ttl_s)
                 records[rollout.name] = RolloutRecord(tokens, [-1.0, -2.0, -0.5], [-1.2, -2.1, -0.4],
                                                       [-0.8, -1.9, -0.6], None, None)
         return call.rollout(settle(call.rollouts, completions, records), tokenizer.pad_token_id)
@@ -731,7 +736,7 @@ def test_a_rollout_whose_records_are_lost_enters_no_loss_and_leaves_the_batch_fi
     for name in ("kl_q_pi", "is_weight_mean", "is_ess", "desynced_fraction", "guided_fraction",
                  "distill_advantage_mean"):
         assert math.isfinite(logged[f"guidance/{name}"]), name
-    assert (logged["guidance/guided_fraction"], logged["guidance/desynced_fraction"]) == (7 / 8, 1 / 8)
+    assert (logged["guidance/guided_fraction"], logged["guidance/desynced_fraction"]) == (6 / 8, 2 / 8)
     trainer.current_gradient_accumulation_steps = 1  # what transformers' training loop sets before each step
     loss = trainer.compute_loss(trainer.model, output)
     assert torch.isfinite(loss)
