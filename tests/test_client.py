@@ -13,23 +13,25 @@ pytest.importorskip("transformers", reason="the client's tests need the hf extra
 httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
 from prodsample.vllm.client import AsyncGuidedClient, GuidedClient, ServerBackend  # noqa: E402
-from prodsample.hf import score  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.prompts import add_hint, render_prompt  # noqa: E402
-from prodsample.testing import tiny_model, tiny_tokenizer  # noqa: E402
+from prodsample.rollout import GuidedRollout  # noqa: E402
+from prodsample.testing import tiny_tokenizer  # noqa: E402
+from prodsample.vllm.routes import ENGINE_INFO_PATH, RECORDS_PATH  # noqa: E402
 
 PROMPTS, ANSWERS = ["What is 2+3?", "Name a prime."], ["5", "7"]
 EOS = 2
 
 
 class FakeServer:
-    """A vLLM server in miniature: `tokens(tag)` says what a tagged request returns; records are served (dev
-    mode) when `records` is set, by rollout name. Logs every request body by path."""
+    """A vLLM server in miniature: `tokens(tag)` says what a tagged request returns; records are served by
+    rollout name when `records` is set, through prodsample's endpoint (`endpoint`), else through dev mode's
+    /collective_rpc (`dev_mode`). Logs every request body by path."""
 
-    def __init__(self, tokens, *, records=None, dev_mode=True, processor=True, info=None, fail=None, hang=False,
+    def __init__(self, tokens, *, records=None, endpoint=True, dev_mode=False, info=None, fail=None, hang=False,
                  slow_first_read=False):
-        self.tokens, self.records, self.dev_mode, self.processor = tokens, records, dev_mode, processor
+        self.tokens, self.records, self.endpoint, self.dev_mode = tokens, records, endpoint, dev_mode
         self.info = {"samplers": 1, "keeps_pairs": True, "max_num_batched_tokens": 2048, "max_model_len": 256}
         self.info |= info or {}
         self.fail = fail  # tag → an httpx.Response to answer that request with
@@ -41,22 +43,21 @@ class FakeServer:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else None
         self.log.setdefault(request.url.path, []).append(body)
-        if request.url.path == "/v1/models":
+        path = request.url.path
+        if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "tiny"}]})
-        if request.url.path == "/collective_rpc":
-            if not self.dev_mode:
-                return httpx.Response(404, json={"detail": "Not Found"})
+        if path == ENGINE_INFO_PATH and self.endpoint:
+            return httpx.Response(200, json={"results": [self.info]})
+        if path == RECORDS_PATH and self.endpoint:
+            return httpx.Response(200, text=json.dumps(await self._records(body["rollouts"], path)))
+        if path == "/collective_rpc" and self.dev_mode:
             if body["method"] == "prodsample_engine_info":
                 return httpx.Response(200, json={"results": [self.info]})
-            names = json.loads(body["args"][0])
-            if self.slow_first_read and len(self.log["/collective_rpc"]) == 2:  # after the engine info
-                await asyncio.sleep(0.05)
-            records = {name: self.records[name] for name in names if name in self.records}
+            records = await self._records(json.loads(body["args"][0]), path)
             return httpx.Response(200, json={"results": [json.dumps(records)]})
+        if path != "/v1/completions":
+            return httpx.Response(404, json={"detail": "Not Found"})
         tag = GuidanceTag.from_extra_args(body["vllm_xargs"])
-        if body.get("presence_penalty"):  # the processor refuses it
-            if self.processor:
-                return httpx.Response(400, json={"error": {"message": "a prodsample-tagged request must leave ..."}})
         if self.fail is not None and self.fail(tag) is not None:
             return self.fail(tag)
         if self.hang:
@@ -67,6 +68,17 @@ class FakeServer:
                 raise
         tokens = self.tokens(tag)
         return httpx.Response(200, json={"choices": [{"token_ids": tokens, "finish_reason": "stop"}]})
+
+    async def _records(self, names, path):
+        if self.slow_first_read and len(self.log[path]) == 1:
+            await asyncio.sleep(0.05)
+        return {name: self.records[name] for name in names if name in self.records}
+
+    def reads(self):
+        """The rollout names of each read of records, in order."""
+        if self.endpoint:
+            return [body["rollouts"] for body in self.log.get(RECORDS_PATH, [])]
+        return [json.loads(body["args"][0]) for body in self.log["/collective_rpc"][1:]]
 
 
 def client(server, **kwargs):
@@ -93,7 +105,7 @@ def test_requests_carry_the_tag_and_neutral_sampling_and_records_come_from_the_s
     server.tokens = tokens
     server.slow_first_read = True
     got = client(server).generate(PROMPTS, ANSWERS, lam=0.5, num_generations=2, max_new_tokens=3, seed=9)
-    reads = [json.loads(body["args"][0]) for body in server.log["/collective_rpc"][1:]]
+    reads = server.reads()
     assert len(reads) == 2 and sorted(map(len, reads)) == [1, 3], "the rollouts that finish during a read wait for one"
     bodies = server.log["/v1/completions"]
     assert len(bodies) == 8, "two requests per rollout"
@@ -120,62 +132,75 @@ def test_a_desync_in_the_server_records_is_flagged():
     shell = client(server)
     got = shell.generate(PROMPTS[:1], ANSWERS[:1], lam=0.5, max_new_tokens=3, seed=0)
     assert got.desynced.tolist() == [True] and got.guided.tolist() == [False]
-    assert shell.last_stats.causes == {"out_of_step": 1} and shell.last_records_source == "server"
+    assert shell.last_stats.causes == {"out_of_step": 1}
 
 
 class _RecordsFor(dict):
-    """Records for any rollout name."""
+    """Records for any rollout name (but those `skip` says)."""
 
-    def __init__(self, make):
+    def __init__(self, make, skip=lambda name: False):
         super().__init__()
-        self.make = make
+        self.make, self.skip = make, skip
 
     def __contains__(self, name):
-        return True
+        return not self.skip(name)
 
     def __getitem__(self, name):
         return self.make(name)
 
 
-@pytest.mark.parametrize("mode", ["no policy", "records=server"])
-def test_without_dev_mode_the_client_needs_a_policy(mode):
-    server = FakeServer(lambda tag: [40, EOS], dev_mode=False)
-    kwargs = {"records": "server", "policy": object()} if mode == "records=server" else {}
-    with pytest.raises(RuntimeError, match="VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls"):
-        client(server, **kwargs).generate(PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2)
+def test_a_server_without_prodsample_records_is_refused_before_any_rollout():
+    """No rollout's pairing can be verified without the engine's records (docs/server.md): no endpoint and no
+    dev mode is an error that says how to start the server, before anything is sent."""
+    server = FakeServer(lambda tag: [40, EOS], endpoint=False, dev_mode=False)
+    with pytest.raises(RuntimeError, match="--middleware prodsample.vllm.middleware.TagCheck"):
+        client(server).generate(PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2)
     assert "/v1/completions" not in server.log
 
 
-def test_a_server_without_the_processor_is_refused_before_any_rollout():
-    server = FakeServer(lambda tag: [40, EOS], dev_mode=False, processor=False)
-    with pytest.raises(RuntimeError, match="install prodsample in the server's environment"):
-        client(server, policy=object()).generate(PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2)
-    assert len(server.log["/v1/completions"]) == 1, "only the probe was sent"
+def test_records_through_dev_mode_when_the_server_has_no_endpoint():
+    completion = [40, EOS]
+    server = FakeServer(lambda tag: completion, records=_RecordsFor(lambda name: record(completion)), endpoint=False,
+                        dev_mode=True)
+    got = client(server).generate(PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2, seed=0)
+    assert bool(got.guided.all()) and RECORDS_PATH not in server.log and len(server.reads()) >= 1
 
 
-def test_recomputed_records_follow_score_and_flag_outputs_that_differ():
-    """Without dev mode: log q of λ while the two outputs agree; where they part (rollout 1's guide stops at
-    position 1), log π and NaN guide log-probs from there, cause outputs_differ."""
-    tokenizer = tiny_tokenizer()
-    policy = tiny_model(tokenizer, arch="llama", seed=0)
+def test_a_server_with_several_processors_is_refused():
+    server = FakeServer(lambda tag: [40, EOS], records={}, info={"samplers": 2})
+    with pytest.raises(RuntimeError, match=r"hold \[2\] prodsample logits processors"):
+        client(server).generate(PROMPTS, ANSWERS, lam=0.5, max_new_tokens=2)
+    assert "/v1/completions" not in server.log
 
-    def tokens(tag):
-        if tag.rollout_index == 1 and tag.role is Role.GUIDE:
-            return [40, EOS]
-        return [40, 41, 42, EOS]
 
-    shell = client(FakeServer(tokens, dev_mode=False), policy=policy)
-    with pytest.warns(UserWarning, match="records recomputed"):
-        got = shell.generate(PROMPTS[:1], ANSWERS[:1], lam=0.3, num_generations=2, max_new_tokens=4, seed=0)
-    assert shell.last_records_source == "recomputed"
+@pytest.mark.parametrize("lost", ["missing", "evicted", "other tokens"])
+def test_a_rollout_whose_records_are_lost_comes_back_flagged_and_the_others_intact(lost):
+    """A fault loses one rollout, never the call: rollout 1's record is missing (forgotten after record_ttl_s),
+    evicted while it ran, or holds other tokens; it comes back with its tokens, desynced, unguided and masked
+    like padding (mask False, log-probs 0, not NaN) and a warning naming the cause; rollout 0 keeps its record."""
+    completion = [40, 41, EOS]
+
+    def make(name):
+        if not name.endswith("-1"):
+            return record(completion)
+        if lost == "evicted":
+            return [completion[1:], [-1.0] * 2, [-1.0] * 2, [math.nan] * 2, 0, "record_evicted"]
+        return record([40, 9, EOS])
+
+    records = _RecordsFor(make, skip=lambda name: lost == "missing" and name.endswith("-1"))
+    shell = client(FakeServer(lambda tag: completion, records=records))
+    cause = {"missing": "record_missing", "evicted": "record_evicted", "other tokens": "record_mismatch"}[lost]
+    with pytest.warns(UserWarning, match=f"1 of 2 rollouts came back without their records.*1 {cause}"):
+        got = shell.generate(PROMPTS[:1], ANSWERS[:1], lam=0.5, num_generations=2, max_new_tokens=3, seed=0)
     assert got.desynced.tolist() == [False, True] and got.guided.tolist() == [True, False]
-    completions = [[40, 41, 42, EOS]] * 2
-    with_lam = score(policy, tokenizer, PROMPTS[:1] * 2, ANSWERS[:1] * 2, completions, lam=0.3)
-    on_policy = score(policy, tokenizer, PROMPTS[:1] * 2, ANSWERS[:1] * 2, completions, lam=1.0)
-    assert torch.allclose(got.logprobs[0], with_lam.logprobs[0])
-    assert torch.allclose(got.logprobs[1], torch.cat([with_lam.logprobs[1, :1], on_policy.logprobs[1, 1:]]))
-    assert torch.allclose(got.plain_logprobs, with_lam.plain_logprobs)
-    assert got.guide_logprobs[1, 1:].isnan().all() and not got.guide_logprobs[1, :1].isnan().any()
+    assert shell.last_stats.causes == {cause: 1}
+    assert got.masked.tolist() == [False, True] and got.completion_mask.tolist() == [[True] * 3, [False] * 3]
+    for name in ("logprobs", "plain_logprobs", "guide_logprobs"):
+        assert getattr(got, name)[1].tolist() == [0.0] * 3
+    assert got.logprobs[0, :3].tolist() == [-1.0, -2.0, -3.0]
+    assert got.completion_lists() == [completion] * 2
+    joined = GuidedRollout.concat([got, got], pad_token_id=0)  # a masked rollout stays masked, its tokens kept
+    assert joined.masked.tolist() == [False, True] * 2 and joined.completion_lists() == [completion] * 4
 
 
 def test_pairs_the_server_cannot_prefill_whole_are_refused_before_sending():
@@ -196,7 +221,7 @@ def test_a_failed_request_cancels_the_rest_and_drops_their_records():
         client(server, max_concurrency=4).generate(PROMPTS, ANSWERS, lam=0.5, num_generations=3, max_new_tokens=2)
     sent = len(server.log["/v1/completions"])
     assert sent < 12 and server.cancelled == sent - 1, "every request in flight but the failed one cancelled"
-    dropped = json.loads(server.log["/collective_rpc"][-1]["args"][0])
+    dropped = server.reads()[-1]
     assert len(dropped) == 6, "the records of every rollout of the call are dropped"
 
 
@@ -223,8 +248,6 @@ def test_the_blocking_client_refuses_to_run_inside_an_event_loop_and_the_async_o
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(records="sometimes"), "records must be one of"),
-        (dict(records="recompute"), "records='recompute' needs policy"),
         (dict(max_concurrency=0), "max_concurrency must be a positive integer"),
     ],
 )

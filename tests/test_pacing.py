@@ -1,6 +1,7 @@
 """The pacing driver against a fake engine: admission within the engine's limits, pairs admitted whole,
 stepping to the end, partners that finish early or vanish, errors, and the outcome/stats read-out."""
 
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from prodsample.vllm.pacing import (
     PacedDriver,
     RolloutRequests,
     settle,
+    warn_record_losses,
 )
 from prodsample.vllm.pairing import DesyncCause, GuidanceTag, Role, RolloutRecord
 from prodsample.settings import SamplingSettings
@@ -337,15 +339,27 @@ def test_outcomes_and_stats_count_every_desync_by_cause():
     assert GenerationStats.of(settle(rollouts[4:], completions, records), 1).desync_rate == 0.0
 
 
-def test_settle_refuses_missing_records_and_tokens_that_were_not_drawn():
-    (only,) = rollouts = [rollout(0)]
-    completions = {r.request_id: [100, 101] for r in only.requests}
-    with pytest.raises(RuntimeError, match="no prodsample records for rollout 'call-0'"):
-        settle(rollouts, completions, {})
-    with pytest.raises(RuntimeError, match="other tokens than prodsample drew"):
-        settle(rollouts, completions, {"call-0": record([100, 55])})
+def test_settle_flags_a_rollout_whose_records_are_lost_and_leaves_the_others():
+    """No record, one the TTL evicted while the rollout ran, or one with other tokens than the engine returned:
+    that rollout keeps its completion, is flagged with the cause and has log-probs 0 as at padding, never NaN
+    (its log q is unknown; a NaN would poison a whole batch's loss through the mask); a missing completion is
+    still an error (the driver's)."""
+    rollouts = [rollout(0), rollout(1), rollout(2), rollout(3)]
+    completions = {r.request_id: [100, 101] for ro in rollouts for r in ro.requests}
+    evicted = RolloutRecord([101], [-1.0], [-1.0], [math.nan], 0, DesyncCause.RECORD_EVICTED.value)
+    records = {"call-0": record([100, 101]), "call-2": evicted, "call-3": record([100, 55])}
+    outcomes = settle(rollouts, completions, records)
+    assert [o.cause for o in outcomes] == [None, "record_missing", "record_evicted", "record_mismatch"]
+    assert outcomes[0].record == records["call-0"]
+    assert [o.records_lost for o in outcomes] == [False, True, True, True]
+    for outcome in outcomes[1:]:
+        assert outcome.desynced and outcome.completion == [100, 101] and outcome.record.lost_at == 0
+        assert [getattr(outcome.record, name) for name in ("logprobs", "plain_logprobs", "guide_logprobs")] == [[0.0, 0.0]] * 3
+    with pytest.warns(UserWarning, match="3 of 4 rollouts came back without their records.*masked out of the loss.*"
+                                         "raise record_ttl_s"):
+        warn_record_losses(outcomes)
     with pytest.raises(RuntimeError, match="no completion for request 'prodsample-call-0-plain'"):
-        settle(rollouts, {}, {"call-0": record([100, 101])})
+        settle(rollouts[:1], {}, {"call-0": record([100, 101])})
 
 
 # -- bad input -----------------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ only yield the forced token) and keeps the token unless the row was still mid-pr
 know nothing in advance (`produces=None`); V2-style views say which rows are mid-prefill.
 """
 
+import json
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from prodsample.vllm.pairing import (
     EXTRA_ARGS_KEY,
@@ -19,6 +22,7 @@ from prodsample.vllm.pairing import (
     RequestKey,
     Role,
     RowView,
+    records_from_workers,
 )
 from prodsample.sampling import product_sample
 from prodsample.settings import SamplingSettings
@@ -276,7 +280,7 @@ def test_take_leaves_out_unknown_rollouts_and_rows_of_taken_ones_are_left_alone(
 
 def test_rollouts_no_step_has_seen_for_the_ttl_are_forgotten():
     """A server whose clients never take their records forgets them; the rows of a forgotten rollout that is
-    still in the batch are left alone (its records are gone: reading them fails, never silently)."""
+    still in the batch are left alone (its records are gone: read-out finds none, and settle flags it)."""
     now = [0.0]
     runner = FakeRunner(sampler=PairedSampler(backend="reference", record_ttl_s=10.0, clock=lambda: now[0]))
     runner.add(tag("old", Role.GUIDE), tag("old", Role.PLAIN), tag("new", Role.GUIDE), tag("new", Role.PLAIN))
@@ -340,3 +344,128 @@ def test_a_nested_tag_is_refused_not_ignored():
     nested = {EXTRA_ARGS_KEY: {"rollout": "r", "role": "plain"}}
     with pytest.raises(ValueError, match="a prodsample tag is flat"):
         GuidanceTag.from_extra_args(nested)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_k": 2**70}, r"top_k must be below 2\*\*63"),
+        ({"rollout": "r" * 257}, "prodsample rollout must be a string of 1 to 256 characters"),
+        ({"release_token": -1}, "prodsample release_token must be an integer in"),
+        ({"seed": 2**63}, "prodsample seed must be an integer in"),
+    ],
+)
+def test_tag_values_an_engine_tensor_cannot_hold_are_refused(change, message):
+    extra = tag("r", Role.GUIDE).to_extra_args() | {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in change.items()}
+    with pytest.raises(ValueError, match=message):
+        GuidanceTag.from_extra_args(extra)
+
+
+def test_a_release_token_outside_the_vocabulary_does_not_fit_and_is_not_admitted(caplog):
+    """The release token indexes the logits of a released guide row: past the vocabulary it would crash the
+    engine's step (IndexError, a device-side assert on a GPU). The tag alone cannot know the vocabulary:
+    `check_fits` does, and a sampler that knows its engine's never admits such a tag (the row is left alone)."""
+    bad = GuidanceTag("r", Role.GUIDE, 0, SEED, VOCAB, SamplingSettings(0.5))
+    with pytest.raises(ValueError, match=rf"prodsample.release_token must be a token id .* \[0, {VOCAB}\), got {VOCAB}"):
+        bad.check_fits(VOCAB)
+    tag("r", Role.GUIDE).check_fits(VOCAB)
+    sampler = PairedSampler(backend="reference", vocab_size=VOCAB)
+    assert sampler.admit(bad) is None and len(sampler) == 0
+    assert "not admitted" in caplog.text and "release_token" in caplog.text
+    logits = torch.randn(1, VOCAB)
+    view = RowView(0, RequestKey("r", Role.GUIDE), 0, None, None)
+    assert torch.equal(sampler.step(logits.clone(), [view]), logits), "an unknown row is left alone"
+
+
+def test_the_record_ttl_runs_on_the_clock_and_an_evicted_rollout_that_resumes_is_flagged_on_policy():
+    """`sweep` (every engine step, tagged rows or not) forgets a rollout idle past the TTL, e.g. a pair preempted
+    that long. When it resumes it draws on-policy (the guide is released) and its record says `record_evicted`,
+    so it comes back flagged, never guided, and never fails the call."""
+    now = [0.0]
+    sampler = PairedSampler(backend="reference", record_ttl_s=10.0, clock=lambda: now[0])
+    runner = FakeRunner(sampler=sampler)
+    runner.add(tag("a", Role.GUIDE), tag("a", Role.PLAIN))
+    plain, guide = keys("a")
+    runner.step([guide, plain])
+    now[0] = 11.0
+    sampler.sweep()  # a step without tagged rows: the pair is preempted
+    assert len(sampler) == 0, "forgotten on the clock, with no tagged row stepped"
+    runner.add(tag("a", Role.GUIDE), tag("a", Role.PLAIN))  # resumed
+    processed = runner.step([guide, plain])
+    assert int(processed[0].argmax()) == RELEASE, "the guide row is released: the pair is lost"
+    record = sampler.take(["a"])["a"]
+    assert (record.lost_at, record.cause) == (0, DesyncCause.RECORD_EVICTED.value)
+    assert all(math.isnan(value) for value in record.guide_logprobs)
+
+
+def test_records_from_workers_take_a_record_with_tokens_over_an_empty_one():
+    empty, full = [[], [], [], [], None, None], [[5, 0], [-1.0, -2.0], [-1.0, -2.0], [-1.5, -2.5], None, None]
+    assert records_from_workers([{"a": empty}, {"a": full}])["a"].tokens == [5, 0]
+    assert records_from_workers([json.dumps({"a": full}), {"a": empty}])["a"].tokens == [5, 0]
+    assert records_from_workers([{"a": empty}])["a"].tokens == []
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_no_tag_the_tag_checks_accept_makes_a_step_raise(data):
+    """Property: any tag that `GuidanceTag.from_extra_args` and `check_fits` accept, in any mix of lone halves,
+    pairs, rows mid-prefill, skipped steps and read-outs, steps without an exception and forces a token in the
+    vocabulary (the engine lives on)."""
+    sampler = PairedSampler(backend="reference", vocab_size=VOCAB)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    outputs: dict[RequestKey, list[int]] = {}
+    for step in range(data.draw(st.integers(1, 6))):
+        for _ in range(data.draw(st.integers(0, 3))):
+            fields = {
+                "rollout": data.draw(st.sampled_from(["a", "b", "c"])),
+                "role": data.draw(st.sampled_from(["plain", "guide"])),
+                "rollout_index": data.draw(st.integers(0, 2**63 - 1)),
+                "seed": data.draw(st.integers(-(2**63), 2**63 - 1)),
+                "release_token": data.draw(st.integers(0, 2 * VOCAB)),
+                "lam": data.draw(st.floats(0.0, 1.0)),
+                # any float64 the settings accept, subnormal or huge: the draw holds them as float32
+                "temperature": data.draw(st.one_of(st.floats(0.0, 2.0), st.floats(0.0, 1e308), st.just(math.inf))),
+                "top_k": data.draw(st.integers(0, 2**63 - 1)),
+                "top_p": data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 1e-40))),
+                "min_p": data.draw(st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 1e-40))),
+                "guide_prefix_tokens": data.draw(st.integers(0, 2**63 - 1)),
+            }
+            try:
+                new = GuidanceTag.from_extra_args({f"{EXTRA_ARGS_KEY}.{k}": v for k, v in fields.items()})
+                new.check_fits(VOCAB)
+            except ValueError:
+                continue
+            key = sampler.admit(new)
+            outputs.setdefault(key, [])
+        known = list(outputs)
+        scheduled = data.draw(st.lists(st.sampled_from(known), unique=True)) if known else []
+        mid_prefill = set(data.draw(st.lists(st.sampled_from(scheduled), unique=True))) if scheduled else set()
+        logits = torch.randn(len(scheduled), VOCAB, generator=generator) * 3
+        views = [RowView(i, key, len(outputs[key]), None, outputs[key][-1] if outputs[key] else None)
+                 for i, key in enumerate(scheduled)]
+        processed = sampler.step(logits, views)
+        for i, key in enumerate(scheduled):
+            token = int(processed[i].argmax())
+            assert 0 <= token < VOCAB
+            if key not in mid_prefill:
+                outputs[key].append(token)
+        if data.draw(st.booleans()):
+            taken = sampler.take([data.draw(st.sampled_from(["a", "b", "c"]))])
+            for name in taken:
+                outputs = {key: out for key, out in outputs.items() if key.rollout != name}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_p": 1e-50}, r"top_p must lie in \(0, 1\], got 0.0 once held as float32"),
+        ({"temperature": 1e39}, "prodsample temperature must be finite as float32"),
+        ({"temperature": math.inf}, "prodsample temperature must be finite as float32"),
+    ],
+)
+def test_tag_values_that_leave_their_range_as_float32_are_refused(change, message):
+    """The engine's draw holds these as float32: top_p 1e-50 became 0 there and its check raised inside the
+    engine's step, which killed it (found by the hostile-client test against a real server)."""
+    extra = tag("r", Role.GUIDE).to_extra_args() | {f"{EXTRA_ARGS_KEY}.{name}": value for name, value in change.items()}
+    with pytest.raises(ValueError, match=message):
+        GuidanceTag.from_extra_args(extra)

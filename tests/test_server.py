@@ -1,11 +1,11 @@
-"""Server mode end to end on the CPU engine: real vLLM servers on 127.0.0.1 (tiny fp32 Llama, eager mode, dev
-mode, prodsample's worker extension), driven by prodsample's client from several threads at once.
+"""Server mode end to end on the CPU engine: real vLLM servers on 127.0.0.1 (tiny fp32 Llama, eager mode,
+prodsample's worker extension), driven by prodsample's client from several threads at once.
 
-- `paired`: prodsample's scheduler. 224 pairs of mixed prompt lengths from 4 client threads (3 blocking, 1
-  asyncio): no pair falls out of step, the tokens are `guided_generate`'s under the same keyed noise, and the
-  records equal teacher-forced `score`; records recomputed on a local policy equal the server's.
-- `stock`: vLLM's own scheduler, the same load: pairs fall out of step, and every one that does is flagged
-  (its records say where, and what was drawn from there on), never reported as guided.
+- `paired`: prodsample's scheduler and middleware (records from its endpoint, no dev mode). 224 pairs of mixed
+  prompt lengths from 4 client threads (3 blocking, 1 asyncio): no pair falls out of step, the tokens are
+  `guided_generate`'s under the same keyed noise, and the records equal teacher-forced `score`.
+- `stock`: vLLM's own scheduler, in dev mode (records through /collective_rpc), the same load: pairs fall out
+  of step, and every rollout whose log q leaves λ's teacher-forced q is flagged, never reported as guided.
 
 Both servers start together (startup dominates: one to two minutes on a loaded 2-core machine).
 """
@@ -14,22 +14,23 @@ import asyncio
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs the CPU engine)")
-pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
+httpx = pytest.importorskip("httpx", reason="the client needs the server extra (httpx)")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from prodsample.benchmarks.vllm_server import in_threads  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
 from prodsample.vllm.client import AsyncGuidedClient, GuidedClient  # noqa: E402
+from prodsample.vllm.guided_call import GuidedCall, request_sampling_params  # noqa: E402
+from prodsample.vllm.routes import MIDDLEWARE  # noqa: E402
 from prodsample.hf import guided_generate  # noqa: E402
 from prodsample.vllm.pairing import DesyncCause  # noqa: E402
-from prodsample.testing import LocalVllmServer, save_tiny  # noqa: E402
+from prodsample.testing import LocalVllmServer  # noqa: E402
 from prodsample.vllm.scheduler import SCHEDULER_CLS  # noqa: E402
 
 from .helpers.rollouts import TOL, per_rollout, records_match_score  # noqa: E402
+from .helpers.served_model import hf, model_dir  # noqa: E402, F401  (fixtures)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -61,25 +62,13 @@ def thread_load(t: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # head_dim 32: vLLM's CPU attention has no kernel for the tiny model's default head_dim of 16
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1, heads=2)
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("servers")
-    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    middleware = [flag for name in MIDDLEWARE for flag in ("--middleware", name)]
     started = {
-        "paired": LocalVllmServer(model_dir, [*SERVER_FLAGS, "--scheduler-cls", SCHEDULER_CLS], env=env,
+        "paired": LocalVllmServer(model_dir, [*SERVER_FLAGS, "--scheduler-cls", SCHEDULER_CLS, *middleware],
                                   log=logs / "paired.log"),
-        "stock": LocalVllmServer(model_dir, SERVER_FLAGS, env=env, log=logs / "stock.log"),
+        "stock": LocalVllmServer(model_dir, SERVER_FLAGS, env={"VLLM_SERVER_DEV_MODE": "1"}, log=logs / "stock.log"),
     }
     try:
         for server in started.values():
@@ -92,7 +81,7 @@ def servers(model_dir, tmp_path_factory):
 
 def run_load(url: str, tokenizer) -> list[tuple]:
     """Every thread's call at once; thread 0 through the asyncio client, the others blocking. Returns
-    (call, rollout, stats, records source) per thread."""
+    (call, rollout, stats) per thread."""
 
     def work(t: int) -> tuple:
         call = thread_load(t)
@@ -103,7 +92,7 @@ def run_load(url: str, tokenizer) -> list[tuple]:
         else:
             client = GuidedClient(url, tokenizer, max_concurrency=32)
             rollout = client.generate(prompts, answers, **call)
-        return thread_load(t), rollout, client.last_stats, client.last_records_source
+        return thread_load(t), rollout, client.last_stats
 
     return in_threads(THREADS, work)[1]
 
@@ -116,7 +105,7 @@ def test_a_guided_prefix_through_the_server_is_recorded_exactly(servers, hf):
     settings = SamplingSettings(lam=0.5, num_generations=2, max_new_tokens=MAX_NEW_TOKENS, seed=9, guide_prefix_tokens=2)
     client = GuidedClient(servers["paired"], tokenizer)
     rollout = client.generate(prompts, answers, settings)
-    assert client.last_records_source == "server" and not rollout.desynced.any() and bool(rollout.guided.all())
+    assert not rollout.desynced.any() and bool(rollout.guided.all())
     want = guided_generate(model, tokenizer, prompts, answers, settings)
     same = (rollout.completion_ids == want.completion_ids) & want.completion_mask
     assert float(same.sum() / want.completion_mask.sum()) >= 0.99
@@ -126,9 +115,9 @@ def test_a_guided_prefix_through_the_server_is_recorded_exactly(servers, hf):
 def test_the_pair_scheduler_keeps_every_pair_of_a_concurrent_load_in_step(servers, hf):
     model, tokenizer = hf
     results = run_load(servers["paired"], tokenizer)
-    assert sum(len(rollout) for _, rollout, _, _ in results) == 224
-    for call, rollout, stats, source in results:
-        assert source == "server" and stats.desynced == 0 and not rollout.desynced.any()
+    assert sum(len(rollout) for _, rollout, _ in results) == 224
+    for call, rollout, stats in results:
+        assert stats.desynced == 0 and not rollout.desynced.any()
         assert bool(rollout.guided.all())
         want = guided_generate(model, tokenizer, call["prompts"], call["answers"], lam=call["lam"],
                                num_generations=GENERATIONS, max_new_tokens=MAX_NEW_TOKENS, seed=call["seed"])
@@ -139,40 +128,35 @@ def test_the_pair_scheduler_keeps_every_pair_of_a_concurrent_load_in_step(server
         assert records_match_score(rollout, hf, prompts, answers) <= TOL
 
 
-def test_records_recomputed_on_a_local_policy_equal_the_servers(servers, hf):
-    model, tokenizer = hf
-    call = thread_load(1) | dict(num_generations=2)
-    prompts, answers = call.pop("prompts"), call.pop("answers")
-    served = GuidedClient(servers["paired"], tokenizer).generate(prompts, answers, **call)
-    local = GuidedClient(servers["paired"], tokenizer, policy=model, records="recompute")
-    with pytest.warns(UserWarning, match="records recomputed"):
-        recomputed = local.generate(prompts, answers, **call)
-    assert local.last_records_source == "recomputed"
-    assert torch.equal(served.completion_ids, recomputed.completion_ids), "same seed, same keyed noise"
-    for name in ("logprobs", "plain_logprobs", "guide_logprobs"):
-        assert torch.allclose(getattr(served, name), getattr(recomputed, name), atol=TOL, rtol=0)
-
-
 def test_a_pair_one_step_cannot_prefill_is_refused(servers, hf):
-    """About 1850 prompt tokens against a budget of 1536 a step: refused by the client where it can read the
-    budget (dev mode), else by the server's scheduler (an error the client names)."""
-    model, tokenizer = hf
+    """About 1850 prompt tokens against a budget of 1536 a step: refused by the client, which reads the budget,
+    and by the server's scheduler when the pair is sent as it is (both requests finish with an error)."""
+    _, tokenizer = hf
     prompt = "x" * 900  # the tokenizer is character-level
     with pytest.raises(ValueError, match="max_num_batched_tokens = 1536"):
         GuidedClient(servers["paired"], tokenizer).generate([prompt], ["1"], lam=0.5, max_new_tokens=2)
-    unchecked = GuidedClient(servers["paired"], tokenizer, policy=model, records="recompute")
-    with pytest.raises(RuntimeError, match=r"HTTP 500.*refuses a pair that one step cannot prefill"):
-        unchecked.generate([prompt], ["1"], lam=0.5, max_new_tokens=2)
+    call = GuidedCall.plan(tokenizer, [prompt], ["1"], SamplingSettings(lam=0.5, max_new_tokens=2, seed=0))
+
+    async def send_pair():
+        async with httpx.AsyncClient(base_url=servers["paired"], timeout=600) as http:
+            bodies = [{"prompt": request.prompt_token_ids, **request_sampling_params(request)}
+                      for request in call.rollouts[0].requests]
+            for body in bodies:
+                body["vllm_xargs"] = body.pop("extra_args")
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for body in bodies))
+
+    assert [response.status_code for response in asyncio.run(send_pair())] == [500, 500]
 
 
 @pytest.mark.filterwarnings("ignore:prodsample. the server does not run")
 def test_without_the_pair_scheduler_every_desync_is_flagged_and_never_guided(servers, hf):
+    """records_match_score finds each rollout's loss from teacher-forced score of a separately loaded model,
+    and asserts that every rollout whose log q leaves λ's q is flagged and not guided."""
     _, tokenizer = hf
     results = run_load(servers["stock"], tokenizer)
-    desynced = sum(int(rollout.desynced.sum()) for _, rollout, _, _ in results)
+    desynced = sum(int(rollout.desynced.sum()) for _, rollout, _ in results)
     assert desynced > 0, "the load splits pairs under vLLM's scheduler (else this test shows nothing)"
-    for call, rollout, stats, _ in results:
-        assert torch.equal(rollout.guided, ~rollout.desynced), "guided exactly when in step (all λ < 1)"
+    for call, rollout, stats in results:
         assert stats.desynced == int(rollout.desynced.sum())
         prompts, answers = per_rollout(call["prompts"], GENERATIONS), per_rollout(call["answers"], GENERATIONS)
         # a desync the records missed would leave a solo draw's log π where log q is expected: this fails

@@ -29,6 +29,9 @@ from prodsample.importance import off_policy_weights
 from prodsample.settings import SamplingSettings
 from prodsample.schedules import Adaptive, Constant, Linear
 from prodsample.rollout import GuidedRollout
+from prodsample.vllm.guided_call import GuidedCall
+from prodsample.vllm.pacing import settle
+from prodsample.vllm.pairing import RolloutRecord
 from prodsample.trl import (
     ROLLOUT_BACKENDS,
     GatheredBatch,
@@ -693,6 +696,53 @@ def test_self_distill_teacher_forces_the_hinted_prompt_on_plain_rollouts(tokeniz
     assert [entry["guidance/distill_coef"] for entry in logged] == [0.5, 0.25]
     assert all(math.isfinite(entry["guidance/distill_advantage_mean"]) for entry in logged)
     assert all(0.0 <= entry["guidance/distill_clipped_fraction"] <= 1.0 for entry in logged)
+
+
+def test_a_rollout_whose_records_are_lost_enters_no_loss_and_leaves_the_batch_finite(tokenizer, tmp_path):
+    """One server rollout of eight lost its records: built as the server backend builds it (settle, then
+    GuidedCall.rollout), it is rewarded but masked like padding. The batch's advantages, metrics (the
+    self-distillation teacher's included) and loss stay finite, where its old NaN log-probs failed the batch, and
+    none of its tokens enters the loss: other tokens in its place leave the loss as it was. Rollout 2 lost step
+    after one token: its guide log-probs are NaN from there (the pairing's convention), and the teacher is
+    re-scored for it as for every unguided rollout, so that NaN reaches no tensor either."""
+    lost, desynced, eos = 5, 2, tokenizer.eos_token_id
+
+    def backend(trainer, prompts, answers, settings):
+        call = GuidedCall.plan(trainer.processing_class, prompts, answers, settings)
+        completions, records = {}, {}
+        for r, rollout in enumerate(call.rollouts):
+            tokens = [5 + r % 3, 7, eos]
+            completions.update({request.request_id: tokens for request in rollout.requests})
+            if r == desynced:  # in step for one token: the guide context's log-probs are NaN from there on
+                records[rollout.name] = RolloutRecord(tokens, [-1.0, -2.1, -0.4], [-1.2, -2.1, -0.4],
+                                                      [-0.8, math.nan, math.nan], 1, "out_of_step")
+            elif r != lost:  # rollout 5's record is missing (forgotten after record_ttl_s)
+                records[rollout.name] = RolloutRecord(tokens, [-1.0, -2.0, -0.5], [-1.2, -2.1, -0.4],
+                                                      [-0.8, -1.9, -0.6], None, None)
+        return call.rollout(settle(call.rollouts, completions, records), tokenizer.pad_token_id)
+
+    trainer = build(tokenizer, tmp_path, rollout_backend=backend, reward=token_reward,
+                    self_distill=DistillCoefficient(0.5, Linear(0.0, end_step=4)))
+    trainer.model.train()
+    rows = [row for row in sums(2) for _ in range(4)]
+    output = trainer._generate_and_score_completions(rows)
+    mask = output["completion_mask"].bool()
+    assert mask.sum(dim=1).tolist() == [0 if r == lost else 3 for r in range(8)]
+    assert output["completion_ids"][lost, :3].tolist() == [5 + lost % 3, 7, eos]  # kept, and rewarded
+    assert int(output["num_items_in_batch"]) == 7 * 3
+    assert torch.isfinite(output["advantages"]).all() and not output["advantages"][lost].any()
+    assert output["advantages"][mask].abs().max() > 0  # the others train
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items() if name.startswith("guidance/")}
+    for name in ("kl_q_pi", "is_weight_mean", "is_ess", "desynced_fraction", "guided_fraction",
+                 "distill_advantage_mean"):
+        assert math.isfinite(logged[f"guidance/{name}"]), name
+    assert (logged["guidance/guided_fraction"], logged["guidance/desynced_fraction"]) == (6 / 8, 2 / 8)
+    trainer.current_gradient_accumulation_steps = 1  # what transformers' training loop sets before each step
+    loss = trainer.compute_loss(trainer.model, output)
+    assert torch.isfinite(loss)
+    other = dict(output, completion_ids=output["completion_ids"].clone())
+    other["completion_ids"][lost, :3] = torch.tensor([9, 9, 9])
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, other), loss)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -554,9 +554,9 @@ def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_m
 
     taken = []
 
-    async def take(names):
-        taken.append(names)
-        return {name: f"record of {name}" for name in names}
+    async def take(name):
+        taken.append([name])
+        return {name: f"record of {name}"}
 
     async def finish_all(finish, tags):
         return [await finish.finished(tag, take) for tag in tags]
@@ -575,3 +575,50 @@ def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_m
     assert taken == [["other"]]
     with pytest.raises(ValueError, match="max_waiting"):
         RolloutFinish(max_waiting=0)
+
+
+def test_both_requests_of_a_pair_get_one_max_tokens_when_max_model_len_is_unset(config, hf, model_dir, vllm_metadata):
+    """verl's default leaves rollout.max_model_len unset; its server then caps each request at the model's
+    max_position_embeddings less that request's own prompt. The loop gives both requests the limit the longer
+    (hinted) prompt leaves, so verl's cap changes neither and the pair stays one length."""
+    from transformers import AutoConfig
+
+    _, tokenizer = hf
+    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    unset = changed(config, {"actor_rollout_ref": {"rollout": {"max_model_len": None}}})
+    loop = loop_with(unset, tokenizer, schedule={"kind": "constant", "lam": 0.5})
+    plain, guide = [5] * 10, [5] * (positions - 7)
+    limit = loop._max_new_tokens(plain, guide)
+    assert limit == 7 < RESPONSE_LENGTH, "the longer prompt's room, not the response length"
+    for prompt in (plain, guide):  # what verl's vLLMHttpServer.generate clamps max_tokens to
+        assert max(1, min(limit, positions - len(prompt))) == limit
+    with pytest.raises(ValueError, match="leave no room to generate"):
+        loop._max_new_tokens(plain, [5] * positions)
+
+
+def test_guidance_metrics_leave_out_rows_of_other_agent_loops(vllm_metadata):
+    """A batch that mixes prodsample's loop with another: the other loop's rows have empty prodsample columns
+    (verl fills them with None) and count in no metric; a batch without prodsample rows has no metrics."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from prodsample.verl import guidance_metrics_of
+
+    def column(values):
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+
+    mixed = SimpleNamespace(non_tensor_batch={
+        "prodsample_lam": column([0.5, None, 0.7, None]),
+        "prodsample_guided": column([True, None, False, None]),
+        "prodsample_desynced": column([False, None, True, None]),
+        "prodsample_records": column([True, None, False, None]),
+    })
+    metrics = guidance_metrics_of(mixed)
+    assert metrics["guidance/lambda_mean"] == pytest.approx(0.6) and metrics["guidance/lambda_std"] == pytest.approx(0.1)
+    assert metrics["guidance/guided_fraction"] == 0.5 and metrics["guidance/desynced_fraction"] == 0.5
+    assert metrics["guidance/records_missing_fraction"] == 0.5
+    others = SimpleNamespace(non_tensor_batch={"prodsample_lam": column([None, None])})
+    assert guidance_metrics_of(others) == {} and guidance_metrics_of(SimpleNamespace(non_tensor_batch={})) == {}

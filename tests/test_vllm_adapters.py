@@ -49,7 +49,8 @@ def params(role: Role, *, rollout="r0", index=0, lam=0.5, **overrides) -> Sampli
 
 
 def config(name: str):
-    return SimpleNamespace(instance_id=name, additional_config={})
+    model = SimpleNamespace(get_vocab_size=lambda: VOCAB)
+    return SimpleNamespace(instance_id=name, additional_config={}, model_config=model)
 
 
 def forced_token(row: torch.Tensor) -> int:

@@ -5,6 +5,7 @@ where vLLM's stock scheduler splits a pair in the same situation, the test shows
 fail)."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from prodsample.testing import save_tiny  # noqa: E402
 from prodsample.vllm.pairing import GuidanceTag, Role  # noqa: E402
 from prodsample.settings import SamplingSettings  # noqa: E402
+import prodsample.vllm.scheduler as scheduler_module  # noqa: E402
 from prodsample.vllm.scheduler import PairedAsyncScheduler, PairedScheduler  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -49,7 +51,8 @@ def build(base_config, cls=PairedScheduler, *, blocks=64, tokens=64, seqs=16, ti
     config.scheduler_config.long_prefill_token_threshold = long_prefill
     config.scheduler_config.async_scheduling = asynchronous
     config.cache_config.num_gpu_blocks = blocks
-    config.additional_config = {"prodsample": {"pair_timeout_s": timeout, **additional}}
+    settings = {} if timeout is None else {"pair_timeout_s": timeout}  # None: the default
+    config.additional_config = {"prodsample": settings | additional}
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32)
     kv = KVCacheConfig(num_blocks=blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
     return cls(vllm_config=config, kv_cache_config=kv, structured_output_manager=StructuredOutputManager(config),
@@ -124,10 +127,6 @@ def test_bad_settings_are_refused_at_construction(base_config, change, message):
 
 
 def test_unsupported_engines_are_refused(base_config):
-    config = copy.deepcopy(base_config)
-    config.parallel_config.data_parallel_size = 2
-    with pytest.raises(ValueError, match="data_parallel_size = 1"):
-        build(config)
     config = copy.deepcopy(base_config)
     config.scheduler_config.policy = "priority"
     with pytest.raises(ValueError, match="'fcfs'"):
@@ -382,6 +381,29 @@ def test_a_lone_request_runs_alone_after_the_timeout(base_config, caplog):
     scheduler.add_request(plain)  # its partner, too late: it runs at once, alone as well
     assert step(scheduler)[0] == {"r0-guide": 1, "r0-plain": 6}
     assert scheduler.pair_stats.released_alone == 2 and scheduler.pair_stats.pairs == 0
+
+
+def test_a_late_partner_is_still_a_partner_however_late_it_comes(base_config, monkeypatch):
+    """By default no clock decides: the first request of a pair waits through any number of steps and any wall
+    time (a loaded machine, where the partner reaches the engine late), and enters with its partner when that
+    comes. Only its client giving up (an abort) ends the wait."""
+    clock = [0.0]
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    scheduler = build(base_config, timeout=None)
+    guide, plain = pair("r0", 6)
+    scheduler.add_request(guide)
+    for _ in range(5):
+        clock[0] += 3600.0
+        assert step(scheduler)[0] == {}
+    scheduler.add_request(plain)
+    assert step(scheduler)[0] == {"r0-guide": 9, "r0-plain": 6}
+    assert scheduler.pair_stats.pairs == 1 and scheduler.pair_stats.released_alone == 0
+    other, _ = pair("r1", 6)
+    scheduler.add_request(other)
+    clock[0] += 3600.0
+    step(scheduler)
+    scheduler.finish_requests(other.request_id, RequestStatus.FINISHED_ABORTED)  # its client gave up
+    assert other.request_id not in scheduler.requests and len(scheduler.pair_book) == 1
 
 
 def test_a_lone_request_waits_until_the_timeout(base_config):

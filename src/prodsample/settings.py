@@ -79,6 +79,14 @@ def _number(value, name: str) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+def _top_k(value) -> int:
+    """top_k as an int; one beyond int64 is refused here, since samplers hold it in int64 tensors."""
+    value = check_integer(value, "top_k")
+    if value >= 2**63:
+        raise ValueError(f"top_k must be below 2**63 (it is held as int64; any value >= the vocabulary is off), got {value}")
+    return value
+
+
 def check_integer(value, name: str, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int in [low, high) (a missing bound is no bound); else ValueError naming `name`. A bool
     is not an integer here, though Python counts it as one."""
@@ -162,7 +170,7 @@ class SamplingSettings:
         normalised = {
             "lam": _lam_values(self.lam),
             "temperature": _number(self.temperature, "temperature"),
-            "top_k": 0 if self.top_k is None else check_integer(self.top_k, "top_k"),  # its range: below
+            "top_k": 0 if self.top_k is None else _top_k(self.top_k),  # its lower bound: below
             "top_p": 1.0 if self.top_p is None else _number(self.top_p, "top_p"),
             "min_p": 0.0 if self.min_p is None else _number(self.min_p, "min_p"),
         }

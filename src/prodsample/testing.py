@@ -147,13 +147,13 @@ class LocalVllmServer:
         return self
 
     def wait_ready(self, timeout: float = 900.0) -> str:
-        """The server's URL once `/v1/models` answers."""
+        """The server's URL once `/health` answers (outside the API key, which guards `/v1`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the vLLM server exited with {self.process.returncode}:\n{self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=5):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
                     return self.url
             except OSError:
                 time.sleep(1.0)

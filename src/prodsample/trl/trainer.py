@@ -19,6 +19,7 @@ from ..controller import GuidanceController
 from ..hf import check_tokenizer_matches, score
 from ..importance import ImportanceConfig
 from ..prompts import add_hint, hint_leakage
+from ..rollout import GuidedRollout
 from ..schedules import schedule_from_dict
 from ..settings import is_guided
 from .backends import ROLLOUT_BACKENDS, RolloutBackend, unwrapped_model
@@ -187,6 +188,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         batch = GuidedBatch.from_rows(inputs, self.args.answer_column)
         with self._open_batches.open(batch):
             output = super()._generate_and_score_completions(inputs)
+        self._mask_rollouts(output, batch.rollout)
         teacher = self._teacher_logprobs(inputs, batch) if beta else None  # β = 0 skips the teacher's forward
         gathered = self._gather(batch, output, teacher)
         width = output["completion_ids"].shape[1]
@@ -201,6 +203,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         return output
+
+    def _mask_rollouts(self, output: dict, rollout: GuidedRollout) -> None:
+        """TRL's loss mask without the tokens of masked rollouts (`GuidedRollout.masked`: records lost), as TRL
+        drops truncated completions: they are still rewarded, and count in their group's baseline."""
+        kept = (~rollout.masked).to(output["completion_mask"].device).unsqueeze(1)
+        output["completion_mask"] = output["completion_mask"] * kept.to(output["completion_mask"].dtype)
+        # TRL's count of loss tokens over processes (every process gathers, masked rows or not)
+        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
 
     def _distill_coefficient(self) -> float | None:
         """β at this step, or None without `self_distill`."""

@@ -12,6 +12,7 @@ desync flags in `extra_fields`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,8 +28,10 @@ from verl.experimental.agent_loop.agent_loop import (
     AgentLoopWorker,
     register,
 )
+from transformers import AutoConfig
 from verl.utils.profiler import simple_timer
 from verl.workers.rollout.replica import TokenOutput
+from verl.workers.rollout.utils import get_max_position_embeddings
 
 from ..controller import GuidanceController
 from ..vllm.guided_call import request_sampling_params, rollout_requests
@@ -166,29 +169,28 @@ class GuidedAgentLoop(AgentLoopBase):
         plain = outputs[-1]
         completion = list(plain.token_ids)
         record = _record_in(outputs)
-        if record is None:
-            logprobs, cause = [0.0] * len(completion), None
-        else:
-            completions = {request.request_id: list(output.token_ids) for request, output in zip(rollout.requests, outputs)}
-            outcome = settle([rollout], completions, {rollout.name: record})[0]
-            logprobs, cause = outcome.record.logprobs[: len(completion)], outcome.cause
+        completions = {request.request_id: list(output.token_ids) for request, output in zip(rollout.requests, outputs)}
+        outcome = settle([rollout], completions, {} if record is None else {rollout.name: record})[0]
+        cause = outcome.cause
+        has_records = not outcome.records_lost  # lost: flagged, masked out of the loss, the batch goes on
+        logprobs = outcome.record.logprobs[: len(completion)]  # 0 where the records are lost, as at padding
 
         prompt_ids = rollout.plain.prompt_token_ids
         merged, response_mask, response_logprobs = await self.ct_merge_assistant_token(
             prompt_ids, completion, [], [], assistant_logprobs=logprobs
         )
         prompt_length = len(merged.token_ids) - len(response_mask)
-        if record is None:
+        if not has_records:
             response_mask = [0] * len(response_mask)  # no log q: nothing of it may enter the loss
         length = self.rollout_config.response_length
         extra_fields = {key: value for key, value in plain.extra_fields.items() if key != RECORDS_KEY}
         extra_fields.update({
             "turn_scores": [], "tool_rewards": [],  # the schema of verl's own loops
             LAMBDA_FIELD: float(lam),
-            GUIDED_FIELD: bool(rollout.paired and record is not None and cause is None),
+            GUIDED_FIELD: bool(rollout.paired and cause is None),
             DESYNCED_FIELD: cause is not None,
             CAUSE_FIELD: cause,
-            RECORDS_FIELD: record is not None,
+            RECORDS_FIELD: has_records,
         })
         return AgentLoopOutput(
             prompt_ids=merged.token_ids[:prompt_length],
@@ -202,17 +204,27 @@ class GuidedAgentLoop(AgentLoopBase):
 
     def _max_new_tokens(self, plain_ids: list[int], guide_ids: list[int] | None) -> int:
         """verl's response length, within the context left by the longer prompt: both requests of a pair get
-        the same limit (verl's server would otherwise cut the hinted one shorter)."""
-        limit = self.rollout_config.response_length
-        max_model_len = self.rollout_config.get("max_model_len")
-        if max_model_len:
-            limit = min(limit, max_model_len - max(len(plain_ids), len(guide_ids or ())))
+        the same limit (verl's server caps each request by the context its own prompt leaves, and would
+        otherwise cut the hinted one shorter)."""
+        max_model_len = self._max_model_len
+        limit = min(self.rollout_config.response_length, max_model_len - max(len(plain_ids), len(guide_ids or ())))
         if limit < 1:
             raise ValueError(
                 f"the prompts ({len(plain_ids)} tokens, {len(guide_ids or ())} with the hint) leave no room to "
                 f"generate within rollout.max_model_len = {max_model_len}"
             )
         return limit
+
+    @functools.cached_property
+    def _max_model_len(self) -> int:
+        """The context verl's vLLM server gives a request: rollout.max_model_len, or when that is unset (verl's
+        default) the model's max_position_embeddings, as `vLLMHttpServer._validate_configs` sets it."""
+        configured = self.rollout_config.get("max_model_len")
+        if configured:
+            return int(configured)
+        model = self.config.actor_rollout_ref.model
+        hf_config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.get("trust_remote_code", False))
+        return get_max_position_embeddings(hf_config)
 
     def _eos_token_id(self) -> int:
         if self.tokenizer.eos_token_id is None:
@@ -279,13 +291,27 @@ def guidance_metrics_of(batch) -> dict[str, float]:
     """The `guidance/*` metrics of a verl batch of `GuidedAgentLoop` trajectories (its non_tensor_batch
     columns): λ's mean and spread, and the fractions of trajectories guided, desynced and without records.
     verl 0.9.1's trainer logs no metrics of an agent loop's own: call this on the rollout batch in a trainer
-    step, or read the columns from verl's rollout dump."""
+    step, or read the columns from verl's rollout dump. Rows of other agent loops (a mixed batch: their λ
+    column is empty) are left out; a batch without any of this loop's rows gives no metrics."""
     columns = batch.non_tensor_batch
-    lam = np.asarray(columns[LAMBDA_FIELD], dtype=np.float64)
+    if LAMBDA_FIELD not in columns:
+        return {}
+    ours = np.array([value is not None and not _is_nan(value) for value in columns[LAMBDA_FIELD]], dtype=bool)
+    if not ours.any():
+        return {}
+
+    def column(name: str, dtype) -> np.ndarray:
+        return np.asarray(list(columns[name][ours]), dtype=dtype)
+
+    lam = column(LAMBDA_FIELD, np.float64)
     return {
         "guidance/lambda_mean": float(lam.mean()),
         "guidance/lambda_std": float(lam.std()),
-        "guidance/guided_fraction": float(np.asarray(columns[GUIDED_FIELD], dtype=bool).mean()),
-        "guidance/desynced_fraction": float(np.asarray(columns[DESYNCED_FIELD], dtype=bool).mean()),
-        "guidance/records_missing_fraction": float(1.0 - np.asarray(columns[RECORDS_FIELD], dtype=bool).mean()),
+        "guidance/guided_fraction": float(column(GUIDED_FIELD, bool).mean()),
+        "guidance/desynced_fraction": float(column(DESYNCED_FIELD, bool).mean()),
+        "guidance/records_missing_fraction": float(1.0 - column(RECORDS_FIELD, bool).mean()),
     }
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and value != value

@@ -7,7 +7,9 @@ log π(o | prompt ⊕ hint), desync causes). The log-probs vLLM returns for a fo
 verl's own `collective_rpc` discards results, so this server subclass reads the records itself: when the
 last request of a rollout finishes, it takes the rollout's records from the engine's workers
 (`prodsample.vllm.processor.RecordsExtension`, mixed into verl's worker extension) and attaches them to that request's
-`TokenOutput.extra_fields[RECORDS_KEY]`. Untagged requests pass through untouched.
+`TokenOutput.extra_fields[RECORDS_KEY]`. The rollouts that finish while a read is in flight are read together
+by the next one (`prodsample.vllm.record_reader.RecordReader`): a batch's records take a few RPCs, not one per
+rollout. Untagged requests pass through untouched.
 
 `prodsample.verl` registers `GuidedVllmReplica` for the name "vllm" in verl's replica registry (the plugin
 does it on `import verl`), so `actor_rollout_ref.rollout.name=vllm` runs this server with no patch to verl.
@@ -29,6 +31,7 @@ from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, 
 from ..settings import check_integer
 from ..vllm.pairing import RECORDS_KEY, GuidanceTag, RolloutRecord, records_from_workers
 from ..vllm.processor import RecordsExtension
+from ..vllm.record_reader import RecordReader
 
 __all__ = ["GuidedVllmHttpServer", "GuidedVllmReplica", "GuidedWorkerExtension", "RolloutFinish"]
 
@@ -39,7 +42,7 @@ class GuidedWorkerExtension(RecordsExtension, vLLMColocateWorkerExtension):
     """verl's worker extension (weight sync, LoRA, quantisation patches) with prodsample's record reading."""
 
 
-TakeRecords = Callable[[list[str]], Awaitable[dict[str, RolloutRecord]]]
+TakeRecord = Callable[[str], Awaitable[dict[str, RolloutRecord]]]  # a rollout → {rollout: its record} or {}
 
 
 class RolloutFinish:
@@ -56,7 +59,7 @@ class RolloutFinish:
         self.max_waiting = max_waiting
         self._one_finished: OrderedDict[str, None] = OrderedDict()
 
-    async def finished(self, tag: GuidanceTag, take_records: TakeRecords) -> RolloutRecord | None:
+    async def finished(self, tag: GuidanceTag, take_record: TakeRecord) -> RolloutRecord | None:
         """The rollout's record if the request tagged `tag` was its last to finish here (None otherwise, or if
         the engine holds none for it)."""
         if tag.paired and tag.rollout not in self._one_finished:
@@ -65,7 +68,7 @@ class RolloutFinish:
                 self._one_finished.popitem(last=False)
             return None
         self._one_finished.pop(tag.rollout, None)
-        return (await take_records([tag.rollout])).get(tag.rollout)
+        return (await take_record(tag.rollout)).get(tag.rollout)
 
 
 class GuidedVllmHttpServer(vLLMHttpServer):
@@ -76,6 +79,10 @@ class GuidedVllmHttpServer(vLLMHttpServer):
     def rollout_finish(self) -> RolloutFinish:
         return RolloutFinish()
 
+    @functools.cached_property
+    def record_reader(self) -> RecordReader:
+        return RecordReader(self.take_records)
+
     def _get_worker_extension_cls(self) -> str:
         return WORKER_EXTENSION_CLS
 
@@ -84,7 +91,7 @@ class GuidedVllmHttpServer(vLLMHttpServer):
         tag = GuidanceTag.from_extra_args(sampling_params.get("extra_args"))
         output = await super().generate(prompt_ids, sampling_params, request_id, **kwargs)
         if tag is not None:
-            record = await self.rollout_finish.finished(tag, self.take_records)
+            record = await self.rollout_finish.finished(tag, self.record_reader.take)
             if record is not None:
                 output.extra_fields[RECORDS_KEY] = list(record)
         return output

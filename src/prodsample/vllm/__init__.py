@@ -10,6 +10,9 @@ One module per job, each importing only what it needs:
     scheduler    `PairedScheduler`, which admits, preempts and finishes a pair's two requests together
     sync         the checked in-place weight sync into an engine
     client       `GuidedClient` / `AsyncGuidedClient`: the same rollouts from a vLLM server over HTTP
+    middleware   the server's side of the client: tag checks against the engine, and the records endpoint
+    routes       the paths that middleware serves (vLLM-free, for the client)
+    record_reader  reading finished rollouts' records, many per engine call (client and verl's server)
 
 The names below resolve on first use, so that the framework-free modules and the client (which needs httpx,
 not vLLM) import without vLLM installed.

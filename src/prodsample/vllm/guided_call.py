@@ -18,7 +18,7 @@ Example (the test tokenizer needs the `hf` extra):
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,8 +55,8 @@ class GuidedCall:
     @classmethod
     def plan(cls, tokenizer, prompts: Sequence, answers: Sequence[str], settings: SamplingSettings) -> GuidedCall:
         """The requests of one call (`prodsample.vllm.GuidedLLM.generate`'s arguments); bad ones raise
-        ValueError naming them. Rollout names are unique per call (a random prefix), so calls can share an
-        engine."""
+        ValueError naming them. Rollout names are unique per call (a random prefix of 128 bits), so calls can
+        share an engine, and no other client can guess them."""
         check_prompts_and_answers(prompts, answers)
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id: guided generation needs one to end rollouts")
@@ -68,7 +68,7 @@ class GuidedCall:
             render_prompt(tokenizer, add_hint(p, a, settings.hint_template)) if any(map(is_guided, lams)) else None
             for p, a in zip(prompts, answers)
         ]
-        call = uuid.uuid4().hex[:12]
+        call = secrets.token_hex(16)  # whoever knows a rollout's name can read (and delete) its records
         requests = [
             rollout_requests(f"{call}-{r}", r, plain_ids[r // group], guide_ids[r // group],
                              dataclasses.replace(settings, lam=lams[r]), tokenizer.eos_token_id)
@@ -81,7 +81,8 @@ class GuidedCall:
         return [rollout.name for rollout in self.rollouts]
 
     def rollout(self, outcomes: Sequence[RolloutOutcome], pad_token_id: int) -> GuidedRollout:
-        """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order."""
+        """The `GuidedRollout` of the outcomes, one per rollout in `rollouts`' order; a rollout whose records
+        are lost is masked (`GuidedRollout.masked`)."""
         completions = [outcome.completion for outcome in outcomes]
 
         def per_token(name: str) -> list[list[float]]:
@@ -95,6 +96,7 @@ class GuidedCall:
             group_ids=torch.arange(len(outcomes)) // self.settings.num_generations,
             pad_token_id=pad_token_id,
             desynced=[outcome.desynced for outcome in outcomes],
+            masked=[outcome.records_lost for outcome in outcomes],
         )
 
 

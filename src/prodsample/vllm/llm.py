@@ -34,6 +34,7 @@ from .pacing import (
     PacedDriver,
     RolloutDriver,
     settle,
+    warn_record_losses,
 )
 from .pairing import RolloutRecord, records_from_workers
 from .processor import count_samplers, take_records
@@ -198,6 +199,7 @@ class GuidedLLM:
             self._take(call.names)  # drop whatever the processor holds for them
             raise
         outcomes = settle(call.rollouts, driven.completions, self._take(call.names))
+        warn_record_losses(outcomes)
         self.last_stats = GenerationStats.of(outcomes, driven.engine_steps)
         return call.rollout(outcomes, pad_token_id(self.tokenizer))
 

@@ -26,6 +26,7 @@ rollout at once and leaves the pacing to the engine's scheduler.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ __all__ = [
     "check_pairs_fit",
     "RolloutOutcome",
     "settle",
+    "RECORD_LOSS_HELP",
+    "warn_record_losses",
     "GenerationStats",
 ]
 
@@ -290,29 +293,66 @@ class RolloutOutcome(NamedTuple):
     def desynced(self) -> bool:
         return self.cause is not None
 
+    @property
+    def records_lost(self) -> bool:
+        """Its records are lost (`RECORD_LOSS_HELP`): its log q is unknown, so none of its tokens may enter a
+        loss; a trainer masks it like padding (`GuidedRollout.masked`, verl's response mask)."""
+        return self.cause in RECORD_LOSS_HELP
+
+
+# What a rollout whose records are lost (`RECORD_LOSSES`) means for a trainer, for warnings and errors.
+RECORD_LOSS_HELP = {
+    DesyncCause.RECORD_EVICTED.value: "the engine forgot its records after record_ttl_s while the rollout was still "
+    "running (preempted longer than that): raise record_ttl_s",
+    DesyncCause.RECORD_MISSING.value: "the engine returned no records for it (forgotten after record_ttl_s before "
+    "they were read, or its requests never reached prodsample's logits processor)",
+    DesyncCause.RECORD_MISMATCH.value: "its records hold other tokens than the engine returned (something after "
+    "prodsample's logits processor changed the logits of tagged requests)",
+}
+
 
 def settle(
     rollouts: Sequence[RolloutRequests], completions: Mapping[str, list[int]], records: Mapping[str, RolloutRecord]
 ) -> list[RolloutOutcome]:
     """Each rollout's outcome, from the tokens the engine returned (`completions`, by request id) and the
-    pairing's records (by rollout name). The completion must be what the pairing drew; a pair with no
-    recorded cause whose two requests returned different tokens is `outputs_differ`."""
+    pairing's records (by rollout name). A pair with no recorded cause whose two requests returned different
+    tokens is `outputs_differ`. A rollout whose records are lost (no record, one the TTL evicted, or one with
+    other tokens than the completion) keeps its completion and is flagged with that cause (`RECORD_LOSS_HELP`,
+    `RolloutOutcome.records_lost`), with log-probs 0 as at padding, never NaN: its log q is unknown, so every
+    trainer masks it out of the loss; the other rollouts are untouched."""
     outcomes = []
     for rollout in rollouts:
         completion = _completion(completions, rollout.plain)
         record = records.get(rollout.name)
         if record is None:
-            raise RuntimeError(f"no prodsample records for rollout {rollout.name!r}: the processor did not see it")
-        if record.tokens[: len(completion)] != completion:
-            raise RuntimeError(
-                f"rollout {rollout.name!r}: the engine returned other tokens than prodsample drew; something after "
-                "the prodsample logits processor changes the logits of tagged requests"
-            )
+            lost = DesyncCause.RECORD_MISSING.value
+        elif record.cause == DesyncCause.RECORD_EVICTED.value:
+            lost = record.cause
+        elif record.tokens[: len(completion)] != completion:
+            lost = DesyncCause.RECORD_MISMATCH.value
+        else:
+            lost = None
+        if lost is not None:
+            padding = [0.0] * len(completion)  # unknown: masked like padding, never NaN (NaN · 0 is NaN in a loss)
+            outcomes.append(RolloutOutcome(completion, RolloutRecord(completion, padding, padding, padding, 0, lost),
+                                           rollout.paired, lost))
+            continue
         cause = record.cause
         if rollout.paired and cause is None and _completion(completions, rollout.guide) != completion:
             cause = DesyncCause.OUTPUTS_DIFFER.value
         outcomes.append(RolloutOutcome(completion, record, rollout.paired, cause))
     return outcomes
+
+
+def warn_record_losses(outcomes: Sequence[RolloutOutcome], stacklevel: int = 3) -> None:
+    """A warning naming the cause of each kind of lost records among `outcomes` (none if there are none)."""
+    lost = Counter(o.cause for o in outcomes if o.cause in RECORD_LOSS_HELP)
+    if lost:
+        causes = "; ".join(f"{count} {cause}: {RECORD_LOSS_HELP[cause]}" for cause, count in sorted(lost.items()))
+        warnings.warn(f"prodsample: {sum(lost.values())} of {len(outcomes)} rollouts came back without their records, "
+                      f"kept for their tokens, flagged desynced and masked out of the loss (log-probs 0 as at "
+                      f"padding): {causes}",
+                      stacklevel=stacklevel)
 
 
 def _completion(completions: Mapping[str, list[int]], request: EngineRequest) -> list[int]:

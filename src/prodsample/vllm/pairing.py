@@ -26,8 +26,10 @@ imports an engine: adapters (`prodsample.vllm`) translate a runner's batch state
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,7 +39,7 @@ import torch
 
 from ..fused import ProductSample
 from ..sampling import product_sample
-from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, is_guided
+from ..settings import DRAW_FIELDS, SamplingSettings, check_integer, check_sampling_values, is_guided
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -52,10 +54,14 @@ __all__ = [
     "records_from_workers",
 ]
 
+logger = logging.getLogger(__name__)
+
 EXTRA_ARGS_KEY = "prodsample"  # a tag's keys in extra_args are "prodsample.<field>"
 # Where a server that returns a rollout's record with a request's output puts it (prodsample.verl.server: verl's
 # TokenOutput.extra_fields), as a RolloutRecord turned into a list.
 RECORDS_KEY = "prodsample.record"
+MAX_ROLLOUT_NAME = 256  # characters: a name is a key of the engine's state, not a payload
+MAX_EVICTED = 100_000  # names of rollouts forgotten by record_ttl_s that a sampler remembers, newest kept
 _REQUEST_FIELDS = ("rollout", "role", "rollout_index", "seed", "release_token")  # a tag's fields beside its settings
 
 
@@ -74,6 +80,10 @@ class DesyncCause(str, Enum):
     PLAIN_MID_PREFILL = "plain_mid_prefill"  # found after the fact: the plain row discarded a joint draw the guide row kept
     TOKEN_OVERRIDDEN = "token_overridden"  # the engine kept another token than the forced one
     OUTPUTS_DIFFER = "outputs_differ"  # found at read-out: the two requests returned different tokens
+    # The rollout's records are lost, so its log q is unknown (the trainer must mask it):
+    RECORD_EVICTED = "record_evicted"  # the engine forgot them after record_ttl_s while the rollout still ran (preempted)
+    RECORD_MISSING = "record_missing"  # none came back: evicted after it finished, or the processor never saw it
+    RECORD_MISMATCH = "record_mismatch"  # they hold other tokens than the engine returned
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,9 @@ class GuidanceTag:
             object.__setattr__(self, "role", Role(self.role))
         except ValueError:
             raise ValueError(f"prodsample role must be 'plain' or 'guide', got {self.role!r}") from None
-        if not isinstance(self.rollout, str) or not self.rollout:
-            raise ValueError(f"prodsample rollout must be a non-empty string, got {self.rollout!r}")
+        if not isinstance(self.rollout, str) or not 0 < len(self.rollout) <= MAX_ROLLOUT_NAME:
+            raise ValueError(f"prodsample rollout must be a string of 1 to {MAX_ROLLOUT_NAME} characters, got "
+                             f"{self.rollout[:40] + '...' if isinstance(self.rollout, str) else self.rollout!r}")
         check_integer(self.rollout_index, "prodsample rollout_index", 0, 2**63)
         check_integer(self.seed, "prodsample seed", -(2**63), 2**63)
         check_integer(self.release_token, "prodsample release_token", 0, 2**63)
@@ -107,12 +118,20 @@ class GuidanceTag:
             raise ValueError(f"prodsample settings must be a SamplingSettings, got {type(self.settings).__name__}")
         if not isinstance(self.settings.lam, float):
             raise ValueError(f"a prodsample tag holds the λ of one rollout, got lam={list(self.settings.lam)}")
+        _check_as_float32(self.settings)
         if self.role is Role.GUIDE and not self.paired:
             raise ValueError("a guide request needs lam < 1 (a rollout with lam = 1 has no guide request)")
 
     @property
     def paired(self) -> bool:
         return is_guided(self.settings.lam)
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field if a value of this tag lies outside the engine (its vocabulary of
+        `vocab_size` tokens): what the tag alone cannot check. The release token indexes the logits."""
+        if self.release_token >= vocab_size:
+            raise ValueError(f"prodsample.release_token must be a token id of the served model, in [0, {vocab_size}), "
+                             f"got {self.release_token}")
 
     def to_extra_args(self) -> dict[str, str | int | float | list]:
         request = {name: getattr(self, name) for name in _REQUEST_FIELDS} | {"role": self.role.value}
@@ -133,8 +152,25 @@ class GuidanceTag:
         unknown = raw.keys() - {*_REQUEST_FIELDS, *DRAW_FIELDS}
         if unknown:
             raise ValueError(f"the prodsample tag in extra_args has unknown fields {sorted(prefix + name for name in unknown)}")
-        settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        try:
+            settings = SamplingSettings.from_flat({name: value for name, value in raw.items() if name not in _REQUEST_FIELDS})
+        except ValueError as error:  # named as the tag's field: vLLM's own top_p and the like are other fields
+            raise ValueError(f"the prodsample tag in extra_args ('{prefix}<field>'): {error}") from None
         return cls(**{name: raw[name] for name in _REQUEST_FIELDS}, settings=settings)
+
+
+def _check_as_float32(settings: SamplingSettings) -> None:
+    """The engine's draw holds a tag's λ, temperature, top_p and min_p as float32 (`_sample`): a value that
+    leaves its range there (top_p = 1e-50 becomes 0, temperature = 1e39 becomes inf) would raise inside the
+    engine's step and kill it, so it is refused with the tag."""
+    values = {name: float(torch.tensor(getattr(settings, name), dtype=torch.float32))
+              for name in ("lam", "temperature", "top_p", "min_p")}
+    try:
+        check_sampling_values(**values)
+    except ValueError as error:
+        raise ValueError(f"prodsample tag: {error} once held as float32, as the engine holds it") from None
+    if not math.isfinite(values["temperature"]):
+        raise ValueError(f"prodsample temperature must be finite as float32 (below 3.4e38), got {settings.temperature!r}")
 
 
 class RequestKey(NamedTuple):
@@ -242,31 +278,54 @@ class PairedSampler:
     Args:
         backend: the `product_sample` backend.
         record_ttl_s: forget a rollout that no step has seen for this long (None: keep it until `take`). A
-            server whose clients never take their records (they recompute them) would otherwise keep every
-            rollout it ever ran; a rollout forgotten while still running (preempted for longer than this)
-            fails when read, never silently.
+            server whose clients do not take their records (they failed before reading) would otherwise
+            keep every rollout it ever ran. A rollout forgotten while still running (preempted for longer than this) draws
+            on-policy when it resumes, and its record says `record_evicted`: it comes back flagged, never guided.
+            Adapters call `sweep` every engine step, so the TTL holds whether or not tagged rows run.
+        vocab_size: the engine's vocabulary; a tag whose release token lies outside it is not admitted (the
+            frontend refuses such requests; this guards engines fed directly). None: not checked.
         clock: seconds, monotonic (the tests' fake clock).
     """
 
     def __init__(
-        self, backend: str = "auto", *, record_ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic
+        self, backend: str = "auto", *, record_ttl_s: float | None = None, vocab_size: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self.record_ttl_s = record_ttl_s
+        self.vocab_size = vocab_size
         self._clock = clock
         self._tags: dict[RequestKey, GuidanceTag] = {}
         self._pending: dict[RequestKey, _Pending] = {}
         self._rollouts: dict[str, _Rollout] = {}
         self._last_seen: dict[str, float] = {}  # rollout → when a request of it was last admitted or stepped
+        self._evicted: OrderedDict[str, None] = OrderedDict()  # rollouts forgotten by the TTL
         self._next_sweep = -math.inf
 
-    def admit(self, tag: GuidanceTag) -> RequestKey:
-        """Register a request entering the batch (again, after a preemption: its state is kept)."""
+    def admit(self, tag: GuidanceTag) -> RequestKey | None:
+        """Register a request entering the batch (again, after a preemption: its state is kept). None: the tag
+        does not fit this engine (logged); the row is left alone and its rollout gets no record."""
+        if self.vocab_size is not None:
+            try:
+                tag.check_fits(self.vocab_size)
+            except ValueError as error:
+                logger.error("prodsample: rollout %r not admitted: %s", tag.rollout, error)
+                return None
+        now = self._clock()
+        self._forget_idle(now)
         key = RequestKey(tag.rollout, tag.role)
         self._tags[key] = tag
-        self._rollouts.setdefault(tag.rollout, _Rollout(paired=tag.paired))
-        self._last_seen[tag.rollout] = self._clock()
+        if tag.rollout not in self._rollouts:
+            rollout = self._rollouts[tag.rollout] = _Rollout(paired=tag.paired)
+            if tag.rollout in self._evicted:  # resumed after the TTL forgot it: on-policy from here, flagged
+                del self._evicted[tag.rollout]
+                rollout.lost_at, rollout.cause = 0, DesyncCause.RECORD_EVICTED
+        self._last_seen[tag.rollout] = now
         return key
+
+    def sweep(self) -> None:
+        """Forget the rollouts no step has seen for `record_ttl_s` (at most one pass a second)."""
+        self._forget_idle(self._clock())
 
     def step(self, logits: torch.Tensor, rows: Sequence[RowView]) -> torch.Tensor:
         """Draw and force the tokens of the tagged `rows` in `logits` `[num_rows, V]` (in place). Rows of a
@@ -379,6 +438,9 @@ class PairedSampler:
         for name, seen in list(self._last_seen.items()):
             if now - seen > self.record_ttl_s:
                 self._forget(name)
+                self._evicted[name] = None
+                if len(self._evicted) > MAX_EVICTED:
+                    self._evicted.popitem(last=False)
 
     def __len__(self) -> int:
         """Rollouts with state held (admitted and not yet taken)."""
@@ -387,14 +449,16 @@ class PairedSampler:
 
 def records_from_workers(results: Iterable[str | Mapping[str, Sequence]]) -> dict[str, RolloutRecord]:
     """The records every engine worker returned, {rollout: record as a sequence} per worker (a JSON string of it
-    where they crossed `/collective_rpc`, `prodsample.vllm.processor.RecordsExtension`), merged: a rollout's record
-    comes from the worker that ran its processor."""
+    where they crossed a process boundary, `prodsample.vllm.processor.RecordsExtension`), merged: a rollout's record
+    comes from a worker that holds its tokens (every worker of a tensor-parallel engine runs the processor; one
+    whose record is empty loses to one whose is not)."""
     records: dict[str, RolloutRecord] = {}
     for worker_records in results:
         if isinstance(worker_records, str):
             worker_records = json.loads(worker_records)
         for name, raw in worker_records.items():
-            records.setdefault(name, RolloutRecord(*raw))
+            if name not in records or (raw[0] and not records[name].tokens):
+                records[name] = RolloutRecord(*raw)
     return records
 
 

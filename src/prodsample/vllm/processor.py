@@ -5,8 +5,9 @@ prompt with the hint, tagged through `SamplingParams.extra_args` (`prodsample.vl
 The logits processor registered under the `vllm.logits_processors` entry point finds both rows of each pair
 in the batch, draws the token from the mixture with the core sampler and forces it into both rows, and
 keeps per-token records (log q, log π(o|prompt), log π(o|prompt ⊕ hint)) in the engine's worker, read back
-through `LLM.collective_rpc` (`prodsample.vllm.llm.GuidedLLM`) or a server's `/collective_rpc`
-(`RecordsExtension`). Requests without the tag pass through untouched.
+through `LLM.collective_rpc` (`prodsample.vllm.llm.GuidedLLM`) or, on a server, through `RecordsExtension`
+(called by `prodsample.vllm.middleware`'s endpoint, or dev mode's `/collective_rpc`). Requests without the
+tag pass through untouched.
 
 Adapters, thin on purpose (the logic lives in `prodsample.vllm.pairing`):
   `ProductLogitsProcessorV1`  the V1 runner interface (vllm.v1.sample.logits_processor), which the CPU
@@ -90,7 +91,8 @@ _SAMPLERS: dict[str, weakref.WeakSet[PairedSampler]] = {}
 
 
 def _register(vllm_config) -> PairedSampler:
-    sampler = PairedSampler(backend="auto_engine", record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s)
+    sampler = PairedSampler(backend="auto_engine", record_ttl_s=EngineSettings.of(vllm_config).record_ttl_s,
+                            vocab_size=vllm_config.model_config.get_vocab_size())
     _SAMPLERS.setdefault(vllm_config.instance_id, weakref.WeakSet()).add(sampler)
     return sampler
 
@@ -114,7 +116,8 @@ class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
             self.rows.pop(index, None)
         for index, params, _prompt_ids, output_ids in batch_update.added:
             tag = GuidanceTag.from_extra_args(params.extra_args)
-            self._put(index, None if tag is None else (self.sampler.admit(tag), output_ids))
+            key = None if tag is None else self.sampler.admit(tag)
+            self._put(index, None if key is None else (key, output_ids))
         for source, target, direction in batch_update.moved:
             moving = self.rows.pop(source, None)
             if direction is MoveDirectionality.SWAP:
@@ -128,6 +131,7 @@ class ProductLogitsProcessorV1(_ChecksTaggedParams, V1LogitsProcessor):
             self.rows[index] = entry
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self.sampler.sweep()  # every step, tagged rows or not: the record TTL runs on the clock
         if not self.rows:
             return logits
         # Under async scheduling (GPU) the runner may leave -1 placeholders for tokens it has not copied
@@ -153,13 +157,15 @@ class ProductLogitsProcessorV2(_ChecksTaggedParams, V2LogitsProcessor):
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
-        if tag is None:
+        key = None if tag is None else self.sampler.admit(tag)
+        if key is None:
             self.slots.pop(req_idx, None)
             return False
-        self.slots[req_idx] = self.sampler.admit(tag)
+        self.slots[req_idx] = key
         return True
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        self.sampler.sweep()  # every step, tagged rows or not: the record TTL runs on the clock
         slots = ctx.idx_mapping_np
         if logits.shape[0] != len(slots):
             raise RuntimeError("prodsample: one logits row per request expected (speculative decoding is unsupported)")
@@ -205,10 +211,11 @@ def take_records(_worker, instance_id: str, rollouts: list[str]) -> dict[str, tu
 
 class RecordsExtension:
     """The records for a server's clients: `vllm serve ... --worker-extension-cls prodsample.vllm.processor.RecordsExtension`
-    mixes these methods into every engine worker, and with VLLM_SERVER_DEV_MODE=1 the server's
-    `/collective_rpc` endpoint calls them by name (`prodsample.vllm.client` does). That endpoint passes only
-    strings in and stringifies what is not a dict or list out, and its JSON encoder refuses NaN (a record's
-    guide log-probs after a desync), so records travel as a JSON string with NaN literals."""
+    mixes these methods into every engine worker; `prodsample.vllm.middleware.RecordsEndpoint` calls them by
+    name under the server's API key (or, with VLLM_SERVER_DEV_MODE=1, the unguarded `/collective_rpc`
+    endpoint does). That endpoint passes only strings in and stringifies what is not a dict or list out, and
+    its JSON encoder refuses NaN (a record's guide log-probs after a desync), so records travel as a JSON
+    string with NaN literals."""
 
     def prodsample_take_records(self, rollouts_json: str) -> str:
         """`json.dumps` of {rollout: RolloutRecord as a list} for the named rollouts, forgetting them."""

@@ -20,8 +20,11 @@ The requests held back stay in vLLM's queues between steps (counted, abortable),
 the duration of `schedule()`.
 
 Two cases it cannot keep in step, and what it does:
-- a lone request whose partner has not arrived after `pair_timeout_s` runs alone; the pairing records its
-  rollout as desynced (cause `partner_absent`, or `out_of_step` if the partner arrives later);
+- a lone request waits for its partner as long as its client waits (a client that gives up aborts it); only
+  with a `pair_timeout_s` set does it run alone after that long, and the pairing records its rollout as
+  desynced (cause `partner_absent`, or `out_of_step` if the partner arrives later). No timeout by default:
+  on a loaded machine a partner can reach the engine long after the first request (the frontend and the
+  engine's input thread are slow), and a late partner is still a partner;
 - a pair whose prompts together exceed what one step prefills (`max_num_batched_tokens`, or a prompt
   longer than `long_prefill_token_threshold`) or whose KV blocks exceed the cache is refused: both requests
   finish with an error and the server log says why. A preempted pair that has grown past that limit runs
@@ -33,8 +36,9 @@ flagged, never silent.
 Use: `vllm serve MODEL --scheduler-cls prodsample.vllm.scheduler.PairedScheduler`, or
 `scheduler_cls=SCHEDULER_CLS` in engine arguments (`prodsample.vllm.build_engine` sets it). Settings go in
 vLLM's additional config (`EngineSettings`). Requires the
-"fcfs" policy, one data-parallel engine per server (vLLM's data-parallel balancing routes each request on
-its own and could split a pair) and no KV connector.
+"fcfs" policy and no KV connector. Under data parallelism each engine runs its own scheduler: both requests of
+a pair must name one engine (`data_parallel_rank`; `prodsample.vllm.middleware` refuses tagged HTTP requests
+without it), since vLLM's balancer routes each request on its own.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ __all__ = [
 
 SCHEDULER_CLS = "prodsample.vllm.scheduler.PairedScheduler"
 CONFIG_KEY = "prodsample"  # vllm_config.additional_config[CONFIG_KEY]: this scheduler's settings
-DEFAULT_PAIR_TIMEOUT_S = 10.0
+DEFAULT_PAIR_TIMEOUT_S = None  # a lone request waits for its partner as long as its client waits
 DEFAULT_RECORD_TTL_S = 600.0
 
 logger = logging.getLogger(__name__)
@@ -105,13 +109,14 @@ class EngineSettings:
     """prodsample's settings for an engine, in vLLM's additional config:
     `--additional-config '{"prodsample": {"pair_timeout_s": 10, "record_ttl_s": 600}}'`.
 
-    pair_timeout_s: how long the scheduler holds the first request of a pair for its partner.
+    pair_timeout_s: how long the scheduler holds the first request of a pair for its partner before it runs
+        alone (flagged); None (the default): as long as its client waits.
     record_ttl_s: how long the logits processor keeps the records of a rollout no step has seen (finished,
-        and not taken by a client); see `prodsample.vllm.pairing.PairedSampler`.
+        and not taken by a client); see `prodsample.vllm.pairing.PairedSampler`. None: until taken.
     """
 
-    pair_timeout_s: float = DEFAULT_PAIR_TIMEOUT_S
-    record_ttl_s: float = DEFAULT_RECORD_TTL_S
+    pair_timeout_s: float | None = DEFAULT_PAIR_TIMEOUT_S
+    record_ttl_s: float | None = DEFAULT_RECORD_TTL_S
 
     @classmethod
     def of(cls, vllm_config) -> EngineSettings:
@@ -121,19 +126,18 @@ class EngineSettings:
         if unknown:
             raise ValueError(f"additional_config[{CONFIG_KEY!r}] has unknown keys {sorted(unknown)}; known: {known}")
         for name, value in settings.items():
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-                raise ValueError(f"additional_config[{CONFIG_KEY!r}][{name!r}] must be a number >= 0, got {value!r}")
-        return cls(**{name: float(value) for name, value in settings.items()})
+                raise ValueError(
+                    f"additional_config[{CONFIG_KEY!r}][{name!r}] must be a number >= 0 or null (no limit), got {value!r}"
+                )
+        return cls(**{name: None if value is None else float(value) for name, value in settings.items()})
 
 
 def _check_supported(vllm_config) -> None:
-    parallel = vllm_config.parallel_config
-    if parallel.data_parallel_size > 1:
-        raise ValueError(
-            "PairedScheduler needs data_parallel_size = 1: vLLM's data-parallel balancing routes each request on its "
-            f"own and could send the two requests of a pair to different engines (got {parallel.data_parallel_size}); "
-            "scale with one server per replica instead"
-        )
+    # data_parallel_size > 1 runs one scheduler per rank: a pair stays whole only if both of its requests name
+    # one rank (vLLM's data_parallel_rank; prodsample.vllm.middleware refuses tagged HTTP requests without it)
     scheduler = vllm_config.scheduler_config
     if scheduler.policy != "fcfs":
         raise ValueError(f"PairedScheduler supports the 'fcfs' scheduling policy only, got {scheduler.policy!r}")
@@ -151,11 +155,11 @@ class _PairBook:
     """Which requests are the two of a pair, which one waits for its partner (and until when), and which run as
     single requests. Keyed by rollout (the tag), since a server names requests itself."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
         self._members: dict[str, dict[Role, Request]] = {}  # rollout → its requests that arrived
         self._rollout_of: dict[str, str] = {}  # request id → rollout
-        self._deadlines: dict[str, float] = {}  # rollout → when its lone request runs alone
+        self._deadlines: dict[str, float] = {}  # rollout → when its lone request runs alone (inf: never)
         self._alone: set[str] = set()  # request ids that run as single requests (flagged by the pairing)
 
     def add(self, request: Request, tag: GuidanceTag) -> tuple[str, Request | None]:
@@ -168,7 +172,7 @@ class _PairBook:
         members[tag.role] = request
         self._rollout_of[request.request_id] = tag.rollout
         if len(members) == 1:
-            self._deadlines[tag.rollout] = time.monotonic() + self.timeout_s
+            self._deadlines[tag.rollout] = math.inf if self.timeout_s is None else time.monotonic() + self.timeout_s
             return "lone", None
         self._deadlines.pop(tag.rollout, None)
         partner = members[Role.GUIDE if tag.role is Role.PLAIN else Role.PLAIN]
@@ -373,6 +377,8 @@ class _PairLifecycle:
             return  # a streaming update of a request already here
         try:
             tag = GuidanceTag.from_extra_args(request.sampling_params.extra_args if request.sampling_params else None)
+            if tag is not None:
+                tag.check_fits(self.vllm_config.model_config.get_vocab_size())
         except ValueError as error:  # the frontend validates tags; this only catches engines fed directly
             logger.error("prodsample: request %s has a malformed tag, refused: %s", request.request_id, error)
             self._finish_here([request], RequestStatus.FINISHED_ERROR)
