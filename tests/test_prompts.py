@@ -1,6 +1,6 @@
 """The two contexts' text: hints added to prompts, and the rule that says when a completion restates the hint."""
 
-from prodsample.prompts import hint_leakage
+from prodsample.prompts import HINT_TEMPLATES, DEFAULT_HINT_TEMPLATE, answer_without_derivation, check_hint_template, hint_leakage
 
 
 def test_hint_leakage():
@@ -18,3 +18,24 @@ def test_hint_leakage():
     assert hint_leakage(["The hint says 12\nAnswer: 12", "2 + 10 = 12\nAnswer: 12"], ["12"] * 2) == [True, False]
     whisper = "{prompt}\nA teacher whispers that it is {answer}."
     assert hint_leakage(["a teacher whispers that it is 4", "it is 4"], ["4"] * 2, whisper) == [True, False]
+
+
+def test_answer_without_derivation():
+    completions = [
+        "19",  # the answer and nothing else
+        "The answer is 19 because 12 + 7 = 19.",  # answer first, derivation after: still stated before derived
+        "12 plus 7: 12, 13, 14, 15, 16, 17, 18, 19. Answer: 19",  # 8+ words of working come first
+        "one two three four five six seven 19",  # 7 words before: answer first
+        "one two three four five six seven eight 19",  # 8 words before: derived
+        "Answer: 190",  # a longer number is not the answer
+        "",
+    ]
+    assert answer_without_derivation(completions, ["19"] * 7) == [True, True, False, True, False, False, False]
+    # word answers match whole words, ignoring case; multi-word answers match as a run
+    assert answer_without_derivation(["Mother, since ...", "grandmother", "It is the great aunt"], ["mother", "mother", "great aunt"]) == [True, False, True]
+
+
+def test_hint_templates_are_valid_and_the_default_is_one_of_them():
+    for template in HINT_TEMPLATES.values():
+        check_hint_template(template)
+    assert DEFAULT_HINT_TEMPLATE in HINT_TEMPLATES.values()

@@ -14,15 +14,29 @@ from collections.abc import Sequence
 
 __all__ = [
     "DEFAULT_HINT_TEMPLATE",
+    "HINT_TEMPLATES",
     "add_hint",
     "check_hint_template",
     "render_prompt",
     "pad_token_id",
     "check_prompts_and_answers",
     "hint_leakage",
+    "answer_without_derivation",
 ]
 
-DEFAULT_HINT_TEMPLATE = "{prompt}\n\n(Hint: the correct final answer is {answer}.)"
+# The forms compared by the hint study (benchmarks/results/hints-smollm2/, docs/cli.md "Which hint"). The
+# names are what `prodsample reward --hint-template NAME` accepts.
+HINT_TEMPLATES = {
+    # the answer alone, as a parenthetical remark after the question
+    "answer": "{prompt}\n\n(Hint: the correct final answer is {answer}.)",
+    # the answer, and a request to justify it
+    "explain": "{prompt}\n\n(Hint: the correct final answer is {answer}. Explain why it is correct, step by step.)",
+    # the answer as the first words of a worked response
+    "lead": '{prompt}\n\nStart your response with "The answer is {answer} because" and then show the steps.',
+    # the answer in the very form the verifier reads, nothing else
+    "terse": "{prompt}\n\nAnswer: {answer}",
+}
+DEFAULT_HINT_TEMPLATE = HINT_TEMPLATES["answer"]
 
 Prompt = str | list[dict]
 
@@ -118,3 +132,26 @@ def hint_leakage(
             or (names_hint and bool(_HINT_WORD.search(completion)))
         )
     return leaked
+
+
+_DERIVATION_WORDS = 8
+
+
+def answer_without_derivation(completions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Whether each completion states the answer before deriving it: the answer (as a whole word, ignoring
+    case) occurs, and fewer than 8 words come before its first occurrence, so no derivation can precede it.
+
+    This is the leakage a trainer pays for: rewarded text that states the answer it was shown rather than
+    one it worked out. Plain rollouts (λ = 1) give the rate at which the policy answers first on its own.
+
+    Example:
+        >>> answer_without_derivation(["19. Because 12 + 7 = 19", "12 plus 7 is 19 so Answer: 19", "no idea"], ["19"] * 3)
+        [True, False, False]
+    """
+    flags = []
+    for completion, answer in zip(completions, answers, strict=True):
+        words = re.findall(r"\w+", answer.lower())
+        text = re.findall(r"\w+", completion.lower())
+        first = next((i for i in range(len(text) - len(words) + 1) if words and text[i : i + len(words)] == words), None)
+        flags.append(first is not None and first < _DERIVATION_WORDS)
+    return flags
