@@ -12,6 +12,8 @@ and every template shares it (template "plain"). Per (task, template, λ):
   that give GRPO a gradient); all-fail (every reward 0) and all-pass (every reward 1) groups;
 - KL(q‖π) per token: the mean of log q − log π(o | prompt) over sampled tokens (`prodsample.importance.kl_q_pi`),
   an estimate of how far the guided sampler is from the policy a trainer updates;
+- gain vs λ = 1: the mean over prompts of the reward difference to the plain run on the same prompt and noise,
+  ± 1.96 × its standard error (paired, so tighter than the two rows' own intervals);
 - rescued: of the groups that are all-fail at λ = 1 (same task, prompts and noise), the share with at least
   one rewarded rollout (reward > 0) in this cell; "rescue n" counts those all-fail groups;
 - hint leakage: share of rollouts that state the answer without its derivation
@@ -288,6 +290,8 @@ COLUMNS = [
     ("groups", "prompts", "d"),
     ("reward_rate", "reward", ".3f"),
     ("reward_ci", "± 95%", ".3f"),
+    ("gain", "gain vs λ=1", "+.3f"),
+    ("gain_ci", "± 95%", ".3f"),
     ("pass_rate", "pass", ".3f"),
     ("informative", "informative", ".3f"),
     ("all_fail", "all-fail", ".3f"),
@@ -318,19 +322,38 @@ def summarize(records: list[dict], hint_templates: dict[str, str] | None = None)
             "prompt_index": record["prompt_index"],
             "rollouts": [rollout | {"echo": e, "leaked": k} for rollout, e, k in zip(record["rollouts"], echoed, leaked)],
         })
-    plain_fails = {
-        (task, group["prompt_index"])
+    plain_rewards = {
+        (task, group["prompt_index"]): [rollout["reward"] for rollout in group["rollouts"]]
         for (task, template, _), cell in groups.items() if template == PLAIN
-        for group in cell if all(rollout["reward"] == 0.0 for rollout in group["rollouts"])
+        for group in cell
     }
+    plain_fails = {key for key, rewards in plain_rewards.items() if all(value == 0.0 for value in rewards)}
     task_order = list(dict.fromkeys(key[0] for key in groups))
     template_order = list(dict.fromkeys([PLAIN] + [key[1] for key in groups]))
     rows = []
     for task, template, lam in sorted(groups, key=lambda key: (task_order.index(key[0]), template_order.index(key[1]), -key[2])):
         cell = groups[(task, template, lam)]
         failed = [group for group in cell if (task, group["prompt_index"]) in plain_fails]
-        rows.append({"task": task, "template": template, "lam": lam, **_metrics([g["rollouts"] for g in cell]), **rescue(failed)})
+        paired = [
+            (group["rollouts"], plain_rewards[task, group["prompt_index"]])
+            for group in cell if (task, group["prompt_index"]) in plain_rewards
+        ]
+        rows.append({
+            "task": task, "template": template, "lam": lam, **_metrics([g["rollouts"] for g in cell]), **rescue(failed),
+            **gain(paired),
+        })
     return rows
+
+
+def gain(paired: list[tuple[list[dict], list[float]]]) -> dict:
+    """Reward gain over λ = 1 on the same prompts and noise: the mean over prompts of (this cell's group mean
+    − the plain group mean), ± 1.96 × its standard error. Pairing removes the prompts' own difficulty from
+    the interval, so it separates λ = 1 from λ < 1 with fewer prompts than two independent intervals would."""
+    diffs = [statistics.fmean(r["reward"] for r in rollouts) - statistics.fmean(plain) for rollouts, plain in paired]
+    if not diffs:
+        return {"gain": None, "gain_ci": None}
+    ci = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"gain": statistics.fmean(diffs), "gain_ci": ci}
 
 
 def rescue(failed_groups: list[dict]) -> dict:

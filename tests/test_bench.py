@@ -91,6 +91,9 @@ def test_reward_summary_group_statistics():
     # prompt 0 was all-fail at λ = 1 and is rewarded at λ = 0.5: one of one rescued; the plain row rescues nothing
     assert (guided["rescued"], guided["rescue_n"]) == (1.0, 1)
     assert (plain["rescued"], plain["rescue_n"]) == (0.0, 1)
+    # paired gain: prompt 0 goes 0 → 1, prompt 1 goes 0.5 → 0.5; differences 1 and 0
+    assert guided["gain"] == pytest.approx(0.5) and guided["gain_ci"] == pytest.approx(1.96 * 0.5)
+    assert plain["gain"] == 0.0 and plain["gain_ci"] == 0.0
 
 
 def test_rescue_counts_only_groups_that_failed_at_lambda_1_on_the_same_prompt():

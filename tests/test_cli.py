@@ -133,7 +133,7 @@ def test_generate_decodes_exactly_the_requested_tokens_with_eos_switched_off():
 
 @pytest.mark.slow
 def test_quick_runs_both_parts(tmp_path):
-    assert cli.main(["quick", "--model", "tiny", "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["quick", "--model", "tiny", "--backend", "hf", "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert RunDir(tmp_path / "reward").kind() == "reward" and RunDir(tmp_path / "generate").kind() == "generate"
     command = RunDir(tmp_path / "reward").invocations()[0]["command"]
     assert command.startswith("prodsample quick --model tiny") and "# part: prodsample reward --task" in command
