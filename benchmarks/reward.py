@@ -42,7 +42,7 @@ from prodsample import SamplingSettings
 from prodsample.importance import kl_q_pi
 from prodsample.prompts import DEFAULT_HINT_TEMPLATE, HINT_TEMPLATES, answer_without_derivation, check_hint_template, hint_leakage
 
-from . import harness
+from . import harness, hint_choice
 from .backends import BACKENDS, open_backend
 from .errors import UsageError
 from .runs import RunDir, invocation, load_average
@@ -403,7 +403,10 @@ def report(run_dir: RunDir) -> list[dict]:
     rows = summarize(run_dir.records(), templates)
     if not rows:
         raise UsageError(f"{run_dir.path} has no reward records yet")
-    run_dir.write_json("summary.json", {"definitions": __doc__, "templates": templates, "rows": rows})
+    pooled = hint_choice.pool(rows, PLAIN)
+    choice = hint_choice.choose(pooled) if len({row["template"] for row in pooled}) > 1 else None
+    run_dir.write_json("summary.json", {"definitions": __doc__, "templates": templates, "rows": rows,
+                                        "pooled_over_tasks": pooled, "choice": choice})
     run_dir.write_csv("summary.csv", rows, [key for key, _, _ in COLUMNS] + ["reward_se", "rollouts"])
     plot(run_dir, rows)
     harness.print_table(
@@ -411,7 +414,18 @@ def report(run_dir: RunDir) -> list[dict]:
         f"T={config['temperature']:g}",
         rows, COLUMNS,
     )
+    if choice is not None:
+        harness.print_table("pooled over tasks (the hint study's rule: benchmarks/hint_choice.py)", pooled, POOLED_COLUMNS)
+        print(f"choice: {choice['template']} (goal {'met' if choice['goal_met'] else 'not met'}), best two "
+              f"{choice['best_two']}, starting λ {choice['start_lam']}")
     return rows
+
+
+POOLED_COLUMNS = [
+    ("template", "template", ""), ("lam", "λ", "g"), ("tasks", "tasks", "d"), ("reward_rate", "reward", ".3f"),
+    ("rescued_groups", "rescued", "d"), ("all_fail_groups", "of", "d"), ("rescued", "share", ".3f"),
+    ("kl_per_token", "KL(q‖π)/tok", ".4f"), ("leakage", "leakage", ".3f"),
+]
 
 
 PANELS = [

@@ -117,6 +117,36 @@ def test_rescue_counts_only_groups_that_failed_at_lambda_1_on_the_same_prompt():
     assert [key for key in rows] == [("t", "plain", 1.0), ("t", "a", 0.5), ("t", "b", 0.0), ("u", "plain", 1.0), ("u", "a", 0.5)]
 
 
+def _row(task, template, lam, rescued, n, kl, leakage=0.0, length=10.0, rollouts=8):
+    return {"task": task, "template": template, "lam": lam, "rescued": rescued, "rescue_n": n, "kl_per_token": kl,
+            "leakage": leakage, "length": length, "rollouts": rollouts, "groups": rollouts // 4, "reward_rate": 0.5}
+
+
+def test_hint_choice_pools_tasks_and_applies_the_protocol():
+    from prodsample.benchmarks import hint_choice
+
+    rows = [
+        _row("t", "plain", 1.0, 0.0, 4, 0.0), _row("u", "plain", 1.0, 0.0, 6, 0.0),
+        # a: 2/4 + 4/6 = 6/10 rescued at ½; KL at ½ (0.01·10·8 + 0.03·30·8) / (80 + 240) = 0.025, at 0: 0.06
+        _row("t", "a", 0.5, 0.5, 4, 0.01), _row("u", "a", 0.5, 4 / 6, 6, 0.03, length=30.0),
+        _row("t", "a", 0.0, 1.0, 4, 0.06), _row("u", "a", 0.0, 1.0, 6, 0.06),
+        # b rescues more (8/10) but its KL at ½ is more than half of its KL at 0: no goal
+        _row("t", "b", 0.5, 1.0, 4, 0.05), _row("u", "b", 0.5, 4 / 6, 6, 0.05),
+        _row("t", "b", 0.0, 1.0, 4, 0.06), _row("u", "b", 0.0, 1.0, 6, 0.06),
+        # a at ¾ rescues 3/10: too few to start there
+        _row("t", "a", 0.75, 0.25, 4, 0.001), _row("u", "a", 0.75, 2 / 6, 6, 0.001),
+    ]
+    pooled = {(row["template"], row["lam"]): row for row in hint_choice.pool(rows)}
+    assert (pooled["a", 0.5]["rescued_groups"], pooled["a", 0.5]["all_fail_groups"]) == (6, 10)
+    assert pooled["a", 0.5]["kl_per_token"] == pytest.approx(0.025)
+    choice = hint_choice.choose(list(pooled.values()))
+    assert choice["template"] == "a" and choice["goal_met"] and choice["best_two"] == ["a", "b"]
+    assert choice["start_lam"] == 0.5
+    # without a, b is the best but the goal is not met
+    only_b = hint_choice.choose([row for row in pooled.values() if row["template"] == "b"])
+    assert only_b["template"] == "b" and not only_b["goal_met"]
+
+
 def _config(**overrides):
     base = dict(
         model="tiny", dtype="float32", tasks=["a", "b"], prompts=[5, 2], lams=[1.0, 0.5], generations=2,
