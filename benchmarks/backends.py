@@ -1,7 +1,7 @@
 """Where `prodsample reward` draws its rollouts: transformers (`prodsample.hf.guided_generate`) or vLLM's engine
 (`prodsample.vllm.GuidedLLM`). Both return the same `GuidedRollout` for the same `SamplingSettings`; the vLLM
-engine batches every request of a call (two per guided rollout) and is the faster of the two on this CPU for
-large calls (docs/cli.md, "Which hint": 4× at 192 rollouts per call)."""
+engine batches every request of a call (two per guided rollout), runs each row only as long as its rollout,
+and was the faster of the two on this CPU in the recorded benchmarks (docs/cli.md, "Which hint")."""
 
 from __future__ import annotations
 
@@ -58,6 +58,6 @@ def _vllm(args, seed: int) -> RolloutSource:
     if args.device not in (None, "cpu"):
         raise UsageError(f"--backend vllm runs the installed vLLM engine's own device; drop --device {args.device}")
     path = model_directory(args.model) if args.model in ("smollm2", "tiny") else args.model
-    guided = GuidedLLM(path, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=seed)
+    guided = GuidedLLM(path, dtype=args.dtype, enforce_eager=True, seed=seed)  # the model's own context length
     eos = {guided.tokenizer.eos_token_id}
     return RolloutSource(guided.generate, guided.tokenizer, eos, args.model, str(path), "cpu (vLLM engine)")
