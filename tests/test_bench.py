@@ -74,7 +74,9 @@ def test_reward_summary_group_statistics():
         {"task": "t", "template": "x", "lam": 0.5, "prompt_index": 0, "answer": "12", "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
         {"task": "t", "template": "x", "lam": 0.5, "prompt_index": 1, "answer": "12", "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
     ]
-    plain, guided = reward.summarize(records)
+    from prodsample.prompts import HINT_TEMPLATES
+
+    plain, guided = reward.summarize(records, {"x": HINT_TEMPLATES["answer"]})
     assert (plain["template"], plain["lam"], guided["template"], guided["lam"]) == ("plain", 1.0, "x", 0.5)
     assert plain["reward_rate"] == 0.25 and plain["pass_rate"] == 0.25
     assert plain["informative"] == 0.5 and plain["all_fail"] == 0.5 and plain["all_pass"] == 0.0

@@ -11,11 +11,16 @@ def test_hint_leakage():
         "(HINT:   the correct final answer is 19.)",  # the hint itself, any case and spacing
         "The Correct Final Answer is nineteen",
     ]
-    assert hint_leakage(completions, ["19"] * 5) == [False, False, True, True, True]
+    answer = HINT_TEMPLATES["answer"]
+    assert hint_leakage(completions, ["19"] * 5, answer) == [False, False, True, True, True]
     # A template with no wording of its own leaks only when its rendering of the answer appears.
     assert hint_leakage(["19", "[19]", "so [ 19 ]", "my hint: 19"], ["19"] * 4, "{prompt}[{answer}]") == [False, True, False, False]
     # "hint" counts when the template says it; a custom template's own words count in runs of four.
-    assert hint_leakage(["The hint says 12\nAnswer: 12", "2 + 10 = 12\nAnswer: 12"], ["12"] * 2) == [True, False]
+    assert hint_leakage(["The hint says 12\nAnswer: 12", "2 + 10 = 12\nAnswer: 12"], ["12"] * 2, answer) == [True, False]
+    # A hint that is itself an answer line (the default, "Answer: 12") looks like the completion's own answer
+    # line, so it never counts; nor does anything else, as the template has no wording of its own.
+    assert DEFAULT_HINT_TEMPLATE == HINT_TEMPLATES["terse"]
+    assert hint_leakage(["2 + 10 = 12\nAnswer: 12", "Answer: 12.", "The hint says 12"], ["12"] * 3) == [False, False, False]
     whisper = "{prompt}\nA teacher whispers that it is {answer}."
     assert hint_leakage(["a teacher whispers that it is 4", "it is 4"], ["4"] * 2, whisper) == [True, False]
 

@@ -36,7 +36,9 @@ HINT_TEMPLATES = {
     # the answer in the very form the verifier reads, nothing else
     "terse": "{prompt}\n\nAnswer: {answer}",
 }
-DEFAULT_HINT_TEMPLATE = HINT_TEMPLATES["answer"]
+# The study's pick (no template met its goal; `terse` rescued as many all-fail groups as any at λ = ½, within
+# its tie margin, with the least leakage): docs/cli.md, "Which hint".
+DEFAULT_HINT_TEMPLATE = HINT_TEMPLATES["terse"]
 
 Prompt = str | list[dict]
 
@@ -46,7 +48,7 @@ def add_hint(prompt: Prompt, answer: str, template: str = DEFAULT_HINT_TEMPLATE)
 
     Example:
         >>> add_hint("What is 2+3?", "5")
-        'What is 2+3?\\n\\n(Hint: the correct final answer is 5.)'
+        'What is 2+3?\\n\\nAnswer: 5'
     """
     check_hint_template(template)
     if isinstance(prompt, str):
@@ -113,11 +115,14 @@ def hint_leakage(
     A completion leaks when, ignoring case and runs of whitespace, it contains the hint as the guide context
     shows it (`template` with an empty prompt and the answer, e.g. "(Hint: the correct final answer is 19.)"
     or "[19]"), any 4 consecutive words of the template's own wording ("the correct final answer" …), or,
-    when the template itself says "hint", the word "hint". The answer on its own never counts. Rollouts that
+    when the template itself says "hint", the word "hint". The answer on its own never counts, nor does a hint
+    that is itself an answer line ("Answer: 19", the default template's): a completion's own answer line
+    looks the same, so for such templates `answer_without_derivation` is the leakage to watch. Rollouts that
     never saw the hint give the rule's false-positive rate.
 
     Example:
-        >>> hint_leakage(["19", "As the hint says, 19", "the correct final answer is 19"], ["19"] * 3)
+        >>> template = HINT_TEMPLATES["answer"]
+        >>> hint_leakage(["19", "As the hint says, 19", "the correct final answer is 19"], ["19"] * 3, template)
         [False, True, True]
     """
     literal = " ".join(text for text, _, _, _ in string.Formatter().parse(template))
@@ -126,8 +131,9 @@ def hint_leakage(
     for completion, answer in zip(completions, answers, strict=True):
         hint = " ".join(template.format(prompt="", answer=answer).lower().split())
         text = " ".join(completion.lower().split())
+        answer_line = re.fullmatch(r"answer\s*:\s*" + re.escape(answer.lower().strip()) + r"\.?", hint)
         leaked.append(
-            bool(hint and hint in text)
+            bool(hint and hint in text and not answer_line)
             or bool(_word_ngrams(completion) & wording)
             or (names_hint and bool(_HINT_WORD.search(completion)))
         )
@@ -145,7 +151,7 @@ def answer_without_derivation(completions: Sequence[str], answers: Sequence[str]
     one it worked out. Plain rollouts (λ = 1) give the rate at which the policy answers first on its own.
 
     Example:
-        >>> answer_without_derivation(["19. Because 12 + 7 = 19", "12 plus 7 is 19 so Answer: 19", "no idea"], ["19"] * 3)
+        >>> answer_without_derivation(["19. Because 12 + 7 = 19", "12 + 7: 12 13 14 15 16 17 18 19 so Answer: 19", "no idea"], ["19"] * 3)
         [True, False, False]
     """
     flags = []
