@@ -120,7 +120,6 @@ async def _check_server(server: _Server, call: GuidedCall) -> None:
             f"the server's workers hold {samplers} prodsample logits processors, expected 1 each: install "
             "prodsample in the server's environment (it registers the vllm.logits_processors entry point)"
         )
-    server.data_parallel_size = info["data_parallel_size"]
     if not all(worker["keeps_pairs"] for worker in workers):
         warnings.warn(
             "prodsample: the server does not run prodsample.vllm.scheduler.PairedScheduler: pairs may fall "
@@ -135,8 +134,9 @@ class _Server:
     def __init__(self, http: httpx.AsyncClient, model: str | None) -> None:
         self.http = http
         self._model = model
+        # What `engine_info` learns of the server, for this object's own later calls:
         self._dev_mode = False  # records through /collective_rpc rather than prodsample's endpoint
-        self.data_parallel_size = 1  # the server's engines: each rollout is pinned to one of them
+        self._data_parallel_size = 1  # the server's engines: each rollout is pinned to one of them
 
     async def model(self) -> str:
         """The served model's name: as given, or the server's only one."""
@@ -164,7 +164,8 @@ class _Server:
         if response.status_code >= 400:
             return None, f"the worker extension is missing: HTTP {response.status_code}: {response.text[:200]}"
         body = response.json()  # the data-parallel size: only prodsample's endpoint says (dev mode: 1 engine)
-        return {"workers": body["results"], "data_parallel_size": body.get("data_parallel_size", 1)}, None
+        self._data_parallel_size = body.get("data_parallel_size", 1)
+        return {"workers": body["results"], "data_parallel_size": self._data_parallel_size}, None
 
     async def completion_body(self, request: EngineRequest) -> dict[str, Any]:
         return {
@@ -180,7 +181,7 @@ class _Server:
     async def complete(self, request: EngineRequest) -> list[int]:
         """The tokens the server returns for one tagged request."""
         # both requests of a pair to one data-parallel engine, the rollouts spread over all of them
-        ranks = self.data_parallel_size
+        ranks = self._data_parallel_size
         headers = {DP_RANK_HEADER: str(request.tag.rollout_index % ranks)} if ranks > 1 else {}
         response = await self.http.post("/v1/completions", json=await self.completion_body(request), headers=headers)
         _raise_for_status(response, f"request {request.request_id}")
