@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ async def _copied(coroutine):
 
 
 class PairEngine:
-    """A vLLM engine as verl's server drives it (`generate`, `collective_rpc`) over the tiny transformers model,
+    """A vLLM engine as verl's server drives it (`generate`, the engine core's utility calls) over the tiny transformers model,
     doing what prodsample's pair scheduler and logits processor do in vLLM: the two requests of a pair run
     together, one token a step for both, drawn by prodsample's `PairedSampler` on the model's logits of both
     contexts; a request whose partner has not arrived after `pair_timeout_s` runs alone. Records the
@@ -207,22 +208,59 @@ class PairEngine:
             choice = types.SimpleNamespace(token_ids=outputs[role], finish_reason=finish, logprobs=None)
             done.set_result(types.SimpleNamespace(outputs=[choice], num_cached_tokens=0))
 
-    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+    vllm_config = types.SimpleNamespace(parallel_config=types.SimpleNamespace(data_parallel_size=1))
+
+    @property
+    def engine_core(self):
+        return EngineCore([self])
+
+    def take_records(self, names: list[str]) -> str:
         """`prodsample.vllm.processor.RecordsExtension.prodsample_take_records` of this engine's one worker."""
-        assert method == "prodsample_take_records"
-        taken = self.sampler.take(json.loads(args[0]))
-        return [json.dumps({name: list(record) for name, record in taken.items()})]
+        taken = self.sampler.take(names)
+        return json.dumps({name: list(record) for name, record in taken.items()})
+
+
+class EngineCore:
+    """The utility calls of vLLM's engine-core client over `engines` (one per data-parallel rank)."""
+
+    def __init__(self, engines) -> None:
+        self.engines = engines
+
+    async def call_utility_all_async(self, method, *args):
+        """One result per engine; each a list of its workers' results (one worker each)."""
+        assert method == "collective_rpc"
+        worker_method, _, worker_args, _ = args
+        assert worker_method == "prodsample_take_records"
+        return [[engine.take_records(json.loads(worker_args[0]))] for engine in self.engines]
+
+
+class DataParallelEngines:
+    """One engine client over several `PairEngine`s, as vLLM's with `data_parallel_size` > 1: a request goes to
+    the rank it names (`data_parallel_rank`), else to the next rank in turn (the balancer, at its worst for
+    pairs); with `ignore_rank`, always to the next rank (as if no rank were passed)."""
+
+    def __init__(self, engines, ignore_rank: bool = False) -> None:
+        self.engines, self.ignore_rank = engines, ignore_rank
+        self.vllm_config = types.SimpleNamespace(parallel_config=types.SimpleNamespace(data_parallel_size=len(engines)))
+        self.engine_core = EngineCore(engines)
+        self.sent = 0
+
+    def generate(self, prompt, sampling_params, request_id, data_parallel_rank=None, **kwargs):
+        rank = self.sent % len(self.engines) if data_parallel_rank is None or self.ignore_rank else data_parallel_rank
+        self.sent += 1
+        return self.engines[rank].generate(prompt, sampling_params, request_id, **kwargs)
 
 
 def verl_server(engine, config):
     """prodsample's subclass of verl's vLLM server as `launch_server` leaves it, serving `engine`; built without
     `__init__`, which starts Ray and opens ports."""
-    from prodsample.verl.server import GuidedVllmHttpServer
+    from prodsample.verl.server import GuidedVllmHttpServer, PairPinnedEngine
 
     server = object.__new__(GuidedVllmHttpServer)
     server.config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
     server.model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model, dataclass_type=HFModelConfig)
-    server.engine, server.replica_rank, server.global_steps = engine, 0, STEP
+    # wrapped as GuidedVllmHttpServer.run_server wraps the engine it starts
+    server.engine, server.replica_rank, server.global_steps = PairPinnedEngine(engine), 0, STEP
     server._disaggregation_role, server._pd_decode_peers = "null", []
     server._submission_paused, server._rejecting, server._admitting = False, False, 0
     server._warned_missing_spec_decode_stats = False
@@ -419,6 +457,36 @@ def test_guided_rollouts_through_verls_agent_loop_machinery(config, hf, vllm_met
     assert torch.equal(corrected.batch["response_mask"].bool(), mask)
 
 
+def test_a_data_parallel_replica_keeps_each_pair_on_one_engine_and_reads_every_engines_records(
+    config, hf, vllm_metadata
+):
+    """rollout.data_parallel_size = 2: one replica whose engine client balances over two engines, each request
+    to the next engine unless it names one (which would split every pair). The server sends both requests of
+    each pair to the engine the rollout's name picks (crc32 mod 2) and reads the records of both engines:
+    every trajectory guided, in step, with log q by hand."""
+    model, tokenizer = hf
+    engines = [PairEngine(model, tokenizer.eos_token_id, pair_timeout_s=0.05) for _ in range(2)]
+    data_parallel = changed(config, {"actor_rollout_ref": {"rollout": {"data_parallel_size": 2}}})
+    output = run(agent_loop_worker(data_parallel, [DataParallelEngines(engines)]).generate_sequences(rollout_batch()))
+
+    reached = replicas_of(engines)  # here: the engines each rollout's requests reached
+    assert len(reached) == len(PROMPTS) * GENERATIONS
+    assert all(ranks == {zlib.crc32(name.encode()) % 2} for name, ranks in reached.items()), "a pair split"
+    columns = output.non_tensor_batch
+    assert columns["prodsample_guided"].all() and columns["prodsample_records"].all()
+    assert not columns["prodsample_desynced"].any()
+    mask = output.batch["response_mask"].bool()
+    log_q, _ = expected_logprobs(model, tokenizer, output, columns["prodsample_lam"].astype(float))
+    assert torch.allclose(output.batch["rollout_log_probs"][mask], log_q[mask], atol=1e-4, rtol=0)
+
+    # the rank not passed, as from verl's own server: the balancer splits every pair, none reported guided
+    unpinned = DataParallelEngines([PairEngine(model, tokenizer.eos_token_id, pair_timeout_s=0.05) for _ in range(2)],
+                                   ignore_rank=True)
+    output = run(agent_loop_worker(data_parallel, [unpinned]).generate_sequences(rollout_batch()))
+    assert all(len(ranks) == 2 for ranks in replicas_of(unpinned.engines).values())
+    assert not output.non_tensor_batch["prodsample_guided"].any()
+
+
 def test_validation_rollouts_are_plain(config, hf, vllm_metadata):
     """Validation batches run on-policy (λ = 1, one request each) with verl's validation sampling, greedy by
     default: each token is π's argmax and its log q is 0."""
@@ -521,7 +589,7 @@ def changed(config, settings):
     return OmegaConf.merge(config, settings)
 
 
-def test_the_loop_refuses_settings_that_would_split_or_resume_a_pair(config, hf, vllm_metadata):
+def test_the_loop_refuses_settings_that_would_resume_one_request_of_a_pair(config, hf, vllm_metadata):
     _, tokenizer = hf
     schedule = {"kind": "constant", "lam": 0.5}
     assert loop_with(config, tokenizer, schedule=schedule).controller.lambdas(0, ["p"]) == [0.5]
@@ -529,9 +597,6 @@ def test_the_loop_refuses_settings_that_would_split_or_resume_a_pair(config, hf,
         loop_with(config, tokenizer)
     with pytest.raises(ValueError, match="adaptive schedule needs each prompt's rewards"):
         loop_with(config, tokenizer, schedule={"kind": "adaptive", "base": schedule})
-    with pytest.raises(ValueError, match="data_parallel_size = 1"):
-        loop_with(changed(config, {"actor_rollout_ref": {"rollout": {"data_parallel_size": 2}}}), tokenizer,
-                  schedule=schedule)
     with pytest.raises(ValueError, match="partial_rollout = false"):
         loop_with(changed(config, {"async_training": {"partial_rollout": True}}), tokenizer, schedule=schedule)
 
@@ -542,6 +607,15 @@ def test_the_loop_refuses_to_run_outside_the_guided_manager(config, hf, vllm_met
     messages = [{"role": "user", "content": PROMPTS[0]}]
     with pytest.raises(RuntimeError, match="agent_loop_manager_class"):
         run(loop.run({"temperature": 1.0}, raw_prompt=messages, reward_model={"ground_truth": "19"}))
+
+
+def test_the_server_modules_examples_run(vllm_metadata):
+    import doctest
+
+    import prodsample.verl.server
+
+    result = doctest.testmod(prodsample.verl.server, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_a_rollouts_records_are_taken_once_when_its_last_request_finishes(vllm_metadata):

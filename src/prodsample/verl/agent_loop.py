@@ -104,11 +104,6 @@ class GuidedAgentLoop(AgentLoopBase):
         hint_template: str = DEFAULT_HINT_TEMPLATE, guide_prefix_tokens: int = 0, **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.rollout_config.get("data_parallel_size", 1) != 1:
-            raise ValueError(
-                "prodsample's guided rollouts need rollout.data_parallel_size = 1 (vLLM's data-parallel balancing routes "
-                "each request on its own and could split a pair): scale with replicas instead"
-            )
         if (self.config.get("async_training") or {}).get("partial_rollout"):
             raise ValueError(
                 "prodsample's guided rollouts cannot resume a partial rollout (it re-sends one request of a pair): set "

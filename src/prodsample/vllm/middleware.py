@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from .pairing import MAX_ROLLOUT_NAME, GuidanceTag, records_from_workers
+from .pairing import MAX_ROLLOUT_NAME, GuidanceTag
+from .record_reader import every_worker, take_records_from
 from .routes import DP_RANK_HEADER, ENGINE_INFO_PATH, RECORDS_PATH
 
 __all__ = ["TagCheck", "RecordsEndpoint"]
@@ -140,7 +141,7 @@ class RecordsEndpoint:
         if path == ENGINE_INFO_PATH:
             if scope.get("method") != "GET":
                 return await _respond(send, 405, _error(405, f"{ENGINE_INFO_PATH} takes GET"))
-            results = await _every_worker(engine, "prodsample_engine_info")
+            results = await every_worker(engine, "prodsample_engine_info")
             # the engines' workers see data_parallel_size 1 each: the API server's config has the count
             ranks = engine.vllm_config.parallel_config.data_parallel_size
             return await _respond(send, 200, json.dumps({"results": results, "data_parallel_size": ranks}))
@@ -151,17 +152,8 @@ class RecordsEndpoint:
             names = _rollout_names(body)
         except ValueError as error:
             return await _respond(send, 400, _error(400, str(error), "rollouts"))
-        results = await _every_worker(engine, "prodsample_take_records", json.dumps(names))
         # NaN literals: a desynced record's guide log-probs
-        await _respond(send, 200, json.dumps(records_from_workers(results)))
-
-
-async def _every_worker(engine, method: str, *args) -> list:
-    """`method` of the worker extension on every worker of every data-parallel engine, one result per worker.
-    Not `engine.collective_rpc`: under data-parallel balancing it runs on every engine but returns engine 0's
-    results only (vllm/v1/engine/core_client.py, `DPLBAsyncMPClient.call_utility_async`)."""
-    per_engine = await engine.engine_core.call_utility_all_async("collective_rpc", method, None, args, None)
-    return [result for workers in per_engine for result in workers]
+        await _respond(send, 200, json.dumps(await take_records_from(engine, names)))
 
 
 def _rollout_names(body: bytes) -> list[str]:

@@ -1,16 +1,18 @@
 """Reading the records of finished rollouts from an engine, many per read: each read is one call into the
 engine (an RPC the engine serves between two steps), so the rollouts that finish while a read is in flight
-are read together by the next one. Used by the server client (`prodsample.vllm.client`) and verl's rollout
-server (`prodsample.verl.server`). Framework-free: asyncio only."""
+are read together by the next one. Used by the server client (`prodsample.vllm.client`), the server's records
+endpoint (`prodsample.vllm.middleware`) and verl's rollout server (`prodsample.verl.server`). Imports no vLLM: the
+engine client is duck-typed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
-from .pairing import RolloutRecord
+from .pairing import RolloutRecord, records_from_workers
 
-__all__ = ["RecordReader", "TakeRecords"]
+__all__ = ["RecordReader", "TakeRecords", "every_worker", "take_records_from"]
 
 TakeRecords = Callable[[list[str]], Awaitable[dict[str, RolloutRecord]]]
 
@@ -47,3 +49,18 @@ class RecordReader:
                 for name, waiter in batch.items():
                     waiter.set_result({name: records[name]} if name in records else {})
         return await mine
+
+
+async def every_worker(engine, method: str, *args) -> list:
+    """`method` of the worker extension on every worker of every data-parallel engine of `engine` (vLLM's
+    `AsyncLLM`), one result per worker. Not `engine.collective_rpc`: under data-parallel balancing it runs on
+    every engine but returns engine 0's results only (vllm/v1/engine/core_client.py,
+    `DPLBAsyncMPClient.call_utility_async`), and would delete the other engines' records unread."""
+    per_engine = await engine.engine_core.call_utility_all_async("collective_rpc", method, None, args, None)
+    return [result for workers in per_engine for result in workers]
+
+
+async def take_records_from(engine, rollouts: list[str]) -> dict[str, RolloutRecord]:
+    """The records `engine`'s workers hold among `rollouts`, forgetting them there
+    (`prodsample.vllm.processor.RecordsExtension.prodsample_take_records`)."""
+    return records_from_workers(await every_worker(engine, "prodsample_take_records", json.dumps(rollouts)))
