@@ -3,9 +3,10 @@ clients, and the desync rate of guided pairs with and without prodsample's sched
 
     bash scripts/with-env.sh prodsample server --model smollm2 --out benchmarks/results/server-smollm2
 
-Two servers on 127.0.0.1 (started here, or given with --paired-url/--stock-url), both with prodsample's
-logits processor and worker extension in dev mode: "paired" runs `prodsample.vllm.scheduler.PairedScheduler`,
-"stock" vLLM's own scheduler. The workload is the one of `prodsample vllm`: chat prompts of mixed lengths
+Two servers on 127.0.0.1 (started here, or given with --paired-url/--stock-url), both started as
+docs/server.md recommends, with prodsample's logits processor, worker extension and middleware (records from
+its endpoint, no dev mode): "paired" runs `prodsample.vllm.scheduler.PairedScheduler`, "stock" vLLM's own
+scheduler. The workload is the one of `prodsample vllm`: chat prompts of mixed lengths
 from reasoning-gym tasks, their answers as hints, G rollouts each.
 
 - throughput, on the paired server: for C in --clients, C threads at once, each with its own prompts;
@@ -34,13 +35,18 @@ import threading
 import time
 from pathlib import Path
 
+from prodsample.vllm.routes import MIDDLEWARE
+
 DESYNC_CLIENTS = 16
 
 
 def server_flags(dtype: str, seed: int) -> list[str]:
+    """Both servers' flags: the recommended setup (docs/server.md, "Recipe"), so that what is measured is the
+    path a trainer takes, records through prodsample's endpoint."""
     return ["--dtype", dtype, "--max-model-len", "1024", "--enforce-eager", "--seed", str(seed),
             "--max-num-batched-tokens", "16384", "--distributed-executor-backend", "uni",
-            "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension"]
+            "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension",
+            *(flag for name in MIDDLEWARE for flag in ("--middleware", name))]
 
 
 def in_threads(count: int, work) -> tuple[float, list]:
@@ -144,8 +150,7 @@ def main(argv=None) -> dict:
     (args.out / "logs").mkdir(exist_ok=True)  # not committed (.gitignore)
     for name, (url, server_args) in wanted.items():
         if url is None:
-            servers[name] = LocalVllmServer(model_dir, server_args, env={"VLLM_SERVER_DEV_MODE": "1"},
-                                            log=args.out / "logs" / f"server-{name}.log").start()
+            servers[name] = LocalVllmServer(model_dir, server_args, log=args.out / "logs" / f"server-{name}.log").start()
     started = time.perf_counter()
     try:
         urls = {name: url or servers[name].wait_ready() for name, (url, _) in wanted.items()}

@@ -24,6 +24,7 @@ from prodsample.testing import tiny_model, tiny_tokenizer
 from prodsample.controller import GuidanceController
 from prodsample.grpo import DistillCoefficient
 from prodsample.hf import guided_generate, score
+from prodsample.prompts import DEFAULT_HINT_TEMPLATE, HINT_TEMPLATES
 from prodsample.importance import OFF_POLICY_MODE_NAMES, ImportanceConfig
 from prodsample.importance import off_policy_weights
 from prodsample.settings import SamplingSettings
@@ -66,6 +67,8 @@ GUIDANCE_METRICS = [
     "guidance/length_plain",
     "guidance/hint_leakage_guided",
     "guidance/hint_leakage_plain",
+    "guidance/hint_echo_guided",
+    "guidance/hint_echo_plain",
     "guidance/desynced_fraction",
 ]
 
@@ -288,6 +291,7 @@ def test_group_statistics_come_from_the_gathered_batch_where_a_group_straddles_p
         guided=torch.tensor([True, True, True, False, False, False]),
         desynced=torch.zeros(6, dtype=torch.bool),
         leaked=torch.zeros(6, dtype=torch.bool),
+        echoed=torch.zeros(6, dtype=torch.bool),
         logprobs=tokens,
         plain_logprobs=tokens,
         trainer_logprobs=None,
@@ -322,6 +326,7 @@ def test_baseline_keeping_weights_come_from_the_gathered_batch_where_a_group_str
         guided=torch.tensor([False, False, True, False, False, False]),
         desynced=torch.zeros(6, dtype=torch.bool),
         leaked=torch.zeros(6, dtype=torch.bool),
+        echoed=torch.zeros(6, dtype=torch.bool),
         logprobs=log_q,
         plain_logprobs=log_pi,
         trainer_logprobs=trainer_logprobs,
@@ -554,6 +559,7 @@ def test_guidance_metrics_on_a_handmade_batch():
         guided=torch.tensor([True, True, False, False]),
         desynced=torch.tensor([False, False, False, True]),
         leaked=torch.tensor([True, False, False, False]),
+        echoed=torch.tensor([False, False, True, False]),
         rewards=torch.tensor([1.0, 0.0, 0.0, float("nan")]),  # groups [1, 0] and [0, unscorable]
         group_size=2,
         success_threshold=0.0,
@@ -572,6 +578,7 @@ def test_guidance_metrics_on_a_handmade_batch():
     assert metrics["guidance/is_ess"] == pytest.approx(8.5**2 / (8 * 10.25))  # Σw² = 0.25 + 4 + 6·1
     assert metrics["guidance/length_guided"] == 1.5 and metrics["guidance/length_plain"] == 2.5
     assert metrics["guidance/hint_leakage_guided"] == 0.5 and metrics["guidance/hint_leakage_plain"] == 0.0
+    assert metrics["guidance/hint_echo_guided"] == 0.0 and metrics["guidance/hint_echo_plain"] == 0.5
     assert metrics["guidance/desynced_fraction"] == 0.25 and metrics["guidance/is_clipped_fraction"] == 0.125
 
 
@@ -743,6 +750,40 @@ def test_a_rollout_whose_records_are_lost_enters_no_loss_and_leaves_the_batch_fi
     other = dict(output, completion_ids=output["completion_ids"].clone())
     other["completion_ids"][lost, :3] = torch.tensor([9, 9, 9])
     torch.testing.assert_close(trainer.compute_loss(trainer.model, other), loss)
+
+
+# The completions of each group (answer a), and which state the answer before any derivation: the answer among
+# the first 8 words, as the default template's own answer line invites ("a because ...").
+LEAKY_COMPLETIONS = ["{a} because the sum is {a}", "adding the two numbers one at a time gives {a}",
+                     "as the hint says the sum is {a}", "no idea"]
+
+
+@pytest.mark.parametrize("template, echo", [(DEFAULT_HINT_TEMPLATE, 0.0), (HINT_TEMPLATES["answer"], 0.25)],
+                         ids=["default", "answer"])
+def test_the_logged_leakage_counts_answers_stated_first_under_every_template(tokenizer, tmp_path, template, echo):
+    """`hint_leakage_*` counts the completions that state the answer first, whatever the template (under the
+    default one, whose hint is an answer line, restating the hint cannot be told from answering); `hint_echo_*`
+    those that restate the hint, which only a template with wording of its own ("hint") can show."""
+    eos = tokenizer.eos_token_id
+
+    def backend(trainer, prompts, answers, settings):
+        sampled = ROLLOUT_BACKENDS["hf"](trainer, prompts, answers, settings)
+        texts = [LEAKY_COMPLETIONS[r % 4].format(a=answers[group]) for r, group in enumerate(sampled.group_ids.tolist())]
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[t < len(row) for t in range(width)] for row in rows])
+        zeros = torch.zeros(ids.shape)
+        return dataclasses.replace(sampled, completion_ids=ids, completion_mask=mask, logprobs=zeros,
+                                   plain_logprobs=zeros, guide_logprobs=zeros, lengths=None)
+
+    trainer = build(tokenizer, tmp_path, rollout_backend=backend, hint_template=template, max_completion_length=64)
+    trainer.model.train()
+    trainer._generate_and_score_completions([row for row in sums(2) for _ in range(4)])
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items() if name.startswith("guidance/")}
+    assert logged["guidance/guided_fraction"] == 1.0  # λ = 0.5 at step 0: every rollout is guided
+    assert logged["guidance/hint_leakage_guided"] == 0.5  # rows 0 and 2 of each group
+    assert logged["guidance/hint_echo_guided"] == echo  # row 2 names the hint
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def guidance_metrics(
     guided: torch.Tensor,
     desynced: torch.Tensor,
     leaked: torch.Tensor,
+    echoed: torch.Tensor,
     rewards: torch.Tensor,
     group_size: int,
     success_threshold: float,
@@ -39,7 +40,9 @@ def guidance_metrics(
 
     Per-rollout tensors are `[R]`, per-token ones `[R, L]`. A reward is a success when above
     `success_threshold`; NaN rewards (unscorable rollouts) are left out. Means over an empty set are NaN,
-    which TRL's logger drops from its averages.
+    which TRL's logger drops from its averages. `leaked` flags the completions that state the answer before
+    deriving it (`prodsample.prompts.answer_without_derivation`), `echoed` those that restate the hint
+    (`prodsample.prompts.hint_leakage`), as `prodsample reward` reports them (leakage, echo).
 
     Example:
         >>> import torch
@@ -47,13 +50,14 @@ def guidance_metrics(
         >>> tokens = torch.zeros(2, 1)
         >>> metrics = guidance_metrics(
         ...     lam=torch.tensor([0.5, 1.0]), guided=torch.tensor([True, False]), desynced=torch.zeros(2),
-        ...     leaked=torch.zeros(2), rewards=torch.tensor([1.0, 0.0]), group_size=2, success_threshold=0.0,
+        ...     leaked=torch.zeros(2), echoed=torch.zeros(2), rewards=torch.tensor([1.0, 0.0]), group_size=2, success_threshold=0.0,
         ...     logprobs=tokens, plain_logprobs=tokens, mask=torch.ones(2, 1), weights=torch.ones(2, 1),
         ...     clipped_fraction=0.0)
         >>> metrics["guidance/reward_guided"], metrics["guidance/groups_informative"]
         (1.0, 1.0)
     """
-    guided, desynced, leaked, mask = guided.bool(), desynced.bool(), leaked.bool(), mask.bool()
+    guided, desynced, mask = guided.bool(), desynced.bool(), mask.bool()
+    leaked, echoed = leaked.bool(), echoed.bool()
     lengths = mask.sum(dim=1).double()
     groups = rewards.double().view(-1, group_size)
     scored = ~torch.isnan(groups)
@@ -78,6 +82,8 @@ def guidance_metrics(
         "guidance/length_plain": _mean_or_nan(lengths[~guided]),
         "guidance/hint_leakage_guided": _mean_or_nan(leaked[guided]),
         "guidance/hint_leakage_plain": _mean_or_nan(leaked[~guided]),
+        "guidance/hint_echo_guided": _mean_or_nan(echoed[guided]),
+        "guidance/hint_echo_plain": _mean_or_nan(echoed[~guided]),
         "guidance/desynced_fraction": _mean_or_nan(desynced),
     }
 

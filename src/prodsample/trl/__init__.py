@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from ..importance import off_policy_mode_weights
 from ..metrics import guidance_metrics
-from ..prompts import hint_leakage
+from ..prompts import answer_without_derivation, hint_leakage
 from .backends import ROLLOUT_BACKENDS, RolloutBackend
 from .batch import GatheredBatch, GuidedBatch, gather_batch, prompt_key
 from .config import GuidedGRPOConfig
@@ -84,6 +84,7 @@ __all__ = [
     "engine_importance_config",
     "prompt_key",
     "hint_leakage",
+    "answer_without_derivation",
     "guidance_metrics",
     "off_policy_mode_weights",
 ]

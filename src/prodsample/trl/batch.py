@@ -126,8 +126,10 @@ class GatheredBatch:
         prompt_keys: N prompt keys.
         group_size: G, rollouts per group.
         rewards: TRL's total reward, NaN where unscorable.
-        lam, guided, desynced, leaked: each rollout's λ, whether it was guided, lost guidance (vLLM), or
-            restated the hint (`prodsample.prompts.hint_leakage`).
+        lam, guided, desynced: each rollout's λ, whether it was guided, or lost guidance (vLLM).
+        leaked, echoed: whether it stated the answer before deriving it
+            (`prodsample.prompts.answer_without_derivation`), and whether it restated the hint
+            (`prodsample.prompts.hint_leakage`).
         logprobs: log q; plain_logprobs: log π_engine (both recorded at sampling).
         trainer_logprobs: log π_old as the trainer recomputed it, or None when the engine is the trained model.
         mask: completion tokens.
@@ -142,6 +144,7 @@ class GatheredBatch:
     guided: torch.Tensor
     desynced: torch.Tensor
     leaked: torch.Tensor
+    echoed: torch.Tensor
     logprobs: torch.Tensor
     plain_logprobs: torch.Tensor
     trainer_logprobs: torch.Tensor | None
@@ -235,6 +238,7 @@ class GatheredBatch:
             guided=self.guided.cpu(),
             desynced=self.desynced.cpu(),
             leaked=self.leaked.cpu(),
+            echoed=self.echoed.cpu(),
             rewards=self.rewards.cpu(),
             group_size=self.group_size,
             success_threshold=success_threshold,
@@ -268,12 +272,13 @@ def gather_batch(
     group_size: int,
     width: int,
     leaked: torch.Tensor,
+    echoed: torch.Tensor,
     trainer_logprobs=None,
     teacher_logprobs=None,
 ) -> GatheredBatch:
     """`batch` over every process, its per-token tensors first right-padded to TRL's completion width `width`.
 
-    `leaked` is bool `[R]` for this process's rollouts; `trainer_logprobs` TRL's π_old `[R, width]` or None;
+    `leaked` and `echoed` are bool `[R]` for this process's rollouts (`GatheredBatch`); `trainer_logprobs` TRL's π_old `[R, width]` or None;
     `teacher_logprobs` the self-distillation teacher's `[R, L]` or None.
     """
     rollout, rewards = batch.rollout, batch.rewards
@@ -292,6 +297,7 @@ def gather_batch(
         guided=_gather_rows(accelerator, rollout.guided),
         desynced=_gather_rows(accelerator, rollout.desynced),
         leaked=_gather_rows(accelerator, leaked),
+        echoed=_gather_rows(accelerator, echoed),
         logprobs=tokens(rollout.logprobs),
         plain_logprobs=tokens(rollout.plain_logprobs),
         trainer_logprobs=None if trainer_logprobs is None else tokens(trainer_logprobs),

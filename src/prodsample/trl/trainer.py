@@ -18,7 +18,7 @@ from trl.extras.profiling import profiling_context
 from ..controller import GuidanceController
 from ..hf import check_tokenizer_matches, score
 from ..importance import ImportanceConfig
-from ..prompts import add_hint, hint_leakage
+from ..prompts import add_hint, answer_without_derivation, hint_leakage
 from ..rollout import GuidedRollout
 from ..schedules import schedule_from_dict
 from ..settings import is_guided
@@ -273,7 +273,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
             batch,
             group_size=self.num_generations if self.model.training else self.num_generations_eval,
             width=output["completion_ids"].shape[1],
-            leaked=torch.tensor(hint_leakage(texts, batch.answers, self.args.hint_template)),
+            # the answer stated first shows under every template; the hint's own wording only where it has any
+            leaked=torch.tensor(answer_without_derivation(texts, batch.answers)),
+            echoed=torch.tensor(hint_leakage(texts, batch.answers, self.args.hint_template)),
             # With an engine, TRL recomputed π_old with the trained model: the engine weight is π_old/π_engine.
             trainer_logprobs=output["old_per_token_logps"] if self.use_vllm else None,
             teacher_logprobs=teacher_logprobs,
