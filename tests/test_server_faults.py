@@ -1,10 +1,11 @@
 """A real CPU vLLM server (prodsample's scheduler, worker extension and middleware, tiny fp32 Llama, an API
 key, no dev mode) under bad input: a hostile or careless client gets HTTP 400 naming the field, the engine
-lives on and still serves exact guided rollouts, and the records are served only under the API key and only
-by name. One server for the module (startup dominates on a loaded machine); every request is bounded in time."""
+lives on and still serves exact guided rollouts, the records are served only under the API key and only
+by name, and a record left unread past `record_ttl_s` is forgotten while only untagged requests run. One server for the module (startup dominates on a loaded machine); every request is bounded in time."""
 
 import asyncio
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,10 +29,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 API_KEY = "test-key"
 PAIR_TIMEOUT_S = 1.0  # lone halves of pairs run alone after this
+RECORD_TTL_S = 5.0  # far above how long a test's client leaves a finished rollout's record unread
 SERVER_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-batched-tokens", "512",
                 "--seed", "0", "--distributed-executor-backend", "uni", "--scheduler-cls", SCHEDULER_CLS,
                 "--worker-extension-cls", "prodsample.vllm.processor.RecordsExtension", "--api-key", API_KEY,
-                "--additional-config", json.dumps({"prodsample": {"pair_timeout_s": PAIR_TIMEOUT_S}}),
+                "--additional-config", json.dumps({"prodsample": {"pair_timeout_s": PAIR_TIMEOUT_S, "record_ttl_s": RECORD_TTL_S}}),
                 *(flag for name in MIDDLEWARE for flag in ("--middleware", name))]
 REQUEST_TIMEOUT_S = 300.0  # the machine is shared with training runs at a higher priority
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -94,6 +96,24 @@ def test_records_are_served_without_dev_mode_only_under_the_api_key_and_only_by_
     records = post(server, {"rollouts": ["mine"]}, RECORDS_PATH).json()
     assert records["mine"][0] == done.json()["choices"][0]["token_ids"], "the rollout's own record, by its name"
     assert post(server, {"rollouts": ["mine"]}, RECORDS_PATH).json() == {}, "read once: taken"
+
+
+def test_a_record_left_unread_past_its_ttl_is_forgotten_while_only_untagged_requests_run(server, hf):
+    """Before, the TTL sweep ran only in engine steps with tagged rows: once guided traffic stopped, unread
+    records outlived `record_ttl_s`. Now every step sweeps: a record left unread past the TTL while only untagged
+    requests run is gone; one read in time is served."""
+    _, tokenizer = hf
+    assert post(server, lone_request(tokenizer, role="plain", name="stale", lam=1.0)).status_code == 200
+    untagged = {"prompt": tokenizer("1+1?")["input_ids"], "max_tokens": 4, "temperature": 0.0}
+    deadline = time.monotonic() + RECORD_TTL_S + 3.0  # past the TTL and the sweep's period (at most 1 s)
+    for _ in range(1000):  # engine steps without a tagged row
+        assert post(server, untagged).status_code == 200
+        if time.monotonic() > deadline:
+            break
+    assert time.monotonic() > deadline, "the untagged requests ran past the TTL"
+    assert post(server, {"rollouts": ["stale"]}, RECORDS_PATH).json() == {}  # before any tagged step sweeps it
+    assert post(server, lone_request(tokenizer, role="plain", name="fresh", lam=1.0)).status_code == 200
+    assert list(post(server, {"rollouts": ["fresh"]}, RECORDS_PATH).json()) == ["fresh"]
 
 
 def tag_fields(draw) -> dict:
