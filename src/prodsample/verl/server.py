@@ -104,9 +104,10 @@ class PairPinnedEngine:
         self.ranks = engine.vllm_config.parallel_config.data_parallel_size
 
     def generate(self, *args, sampling_params, **kwargs):
-        tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
-        if tag is not None and self.ranks > 1:
-            kwargs["data_parallel_rank"] = zlib.crc32(tag.rollout.encode()) % self.ranks
+        if self.ranks > 1:  # one engine: no tag to read (the server has read it once already)
+            tag = GuidanceTag.from_extra_args(sampling_params.extra_args)
+            if tag is not None:
+                kwargs["data_parallel_rank"] = zlib.crc32(tag.rollout.encode()) % self.ranks
         return self.engine.generate(*args, sampling_params=sampling_params, **kwargs)
 
     def __getattr__(self, name: str):
